@@ -1,0 +1,42 @@
+# Two entry points: `make run` (daemon on the starter model + a prediction) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: venv venv-device test lint run format bench clean
+
+# Device side only: serve, train, predict (no torch).
+$(BIN)/keyboard: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+venv-device: $(BIN)/keyboard
+
+# Everything: export extra (torch CPU first, so no resolver ever reaches for CUDA wheels) + dev tools.
+$(VENV)/.full: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[export,dev]"
+	touch $@
+
+venv: $(VENV)/.full
+
+test: venv
+	$(BIN)/ruff check keyboard tests scripts benchmarks
+	$(BIN)/python -m pytest -q -ra
+
+lint: venv
+	$(BIN)/ruff check keyboard tests scripts benchmarks
+	$(BIN)/ruff format --check keyboard tests scripts benchmarks
+
+format: venv
+	$(BIN)/ruff format keyboard tests scripts benchmarks
+	$(BIN)/ruff check --fix keyboard tests scripts benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

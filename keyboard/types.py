@@ -1,0 +1,58 @@
+"""Small shared types that cross module boundaries (predictions, metrics)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One suggestion: a whole word (or a punctuation mark) and its probability."""
+
+    word: str
+    score: float
+    kind: str = "word"  # "word" or "punct"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the predictor answers for the text before the cursor."""
+
+    prefix: str  # the partial word being completed; "" at a word boundary
+    candidates: list[Candidate]
+    adapter: str  # adapter version in use ("base" when none)
+    latency_ms: float = 0.0
+
+    @property
+    def words(self) -> list[str]:
+        return [c.word for c in self.candidates]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "candidates": [c.to_json() for c in self.candidates],
+            "adapter": self.adapter,
+            "latency_ms": round(self.latency_ms, 3),
+        }
+
+
+@dataclass
+class EvalMetrics:
+    """Held-out quality of a model/adapter: loss and next-word accuracy."""
+
+    loss: float
+    top1: float = 0.0
+    top3: float = 0.0
+    words: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class KeyboardError(Exception):
+    """An error with a message a person can act on."""
