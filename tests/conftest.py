@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models exported once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _keyboard_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own keyboard home and socket path; nothing touches the real one."""
+    home = tmp_path / "kbhome"
+    monkeypatch.setenv("KEYBOARD_HOME", str(home))
+    monkeypatch.delenv("KEYBOARD_SOCKET", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    return home
+
+
+def _export(tmp_path_factory: pytest.TempPathFactory, family: str, layers: str = "all") -> Path:
+    from keyboard.export import ExportConfig, export_model
+    from tests.tiny_models import build_model
+
+    root = tmp_path_factory.mktemp(f"{family}-{layers.replace(':', '')}")
+    hf = build_model(family, root / "hf")
+    out = root / "artifacts"
+    export_model(hf, out, ExportConfig(rank=4, alpha=8, layers=layers, seq_len=16))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported artifact set of a tiny Llama model (LoRA on all layers)."""
+    return _export(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported artifact set of a tiny GPT-2 model (LoRA on all layers)."""
+    return _export(tmp_path_factory, "gpt2")
