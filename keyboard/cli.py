@@ -49,8 +49,88 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# --- eval (issue 9) ---------------------------------------------------------------------------
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="simulate typing a user's text: next-word accuracy, keystroke savings, latency",
+        description="Types FILE through the Predictor the daemon uses and reports next-word "
+        "top-1/top-3 accuracy, keystroke savings rate (KSR) with k suggestions and latency "
+        "percentiles (definitions: docs/evaluation.md).",
+    )
+    p.add_argument(
+        "file", metavar="FILE", help='plain text (a message per line) or JSONL {"ts", "text"}'
+    )
+    p.add_argument("--k", type=int, default=3, help="suggestions shown (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--model", default=None, help="model directory (default: the starter model)")
+    p.add_argument(
+        "--max-lines",
+        type=int,
+        default=None,
+        metavar="N",
+        help="type only the first N evaluated messages (faster; history stays whole)",
+    )
+    p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG of the metrics")
+    p.add_argument(
+        "--personalize",
+        action="store_true",
+        help="train on the first 80%% of lines with the personalization job in a throwaway "
+        "home, and report the last 20%% before and after",
+    )
+    p.add_argument("--threads", type=int, default=1, help="inference threads (default 1)")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+        from pathlib import Path
+
+        from keyboard import evaluation, paths
+
+        model_dir = Path(args.model) if args.model else paths.starter_model_dir()
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if sys.stderr.isatty():
+                end = "\n" if done == total else ""
+                print(f"\r{stage}: {done}/{total} messages", end=end, file=sys.stderr, flush=True)
+
+        result = evaluation.evaluate_file(
+            args.file,
+            model_dir,
+            k=args.k,
+            max_lines=args.max_lines,
+            personalize=args.personalize,
+            threads=args.threads,
+            progress=progress,
+        )
+        rows = {"base": result.before}
+        if result.after is not None:
+            rows["personalized"] = result.after
+        if args.plot:
+            evaluation.plot_reports(
+                {Path(args.file).stem: rows}, args.plot, title=Path(args.file).name
+            )
+        if args.json:
+            print(json.dumps(result.to_json(), indent=2))
+            return 0
+        print(
+            f"{result.file}: {result.messages} messages; typed {result.evaluated}"
+            + (f" after {result.history} of history" if result.history else "")
+        )
+        print(evaluation.report_table(rows))
+        if result.job_seconds is not None:
+            print(
+                f"personalization job: {result.job_seconds:.1f} s, "
+                f"peak RSS {result.peak_rss_mb:.0f} MB (whole process)"
+            )
+        if args.plot:
+            print(f"plot: {args.plot}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 # Each area adds its commands here; keep a section per module.
-_SECTIONS: list[Callable[[argparse._SubParsersAction], None]] = [_add_export]
+_SECTIONS: list[Callable[[argparse._SubParsersAction], None]] = [_add_export, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,462 @@
+"""Typing simulation that measures next-word accuracy, keystroke savings (KSR) and latency."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from keyboard.types import KeyboardError, Prediction
+
+# The one definition of a word (docs/evaluation.md): a run of letters, digits and apostrophes
+# that holds at least one letter or digit, and such runs joined by single inner hyphens.
+# `[^\W_]` is a Unicode letter or digit (`\w` without the underscore).
+_CHAR = r"(?:[^\W_]|')"
+_SEGMENT = rf"'*[^\W_]{_CHAR}*"
+WORD_RE = re.compile(rf"{_SEGMENT}(?:-{_SEGMENT})*")
+# The part of a word typed so far, at the end of a text: a word, a word and the hyphen before
+# its next segment, or leading apostrophes alone (a word such as 'tis, just started).
+_PARTIAL_RE = re.compile(rf"(?:{WORD_RE.pattern}-?|'+)\Z")
+_WORDISH_RE = re.compile(r"[^\W_]|['-]")  # characters a partial word can be made of
+
+DEFAULT_CONTEXT_CHARS = 1000
+
+
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every word in `text`, in order."""
+    return [m.span() for m in WORD_RE.finditer(text)]
+
+
+def words(text: str) -> list[str]:
+    """The words of `text`, in order (case kept)."""
+    return WORD_RE.findall(text)
+
+
+def partial_word(text: str) -> str:
+    """The part of a word that `text` ends with ("" when the cursor is at a word boundary)."""
+    start = len(text)
+    while start > 0 and _WORDISH_RE.match(text[start - 1]):
+        start -= 1  # scan back over the last run only, so long texts stay cheap
+    m = _PARTIAL_RE.search(text, start)
+    return m.group(0) if m else ""
+
+
+def read_messages(path: str | Path) -> list[str]:
+    """One user's messages in time order from plain text (one message per non-empty line) or
+    JSON Lines with {"ts", "text"} objects (sniffed from the first non-empty line, or `.jsonl`)."""
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KeyboardError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise KeyboardError(f"{path}: is a directory, expected a text or JSONL file") from None
+    except UnicodeDecodeError as exc:
+        raise KeyboardError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    lines = [line.rstrip("\r") for line in raw.split("\n")]
+    first = next((line for line in lines if line.strip()), None)
+    if first is None:
+        return []
+    if path.suffix.lower() == ".jsonl" or _looks_like_record(first):
+        return _parse_jsonl(path, lines)
+    return [line for line in lines if line.strip()]
+
+
+def _looks_like_record(line: str) -> bool:
+    if not line.lstrip().startswith("{"):
+        return False
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "text" in record
+
+
+def _parse_jsonl(path: Path, lines: list[str]) -> list[str]:
+    messages = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise KeyboardError(f"{path}:{number}: not a JSON object ({exc})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise KeyboardError(f'{path}:{number}: expected an object with a "text" string')
+        messages.append(record["text"])
+    return messages
+
+
+def split_history(messages: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The corpus split rule: the first floor(0.8 * n) messages are history, the rest test."""
+    n_hist = len(messages) * 4 // 5  # integer arithmetic: exactly floor(0.8 * n)
+    return list(messages[:n_hist]), list(messages[n_hist:])
+
+
+class TypingPredictor(Protocol):
+    """Anything that suggests words for the text before the cursor (Predictor, peers, fakes)."""
+
+    def predict(self, context: str, k: int = 3) -> Prediction: ...
+
+
+def completed_word(typed: str, prefix: str, suggestion: str) -> str:
+    """The word a client produces when the user accepts `suggestion`: it replaces the
+    predictor's `prefix` (a suffix of the `typed` part of the word) with the suggestion."""
+    if typed.endswith(prefix):
+        return typed[: len(typed) - len(prefix)] + suggestion
+    return suggestion
+
+
+@dataclass
+class TypingReport:
+    """What typing a text through a predictor costs and how often the next word is right."""
+
+    k: int
+    messages: int
+    chars: int
+    keystrokes: int
+    ksr: float  # keystroke savings rate: 1 - keystrokes / chars
+    words: int
+    top1: float  # next-word accuracy at word starts (empty prefix)
+    top3: float
+    predictions: int  # predict calls made
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    seconds: float  # wall time of the whole simulation
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key, value in data.items():
+            if isinstance(value, float):
+                data[key] = round(value, 6 if key in ("ksr", "top1", "top3") else 3)
+        return data
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (0 for no values)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _bounded(text: str, limit: int) -> str:
+    """The last `limit` characters of `text`, without a leading cut-off word fragment."""
+    if len(text) <= limit:
+        return text
+    cut = text[-limit:]
+    if not text[-limit - 1].isspace():
+        space = next((i for i, ch in enumerate(cut) if ch.isspace()), None)
+        if space is not None:
+            cut = cut[space + 1 :]
+    return cut
+
+
+def simulate(
+    predictor: TypingPredictor,
+    messages: Sequence[str],
+    *,
+    history: Sequence[str] = (),
+    k: int = 3,
+    context_chars: int = DEFAULT_CONTEXT_CHARS,
+    progress: Callable[[int, int], None] | None = None,
+) -> TypingReport:
+    """Type `messages` through `predictor` as docs/evaluation.md defines, and report the cost.
+
+    `history` is text the user typed before (context only, not scored). Each message is typed
+    after the preceding text (history and earlier messages, joined with newlines, bounded to
+    the last `context_chars` characters). One predict call per point where suggestions are
+    shown; none after a word has been accepted.
+    """
+    if k < 1:
+        raise KeyboardError(f"k must be at least 1 (got {k})")
+    chars = keystrokes = n_words = top1_hits = top3_hits = 0
+    latencies: list[float] = []
+    prior = _bounded("\n".join(history), context_chars)
+    started = time.perf_counter()
+    for index, message in enumerate(messages):
+        lead = prior + "\n" if prior else ""
+        chars += len(message)
+        typed_to = 0  # characters of the message accounted for so far
+        for start, end in word_spans(message):
+            keystrokes += start - typed_to  # spaces and punctuation before the word
+            target = message[start:end]
+            n_words += 1
+            cost = end - start  # typed in full unless a suggestion is accepted
+            for i in range(end - start):
+                pos = start + i
+                context = _bounded(lead + message[max(0, pos - context_chars) : pos], context_chars)
+                want = max(k, 3) if i == 0 else k
+                t0 = time.perf_counter()
+                prediction = predictor.predict(context, k=want)
+                latencies.append((time.perf_counter() - t0) * 1000.0)
+                typed = message[start:pos]
+                shown = [
+                    completed_word(typed, prediction.prefix, word)
+                    for word in prediction.words[:want]
+                ]
+                if i == 0:
+                    top1_hits += bool(shown) and shown[0] == target
+                    top3_hits += target in shown[:3]
+                if target in shown[:k]:
+                    cost = i + 1  # the characters typed, plus one to accept
+                    break
+            keystrokes += cost
+            typed_to = end
+        keystrokes += len(message) - typed_to
+        prior = _bounded(lead + message, context_chars)
+        if progress is not None:
+            progress(index + 1, len(messages))
+    return TypingReport(
+        k=k,
+        messages=len(messages),
+        chars=chars,
+        keystrokes=keystrokes,
+        ksr=1.0 - keystrokes / chars if chars else 0.0,
+        words=n_words,
+        top1=top1_hits / n_words if n_words else 0.0,
+        top3=top3_hits / n_words if n_words else 0.0,
+        predictions=len(latencies),
+        latency_p50_ms=percentile(latencies, 50),
+        latency_p95_ms=percentile(latencies, 95),
+        latency_p99_ms=percentile(latencies, 99),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def plot_reports(
+    rows: Mapping[str, Mapping[str, TypingReport]], path: str | Path, title: str = ""
+) -> Path:
+    """A PNG of top-1, top-3 and KSR@k per row (e.g. per user) and series (e.g. before/after)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise KeyboardError("plotting needs matplotlib: pip install matplotlib") from None
+    labels = list(rows)
+    series = list(dict.fromkeys(name for reports in rows.values() for name in reports))
+    metrics = [("top1", "next-word top-1"), ("top3", "next-word top-3"), ("ksr", "KSR")]
+    fig, axes = plt.subplots(1, 3, figsize=(max(9, 1.2 * len(labels) * 3), 4), squeeze=False)
+    width = 0.8 / max(1, len(series))
+    for ax, (key, name) in zip(axes[0], metrics, strict=True):
+        for j, serie in enumerate(series):
+            values = [
+                100 * getattr(rows[lab][serie], key) if serie in rows[lab] else 0.0
+                for lab in labels
+            ]
+            xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(labels))]
+            ax.bar(xs, values, width, label=serie)
+        if key == "ksr":
+            ks = {r.k for reports in rows.values() for r in reports.values()}
+            name = f"KSR@{ks.pop()}" if len(ks) == 1 else name
+        ax.set_title(name)
+        ax.set_ylabel("%")
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+@dataclass
+class FileEvaluation:
+    """`keyboard eval` on one file: the typing report, and before/after personalization."""
+
+    file: str
+    messages: int  # messages in the file
+    history: int  # messages typed before the evaluated ones (context; the job's input)
+    evaluated: int  # messages typed through the predictor
+    before: TypingReport
+    after: TypingReport | None = None  # with the adapter the personalization job trained
+    job_seconds: float | None = None
+    peak_rss_mb: float | None = None  # this process's peak, which includes the predictor
+    adapter: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = {key: value for key, value in asdict(self).items() if value is not None}
+        data["before"] = self.before.to_json()
+        if self.after is not None:
+            data["after"] = self.after.to_json()
+            data["delta"] = {
+                key: round(getattr(self.after, key) - getattr(self.before, key), 6)
+                for key in ("top1", "top3", "ksr")
+            }
+        for key in ("job_seconds", "peak_rss_mb"):
+            if key in data:
+                data[key] = round(data[key], 3)
+        return data
+
+
+def _personalization_job() -> Callable[..., Any]:
+    """`keyboard.personalize.run_job`, or a clear error while that module does not exist."""
+    import importlib.util
+
+    if importlib.util.find_spec("keyboard.personalize") is None:
+        raise KeyboardError("personalization is not available yet")
+    from keyboard import personalize
+
+    return personalize.run_job
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    peak = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+    )
+    return peak / 1024  # Linux reports KiB
+
+
+def personalize_in_throwaway_home(
+    history: Sequence[str], model_dir: Path, home: Path
+) -> tuple[Path | None, float]:
+    """Record `history` in a fresh typing log in `home` and run the nightly job there.
+
+    Returns the adapter the job saved (None if it trained none) and the job's wall time.
+    KEYBOARD_HOME points at `home` meanwhile, so nothing reads or writes the user's own home.
+    """
+    import os
+
+    from keyboard import paths
+    from keyboard.typing_log import MAX_TEXT_BYTES, TypingLog
+
+    run_job = _personalization_job()
+    saved = os.environ.get("KEYBOARD_HOME")
+    os.environ["KEYBOARD_HOME"] = str(home)
+    try:
+        with TypingLog(paths.database_path()) as log:
+            for message in history:
+                for piece in _pieces(message, MAX_TEXT_BYTES):
+                    log.record(piece, source="keyboard-eval")
+        started = time.perf_counter()
+        result = run_job(model_dir=model_dir)
+        seconds = time.perf_counter() - started
+    finally:
+        if saved is None:
+            os.environ.pop("KEYBOARD_HOME", None)
+        else:
+            os.environ["KEYBOARD_HOME"] = saved
+    adapter = result.adapter_path
+    return (Path(adapter) if adapter is not None else None), seconds
+
+
+def _pieces(text: str, max_bytes: int) -> list[str]:
+    """`text` cut at spaces into pieces of at most `max_bytes` UTF-8 bytes (the log's limit)."""
+    if len(text.encode("utf-8")) <= max_bytes:
+        return [text]
+    pieces, current, size = [], [], 0
+    for token in re.split(r"(?<=\s)", text):
+        n = len(token.encode("utf-8"))
+        if current and size + n > max_bytes:
+            pieces.append("".join(current))
+            current, size = [], 0
+        while n > max_bytes:  # one enormous token: cut it on character boundaries
+            head = token.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
+            pieces.append(head)
+            token = token[len(head) :]
+            n = len(token.encode("utf-8"))
+        current.append(token)
+        size += n
+    if current:
+        pieces.append("".join(current))
+    return pieces
+
+
+def evaluate_file(
+    path: str | Path,
+    model_dir: str | Path,
+    *,
+    k: int = 3,
+    max_lines: int | None = None,
+    personalize: bool = False,
+    threads: int = 1,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> FileEvaluation:
+    """Type a user's file through the Predictor the daemon uses and report the metrics.
+
+    Without `personalize` every message is typed (the first `max_lines` only, when given).
+    With it, the first 80% are the user's history: the personalization job trains on them in
+    a throwaway home, and the last 20% (the first `max_lines` of them) are typed before and
+    after, with the history as preceding context both times.
+    """
+    import tempfile
+
+    messages = read_messages(path)
+    if not messages:
+        raise KeyboardError(f"{path}: no messages to evaluate")
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise KeyboardError(f"no model at {model_dir} (pass --model DIR or set KEYBOARD_MODEL)")
+    if personalize:
+        history, test = split_history(messages)
+        if not history:
+            raise KeyboardError(f"{path}: --personalize needs at least 2 messages")
+        _personalization_job()  # fail now, not after the first simulation
+    else:
+        history, test = [], list(messages)
+    if max_lines is not None:
+        if max_lines < 1:
+            raise KeyboardError(f"--max-lines must be at least 1 (got {max_lines})")
+        test = test[:max_lines]
+
+    from keyboard.predictor import Predictor
+
+    def report(stage: str) -> Callable[[int, int], None] | None:
+        return None if progress is None else (lambda done, total: progress(stage, done, total))
+
+    predictor = Predictor(model_dir, threads=threads)
+    before = simulate(predictor, test, history=history, k=k, progress=report("base"))
+    result = FileEvaluation(
+        file=str(path),
+        messages=len(messages),
+        history=len(history),
+        evaluated=len(test),
+        before=before,
+    )
+    if personalize:
+        with tempfile.TemporaryDirectory(prefix="keyboard-eval-") as home:
+            adapter, seconds = personalize_in_throwaway_home(history, model_dir, Path(home))
+            result.job_seconds = seconds
+            result.peak_rss_mb = _peak_rss_mb()
+            if adapter is None:
+                raise KeyboardError("the personalization job trained no adapter on the history")
+            result.adapter = adapter.name
+            predictor.load_adapter(adapter)
+            result.after = simulate(
+                predictor, test, history=history, k=k, progress=report("personalized")
+            )
+    return result
+
+
+def report_table(rows: Mapping[str, TypingReport]) -> str:
+    """A plain-text table of reports, one row per label."""
+    ks = {r.k for r in rows.values()}
+    ksr = f"KSR@{ks.pop()}" if len(ks) == 1 else "KSR"
+    width = max([len(label) for label in rows] + [8])
+    lines = [
+        f"{'':<{width}}  {'top-1':>6}  {'top-3':>6}  {ksr:>6}  {'words':>7}  "
+        f"{'p50 ms':>7}  {'p95 ms':>7}  {'p99 ms':>7}"
+    ]
+    for label, r in rows.items():
+        lines.append(
+            f"{label:<{width}}  {100 * r.top1:6.2f}  {100 * r.top3:6.2f}  {100 * r.ksr:6.2f}  "
+            f"{r.words:7d}  {r.latency_p50_ms:7.2f}  {r.latency_p95_ms:7.2f}  "
+            f"{r.latency_p99_ms:7.2f}"
+        )
+    return "\n".join(lines)

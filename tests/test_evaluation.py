@@ -1,0 +1,273 @@
+"""Metric definitions of the typing simulation, checked exactly on small hand-made texts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keyboard import cli
+from keyboard.evaluation import (
+    TypingReport,
+    completed_word,
+    partial_word,
+    percentile,
+    read_messages,
+    simulate,
+    split_history,
+    word_spans,
+    words,
+)
+from keyboard.types import Candidate, KeyboardError, Prediction
+
+
+class VocabularyPredictor:
+    """Stands in for a model in metric tests: the first k words of a fixed list that start
+    with the partial word (case-sensitive). With `split_at`, its prefix is only the part
+    after the last of those characters, as for engines that split words there (presage)."""
+
+    def __init__(self, vocabulary: list[str], split_at: str = "") -> None:
+        self.vocabulary = vocabulary
+        self.split_at = split_at
+        self.contexts: list[str] = []
+
+    def predict(self, context: str, k: int = 3) -> Prediction:
+        self.contexts.append(context)
+        prefix = partial_word(context)
+        if self.split_at:
+            prefix = re.split(f"[{re.escape(self.split_at)}]", prefix)[-1]
+        found = [w for w in self.vocabulary if w.startswith(prefix)][:k]
+        return Prediction(prefix, [Candidate(w, 1.0) for w in found], adapter="test")
+
+
+def run(text: str | list[str], vocabulary: list[str], k: int = 3, **kw) -> TypingReport:
+    messages = [text] if isinstance(text, str) else text
+    return simulate(VocabularyPredictor(vocabulary, **kw), messages, k=k)
+
+
+# --- words ---------------------------------------------------------------------------------
+def test_words_are_letters_digits_apostrophes_and_inner_hyphens():
+    text = "It's a well-known fact -- e-mail, 'quoted' x--y 3.5 foo_bar rock'n'roll pre- ' -"
+    assert words(text) == [
+        "It's", "a", "well-known", "fact", "e-mail", "'quoted'", "x", "y", "3", "5",
+        "foo", "bar", "rock'n'roll", "pre",
+    ]  # fmt: skip
+
+
+def test_words_keep_case_and_unicode_letters():
+    assert words("Café NAÏVE, naïve 2nd") == ["Café", "NAÏVE", "naïve", "2nd"]
+    assert word_spans("a, bc") == [(0, 1), (3, 5)]
+
+
+@pytest.mark.parametrize(
+    ("text", "partial"),
+    [
+        ("", ""),
+        ("hello wor", "wor"),
+        ("end. ", ""),
+        ("the well-", "well-"),
+        ("x --", ""),
+        ("ab--", ""),
+        ("I don'", "don'"),
+        ("he said '", "'"),
+        ("foo_ba", "ba"),
+        ("line\nnext", "next"),
+    ],
+)
+def test_partial_word(text, partial):
+    assert partial_word(text) == partial
+
+
+def test_completed_word_replaces_the_predictors_prefix():
+    assert completed_word("ca", "ca", "cat") == "cat"
+    assert completed_word("don'", "", "t") == "don't"  # prefix after a split point
+    assert completed_word("re-u", "u", "use") == "re-use"
+    assert completed_word("Th", "th", "the") == "the"  # prefix not a suffix: taken as whole
+
+
+# --- KSR and accuracy, exactly -------------------------------------------------------------
+def test_worked_example_k2():
+    # the: shown [the, a] at the start -> accepted: 1 keystroke.
+    # cat: [the, a] miss; "c" typed (1); [cat, car] -> accepted (1): 2.
+    # sat: miss; "s" (1); [sat] -> accepted (1): 2.  Spaces and "." cost 1 each: 3.
+    r = run("the cat sat.", ["the", "a", "cat", "sat", "car"], k=2)
+    assert (r.chars, r.keystrokes, r.words, r.predictions) == (12, 8, 3, 5)
+    assert r.ksr == pytest.approx(1 - 8 / 12)
+    # top-1/top-3 at word starts see [the, a, cat]: the (top-1), cat (top-3 only), sat missed.
+    assert r.top1 == pytest.approx(1 / 3)
+    assert r.top3 == pytest.approx(2 / 3)
+
+
+def test_docs_example_is_case_sensitive():
+    # docs/evaluation.md: "The" never matches "the", so it is typed in full.
+    r = run("The cat sat.", ["the", "a", "cat", "sat", "car"], k=2)
+    assert (r.chars, r.keystrokes, r.predictions) == (12, 10, 7)
+    assert r.ksr == pytest.approx(1 / 6)
+    assert (r.top1, r.top3) == (0.0, pytest.approx(1 / 3))
+
+
+def test_no_suggestions_means_every_character_is_typed():
+    r = run("Hi, there! How's it going?", [], k=3)
+    assert r.keystrokes == r.chars == 26
+    assert r.ksr == 0.0
+    assert r.predictions == sum(len(w) for w in words("Hi, there! How's it going?"))
+
+
+def test_perfect_predictor_costs_one_keystroke_per_word_plus_punctuation():
+    r = run("alpha beta, alpha!", ["alpha", "beta"], k=2)
+    assert (r.chars, r.keystrokes) == (18, 3 + 4)  # 3 words + " ", ",", " ", "!"
+    assert r.ksr == pytest.approx(1 - 7 / 18)
+    assert (r.top1, r.top3) == (pytest.approx(2 / 3), 1.0)
+
+
+def test_no_queries_after_a_word_is_accepted():
+    predictor = VocabularyPredictor(["internationalisation"])
+    simulate(predictor, ["internationalisation"], k=1)
+    assert predictor.contexts == [""]  # accepted at the first shown point
+
+
+def test_apostrophes_and_inner_hyphens_with_a_splitting_predictor():
+    # The fake's prefix stops at ' and -, so its suggestions complete the last part only.
+    # don't: d, o, n, ' typed (4), then "t" completes it (1) = 5.  re-use: r, e, - (3) + 1 = 4.
+    r = run("don't re-use", ["t", "use"], k=2, split_at="'-")
+    assert (r.chars, r.keystrokes) == (12, 5 + 1 + 4)
+
+
+def test_trailing_hyphen_and_dashes_are_not_word_characters():
+    # "pre" is a word; "-" after it and "--" cost one keystroke each.
+    r = run("pre- x--y", ["pre", "x", "y"], k=1)
+    assert r.words == 3
+    assert r.keystrokes == 1 + 1 + 1 + 1 + 2 + 1  # pre, "-", " ", x, "--", y
+
+
+def test_messages_without_words_and_empty_messages():
+    r = run(["...", "", "ok"], ["ok"], k=1)
+    assert (r.messages, r.chars, r.keystrokes, r.words) == (3, 5, 4, 1)
+
+
+def test_k_limits_accepted_suggestions_but_top3_uses_three():
+    r = run("c", ["a", "b", "c"], k=1)
+    assert r.top3 == 1.0 and r.top1 == 0.0
+    assert r.keystrokes == 1  # not accepted at the start with k=1; "c" typed
+
+
+def test_k_must_be_positive():
+    with pytest.raises(KeyboardError):
+        run("x", ["x"], k=0)
+
+
+# --- context -------------------------------------------------------------------------------
+def test_context_is_history_then_earlier_messages_then_the_message_so_far():
+    predictor = VocabularyPredictor([])
+    simulate(predictor, ["ab", "c"], history=["one", "two"], k=3)
+    assert predictor.contexts == ["one\ntwo\n", "one\ntwo\na", "one\ntwo\nab\n"]
+
+
+def test_context_is_bounded_without_a_cut_word():
+    predictor = VocabularyPredictor([])
+    simulate(predictor, ["x"], history=["alpha beta gamma"], k=3, context_chars=9)
+    # the last 9 characters are "ta gamma\n"; the cut fragment "ta" is dropped.
+    assert predictor.contexts == ["gamma\n"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.text(alphabet="ab'- .,\nAB", max_size=30), max_size=4),
+    st.lists(st.sampled_from(["a", "b", "ab", "a'b", "a-b", "A", "ba"]), max_size=5),
+    st.integers(min_value=1, max_value=4),
+)
+def test_keystrokes_never_exceed_characters(messages, vocabulary, k):
+    r = simulate(VocabularyPredictor(vocabulary), messages, k=k)
+    assert r.chars == sum(len(m) for m in messages)
+    assert 0 <= r.keystrokes <= r.chars
+    assert r.words == sum(len(words(m)) for m in messages)
+    assert 0.0 <= r.top1 <= r.top3 <= 1.0
+    assert r.predictions >= r.words
+
+
+# --- reports -------------------------------------------------------------------------------
+def test_report_json_and_percentiles():
+    r = run("the cat sat.", ["the", "a", "cat", "sat", "car"], k=2)
+    data = json.loads(json.dumps(r.to_json()))
+    assert data["k"] == 2 and data["keystrokes"] == 8 and data["ksr"] == round(1 - 8 / 12, 6)
+    assert {"latency_p50_ms", "latency_p95_ms", "latency_p99_ms"} <= data.keys()
+    assert percentile([], 50) == 0.0
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0
+    assert percentile(list(range(1, 101)), 99) == 99
+    assert percentile([5.0], 99) == 5.0
+
+
+# --- files and the split -------------------------------------------------------------------
+def test_plain_text_is_one_message_per_non_empty_line(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("first line\n\n  \nsecond, line\r\n{not json}\n", encoding="utf-8")
+    assert read_messages(path) == ["first line", "second, line", "{not json}"]
+
+
+def test_jsonl_messages_keep_order(tmp_path):
+    path = tmp_path / "user.jsonl"
+    rows = [{"ts": "2004-01-02", "text": "b"}, {"ts": "2004-01-01", "text": "a"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    assert read_messages(path) == ["b", "a"]
+    sniffed = tmp_path / "user.txt"
+    sniffed.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    assert read_messages(sniffed) == ["b", "a"]
+
+
+def test_bad_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "user.jsonl"
+    path.write_text('{"text": "ok"}\n{"ts": "2004"}\n', encoding="utf-8")
+    with pytest.raises(KeyboardError, match=r"user.jsonl:2: .*text"):
+        read_messages(path)
+    path.write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(KeyboardError, match=r"user.jsonl:2: not a JSON object"):
+        read_messages(path)
+
+
+def test_unreadable_files_are_clear_errors(tmp_path):
+    with pytest.raises(KeyboardError, match="no such file"):
+        read_messages(tmp_path / "missing.txt")
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(KeyboardError, match="not UTF-8"):
+        read_messages(bad)
+    (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
+    assert read_messages(tmp_path / "empty.txt") == []
+
+
+def test_split_rule_is_floor_of_80_percent():
+    for n in range(0, 300):
+        history, test = split_history([str(i) for i in range(n)])
+        assert len(history) == math.floor(Fraction(4, 5) * n)
+        assert history + test == [str(i) for i in range(n)]
+    assert [len(x) for x in split_history(list("abcdefg"))] == [5, 2]
+
+
+# --- command line --------------------------------------------------------------------------
+def test_cli_reports_a_missing_file(capsys, tmp_path):
+    assert cli.main(["eval", str(tmp_path / "none.jsonl")]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_cli_reports_a_missing_model(capsys, tmp_path):
+    path = tmp_path / "u.txt"
+    path.write_text("hello\n", encoding="utf-8")
+    assert cli.main(["eval", str(path), "--model", str(tmp_path / "nomodel")]) == 1
+    assert "no model at" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("keyboard.personalize") is not None,
+    reason="the personalization job exists",
+)
+def test_cli_personalize_says_the_job_is_not_available_yet(capsys, tmp_path):
+    path = tmp_path / "u.txt"
+    path.write_text("one\ntwo\nthree\n", encoding="utf-8")
+    assert cli.main(["eval", str(path), "--model", str(tmp_path), "--personalize"]) == 1
+    assert "personalization is not available yet" in capsys.readouterr().err
