@@ -49,6 +49,137 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# --- typing log (issue 3) -------------------------------------------------------------------
+def _add_log(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("log", help="store text in the typing log (redacted; from stdin if no TEXT)")
+    p.add_argument("text", nargs="?", help="the text; omit or '-' to read stdin")
+    p.add_argument("--source", default="", help="where it came from: file, app or file type")
+    p.add_argument("--private", action="store_true", help="do not store this text")
+
+    def run_log(args: argparse.Namespace) -> int:
+        from keyboard.typing_log import MAX_TEXT_BYTES, TypingLog
+
+        text: str | bytes = args.text
+        if text is None or text == "-":
+            text = sys.stdin.buffer.read(MAX_TEXT_BYTES + 1)  # one byte over: refused, not cut
+        with TypingLog() as log:
+            result = log.record(text, source=args.source, private=args.private)
+        print(f"stored entry {result.id}" if result.stored else f"not stored: {result.reason}")
+        return 0
+
+    p.set_defaults(func=run_log)
+
+    p = sub.add_parser("forget", help="erase logged text by time range, source, or all of it")
+    p.add_argument("--since", help="from this ISO date/time (inclusive)")
+    p.add_argument("--until", help="up to this ISO date/time (exclusive)")
+    p.add_argument("--source", help="only this source (glob patterns allowed)")
+    p.add_argument("--all", action="store_true", help="erase everything")
+
+    def run_forget(args: argparse.Namespace) -> int:
+        from keyboard.typing_log import TypingLog
+
+        with TypingLog() as log:
+            n = log.forget(args.since, args.until, args.source, everything=args.all)
+        print(f"forgot {n} entr{'y' if n == 1 else 'ies'}; database vacuumed")
+        return 0
+
+    p.set_defaults(func=run_forget)
+
+    p = sub.add_parser("stats", help="what the typing log holds: counts, sources, size")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="also print the newest N")
+
+    def run_stats(args: argparse.Namespace) -> int:
+        import json
+
+        from keyboard.typing_log import TypingLog
+
+        with TypingLog() as log:
+            stats = log.stats()
+            recent = log.recent(args.show) if args.show > 0 else []
+            job = log.last_job()
+        if args.json:
+            print(json.dumps({**stats, "recent": recent, "last_job": job}, indent=2))
+            return 0
+        print(f"typing log  {stats['path']} ({stats['db_bytes']:,} bytes)")
+        print(
+            f"logging     {'PAUSED' if stats['paused'] else 'on'}; "
+            f"kept {stats['retention_days']} days"
+        )
+        print(
+            f"entries     {stats['entries']:,} ({stats['words']:,} words, "
+            f"{stats['accepted']:,} accepted suggestions)"
+        )
+        print(f"oldest      {stats['oldest'] or '-'}\nnewest      {stats['newest'] or '-'}")
+        for source, s in stats["by_source"].items():
+            print(f"  {source or '(no source)'}: {s['entries']:,} entries, {s['words']:,} words")
+        print(f"excluded    {', '.join(stats['excluded_sources']) or '(none)'}")
+        if job:
+            print(f"last job    #{job['id']} {job['status']} {job['started']}")
+        for e in recent:
+            print(f"[{e['id']}] {e['ts']} {e['source'] or '-'}: {e['text']}")
+        return 0
+
+    p.set_defaults(func=run_stats)
+
+    def toggle(paused: bool) -> Handler:
+        def run(args: argparse.Namespace) -> int:
+            from keyboard.typing_log import TypingLog
+
+            with TypingLog() as log:
+                if paused:
+                    log.pause()
+                else:
+                    log.resume()
+            print("logging paused: nothing is stored" if paused else "logging resumed")
+            return 0
+
+        return run
+
+    sub.add_parser("pause", help="stop storing typed text").set_defaults(func=toggle(True))
+    sub.add_parser("resume", help="store typed text again").set_defaults(func=toggle(False))
+
+    p = sub.add_parser("privacy", help="show or change excluded sources and retention")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="never store text from sources matching GLOB (repeatable)",
+    )
+    p.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="remove GLOB from the excluded sources (repeatable)",
+    )
+    p.add_argument("--reset-excluded", action="store_true", help="back to the default globs")
+    p.add_argument("--retention-days", type=int, help="delete entries older than this")
+
+    def run_privacy(args: argparse.Namespace) -> int:
+        from keyboard.redaction import DEFAULT_EXCLUDED_SOURCES
+        from keyboard.typing_log import TypingLog
+
+        with TypingLog() as log:
+            patterns = (
+                list(DEFAULT_EXCLUDED_SOURCES) if args.reset_excluded else log.excluded_sources
+            )
+            patterns = [g for g in patterns if g not in args.allow]
+            patterns += [g for g in args.exclude if g not in patterns]
+            if args.reset_excluded or args.exclude or args.allow:
+                log.set_excluded_sources(patterns)
+            if args.retention_days is not None:
+                log.set_retention_days(args.retention_days)
+                log.apply_retention()
+            print(f"logging: {'paused' if log.paused else 'on'}")
+            print(f"retention: {log.retention_days} days")
+            print("excluded sources: " + (", ".join(log.excluded_sources) or "(none)"))
+        return 0
+
+    p.set_defaults(func=run_privacy)
+
+
 # --- eval (issue 9) ---------------------------------------------------------------------------
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -130,7 +261,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 # Each area adds its commands here; keep a section per module.
-_SECTIONS: list[Callable[[argparse._SubParsersAction], None]] = [_add_export, _add_eval]
+_SECTIONS: list[Callable[[argparse._SubParsersAction], None]] = [_add_export, _add_log, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,471 @@
+"""The typing log: schema, durability under kill -9, privacy (permissions, redaction, forget),
+bad input, concurrency, training reads, jobs and the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from keyboard import cli
+from keyboard.redaction import REDACTED
+from keyboard.types import KeyboardError
+from keyboard.typing_log import (
+    MAX_TEXT_BYTES,
+    SCHEMA_VERSION,
+    InvalidText,
+    TextTooLarge,
+    TypingLog,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def log(tmp_path: Path):
+    with TypingLog(tmp_path / "log.db") as opened:
+        yield opened
+
+
+def _texts(path: Path) -> list[str]:
+    with sqlite3.connect(path) as conn:
+        return [r[0] for r in conn.execute("SELECT text FROM entries ORDER BY id")]
+
+
+def _raw_bytes(directory: Path) -> bytes:
+    """Every byte of every file next to the database (db, -wal, -shm, anything else)."""
+    return b"".join(p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file())
+
+
+def _child(script: str, *args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+# --- schema and setup -----------------------------------------------------------------------
+def test_schema_version_tables_and_indexes(log: TypingLog) -> None:
+    assert log.schema_version == SCHEMA_VERSION >= 1
+    assert {"entries", "jobs", "settings"} <= set(log.db.table_names())
+    indexes = {i.name for i in log.db["entries"].indexes}
+    assert {"entries_ts", "entries_source"} <= indexes
+    assert log.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert log.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert log.db.execute("PRAGMA secure_delete").fetchone()[0] == 1
+
+
+def test_reopening_keeps_data_and_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    with TypingLog(path) as log:
+        entry = log.add("kept across opens")
+    with TypingLog(path) as log:
+        assert log.recent(1)[0]["id"] == entry
+        log.db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    with pytest.raises(KeyboardError, match="newer"):
+        TypingLog(path)
+
+
+def test_not_a_database_gives_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    os.chmod(path, 0o600)
+    with pytest.raises(KeyboardError, match="not a usable typing log"):
+        TypingLog(path)
+
+
+def test_home_and_permissions_from_the_first_byte(tmp_path: Path, monkeypatch) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("KEYBOARD_HOME", str(home))
+    old = os.umask(0)  # the most permissive umask: nothing may rely on it
+    try:
+        with TypingLog() as log:
+            assert log.path == home / "typing_log.db"
+            log.add("private words")
+            for p in (log.path, Path(f"{log.path}-wal"), Path(f"{log.path}-shm")):
+                assert p.exists()
+                assert os.stat(p).st_mode & 0o777 == 0o600, p
+        assert os.stat(home).st_mode & 0o777 == 0o700
+        # An explicit path in a missing directory: created 0700 too.
+        with TypingLog(tmp_path / "new" / "dir" / "log.db") as log:
+            log.add("more")
+        assert os.stat(tmp_path / "new" / "dir").st_mode & 0o777 == 0o700
+        assert os.stat(tmp_path / "new" / "dir" / "log.db").st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_loose_permissions_on_an_existing_file_are_tightened(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    TypingLog(path).close()
+    os.chmod(path, 0o644)
+    TypingLog(path).close()
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+# --- durability and concurrency ---------------------------------------------------------------
+WRITER = """
+    import sys
+    from keyboard.typing_log import TypingLog
+    log = TypingLog(sys.argv[1])
+    limit = int(sys.argv[2])
+    i = 0
+    while limit < 0 or i < limit:
+        entry = log.add(f"acknowledged sentence number {i}", source="kill-test")
+        print(entry, i, flush=True)  # the acknowledgement: only after add() returned
+        i += 1
+"""
+
+
+def test_sigkill_loses_no_acknowledged_entry(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    child = _child(WRITER, str(path), "-1")
+    acked: dict[int, int] = {}
+    assert child.stdout is not None
+    try:
+        while len(acked) < 40:
+            line = child.stdout.readline()
+            assert line, child.stderr.read() if child.stderr else "writer died"
+            entry, i = map(int, line.split())
+            acked[entry] = i
+    finally:
+        os.kill(child.pid, signal.SIGKILL)  # mid-write, most likely
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows = dict(conn.execute("SELECT id, text FROM entries"))
+    for entry, i in acked.items():
+        assert rows[entry] == f"acknowledged sentence number {i}"
+    # No half-written rows: everything present is a complete sentence.
+    assert all(t.startswith("acknowledged sentence number ") for t in rows.values())
+    with TypingLog(path) as log:  # and the log opens and writes normally afterwards
+        assert log.add("after the crash") is not None
+
+
+def test_concurrent_writer_process_and_reader(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    TypingLog(path).close()
+    # A reader holding an open snapshot must not block the writer (WAL).
+    snapshot = sqlite3.connect(path)
+    snapshot.execute("BEGIN")
+    assert snapshot.execute("SELECT count(*) FROM entries").fetchone()[0] == 0
+    writer = _child(WRITER, str(path), "150")
+    seen: list[int] = []
+    with TypingLog(path) as reader:
+        while writer.poll() is None:
+            seen.append(reader.stats()["entries"])
+            reader.training_text()
+            time.sleep(0.005)
+        _, err = writer.communicate()
+        assert writer.returncode == 0, err
+        assert reader.stats()["entries"] == 150
+    # The old snapshot still sees the database as it was when it started.
+    assert snapshot.execute("SELECT count(*) FROM entries").fetchone()[0] == 0
+    snapshot.close()
+    assert seen and seen == sorted(seen)  # counts only grow, never a torn read
+
+
+def test_threads_share_one_log(log: TypingLog) -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ids = list(pool.map(lambda i: log.add(f"thread text {i}", source="t"), range(80)))
+    assert len(set(ids)) == 80
+    assert log.stats()["entries"] == 80
+
+
+# --- privacy ------------------------------------------------------------------------------------
+def test_text_is_redacted_before_it_is_stored(log: TypingLog) -> None:
+    log.add("my password: hunter2 and card 4111 1111 1111 1111")
+    log.add_feedback("the key is sk_live_4eC39HqLyjWDarjtT1zdp7dc and the wea", "weather")
+    texts = _texts(log.path)
+    assert texts == [
+        f"my password: {REDACTED} and card {REDACTED}",
+        f"the key is {REDACTED} and the weather",
+    ]
+    raw = _raw_bytes(log.path.parent)
+    assert b"hunter2" not in raw and b"4eC39HqLyjWDarjtT1zdp7dc" not in raw
+
+
+def test_excluded_sources_private_flag_and_pause(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    with TypingLog(path) as log, TypingLog(path) as other_process:
+        assert log.record("API_TOKEN stuff", source="/app/.env").reason == "excluded source (*.env)"
+        assert log.add("x", source=os.path.expanduser("~/.ssh/config")) is None
+        assert log.add("my diary", source="notes/secret-diary.md") is None
+        assert log.record("hidden", private=True).to_json() == {
+            "stored": False,
+            "reason": "private",
+        }
+        log.set_excluded_sources(["*.docx"])
+        assert log.add("now allowed", source="/app/.env") is not None
+        assert log.add("report", source="/w/Report.DOCX") is None
+        # Pausing is visible to every process that has the log open.
+        other_process.pause()
+        assert log.paused
+        assert log.record("while paused").to_json() == {"stored": False, "reason": "paused"}
+        assert log.add_feedback("while paused ", "too") is None
+        other_process.resume()
+        result = log.record("after resume")
+        assert result.to_json() == {"stored": True, "id": result.id}
+    assert _texts(path) == ["now allowed", "after resume"]
+    raw = _raw_bytes(tmp_path)
+    for never in (b"my diary", b"hidden", b"while paused", b"report"):
+        assert never not in raw
+
+
+def test_retention_deletes_old_entries(log: TypingLog) -> None:
+    now = datetime.now(timezone.utc)
+    log.add("ancient history", ts=now - timedelta(days=120))
+    log.add("last month", ts=now - timedelta(days=30))
+    log.add("today")
+    assert log.retention_days == 90
+    assert log.apply_retention() == 1
+    assert _texts(log.path) == ["last month", "today"]
+    log.set_retention_days(7)
+    assert log.apply_retention() == 1
+    assert _texts(log.path) == ["today"]
+    with pytest.raises(KeyboardError):
+        log.set_retention_days(0)
+
+
+def test_the_writer_applies_retention_by_itself(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    with TypingLog(path) as log:
+        log.add("too old to keep", ts=datetime.now(timezone.utc) - timedelta(days=91))
+    with TypingLog(path) as daemon:  # a fresh writer checks retention on its first write
+        daemon.add("fresh")
+    assert _texts(path) == ["fresh"]
+
+
+SENTENCE = "the quokka borrowed my umbrella on a sunday"
+
+
+def _fill(log: TypingLog, marker_source: str = "diary.md") -> None:
+    base = datetime(2024, 5, 1, tzinfo=timezone.utc)
+    for i in range(60):
+        log.add(f"ordinary line {i} about nothing much", source="code.py", ts=base)
+    for i in range(3):
+        log.add(f"{SENTENCE} {i}", source=marker_source, ts=base + timedelta(days=1, hours=i))
+    log.add("later text", source="code.py", ts=base + timedelta(days=5))
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        {"source": "diary.md"},
+        {"source": "dia*"},
+        {"since": "2024-05-02", "until": "2024-05-03"},
+        {"since": datetime(2024, 5, 2, tzinfo=timezone.utc)},
+        {"everything": True},
+    ],
+)
+def test_forget_leaves_no_trace_in_the_raw_bytes(tmp_path: Path, how: dict) -> None:
+    path = tmp_path / "log.db"
+    with TypingLog(path) as log, TypingLog(path) as idle_reader:
+        _fill(log)
+        idle_reader.stats()
+        assert SENTENCE.encode() in _raw_bytes(tmp_path)
+        deleted = log.forget(**how)
+        assert deleted >= 3
+        # The daemon's connection (and a reader's) are still open: the files must be clean now.
+        assert SENTENCE.encode() not in _raw_bytes(tmp_path)
+        remaining = _texts(path)
+        assert not any(SENTENCE in t for t in remaining)
+        if not how.get("everything"):
+            assert "later text" in remaining or "since" in how
+            assert "ordinary line 0 about nothing much" in remaining
+        assert log.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert SENTENCE.encode() not in _raw_bytes(tmp_path)
+
+
+def test_forget_needs_a_criterion_and_rejects_bad_dates(log: TypingLog) -> None:
+    with pytest.raises(KeyboardError, match="say what to forget"):
+        log.forget()
+    with pytest.raises(KeyboardError, match="ISO 8601"):
+        log.forget(since="last tuesday")
+
+
+# --- bad input --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (None, "expected text"),
+        (42, "expected text"),
+        (["a list"], "expected text"),
+        (b"caf\xe9 au lait", "not valid UTF-8"),
+        ("", "empty"),
+        ("   \n\t  ", "empty"),
+        ("\x00\x01\x02", "empty"),
+        ("x" * (MAX_TEXT_BYTES + 1), "limit"),
+        ("é" * (MAX_TEXT_BYTES // 2 + 1), "limit"),  # small in chars, too big in bytes
+        (b"y" * (MAX_TEXT_BYTES + 1), "limit"),
+    ],
+)
+def test_bad_input_is_refused_clearly_and_stores_nothing(log: TypingLog, bad, message) -> None:
+    log.add("before")
+    with pytest.raises(InvalidText, match=message):
+        log.add(bad)
+    assert log.stats()["entries"] == 1
+
+
+def test_bad_source_or_timestamp_is_refused(log: TypingLog) -> None:
+    with pytest.raises(InvalidText):
+        log.add("text", source=123)  # type: ignore[arg-type]
+    with pytest.raises(InvalidText):
+        log.add("text", ts="yesterday")  # type: ignore[arg-type]
+    with pytest.raises(TextTooLarge):
+        log.add("z" * (MAX_TEXT_BYTES + 10))
+    assert log.stats()["entries"] == 0
+
+
+def test_odd_text_is_normalised(log: TypingLog) -> None:
+    log.add("a\x00b\r\nc\rd\x1b[0m\ufeff")
+    log.add("bad surrogate \ud800 gone")
+    log.add("cafe\u0301".encode())  # decomposed é -> NFC
+    log.add(b"max " + b"m" * (MAX_TEXT_BYTES - 4))  # exactly at the limit is fine
+    texts = _texts(log.path)
+    assert texts[:3] == ["ab\nc\nd[0m", "bad surrogate  gone", "caf\u00e9"]
+    assert len(texts[3]) == MAX_TEXT_BYTES
+
+
+def test_word_counts_and_stats(log: TypingLog) -> None:
+    log.add("one two three", source="a.md", ts=datetime(2024, 1, 1, tzinfo=timezone.utc))
+    log.add("don't stop", source="a.md")
+    log.add_feedback("see you tomor", "tomorrow", source="chat")
+    s = log.stats()
+    assert s["entries"] == 3 and s["words"] == 3 + 2 + 3 and s["accepted"] == 1
+    assert s["oldest"].startswith("2024-01-01T00:00:00")
+    assert s["by_source"] == {
+        "a.md": {"entries": 2, "words": 5},
+        "chat": {"entries": 1, "words": 3},
+    }
+    assert s["db_bytes"] > 0 and s["paused"] is False and s["retention_days"] == 90
+    assert log.recent(1)[0]["text"] == "see you tomorrow"
+
+
+# --- training reads and jobs ----------------------------------------------------------------
+def test_training_text_watermark_holdout_and_replay(log: TypingLog) -> None:
+    assert log.training_text().empty
+    first = [log.add(f"first batch sentence {i} has six words") for i in range(20)]
+    tt = log.training_text(holdout_fraction=0.1)
+    assert tt.watermark == first[-1]
+    assert tt.replay == []  # nothing consumed yet
+    assert len(tt.heldout) == 2  # the newest 10% of the words
+    assert tt.heldout == [
+        "first batch sentence 18 has six words",
+        "first batch sentence 19 has six words",
+    ]
+    assert tt.new[0] == "first batch sentence 0 has six words" and len(tt.new) == 18
+    assert tt.new_words == 18 * 7
+    # Nothing is consumed until the job says it succeeded.
+    assert log.training_text().watermark == first[-1] and log.watermark == 0
+    log.set_watermark(tt.watermark)
+    assert log.training_text().empty
+
+    for i in range(10):
+        log.add(f"second batch {i}")
+    tt2 = log.training_text(replay_fraction=0.5, holdout_fraction=0.1, seed=3)
+    assert len(tt2.new) == 9 and tt2.heldout == ["second batch 9"]
+    assert len(tt2.replay) == round(0.5 * 9)
+    assert all(t.startswith("first batch") for t in tt2.replay)
+    assert tt2.replay == log.training_text(replay_fraction=0.5, seed=3).replay  # seeded
+    # A word budget takes the oldest new text first and moves the watermark only that far.
+    capped = log.training_text(max_new_words=9, holdout_fraction=0.0)
+    assert capped.new == ["second batch 0", "second batch 1", "second batch 2"]
+    assert capped.watermark == first[-1] + 3
+
+
+def test_forgotten_text_never_reaches_training(log: TypingLog) -> None:
+    log.add("keep this", source="a")
+    log.add("forget this", source="b")
+    log.forget(source="b")
+    log.add("new after forget", source="a")
+    tt = log.training_text(holdout_fraction=0.0)
+    assert tt.new == ["keep this", "new after forget"]
+
+
+def test_jobs_are_recorded(log: TypingLog) -> None:
+    assert log.last_job() is None
+    job = log.start_job(watermark=5)
+    assert log.last_job()["status"] == "running"
+    log.finish_job(job, "succeeded", {"loss": 2.5, "top1": 0.3}, "v0001", reason="better")
+    last = log.last_job()
+    assert last["id"] == job and last["status"] == "succeeded"
+    assert last["metrics"] == {"loss": 2.5, "top1": 0.3} and last["adapter_version"] == "v0001"
+    assert last["ended"] >= last["started"] and last["watermark"] == 5
+    failed = log.start_job()
+    log.finish_job(failed, "failed", {}, None, reason="out of memory")
+    assert [j["status"] for j in log.jobs()] == ["failed", "succeeded"]
+    with pytest.raises(KeyboardError):
+        log.finish_job(999, "succeeded", {}, None)
+
+
+def test_a_job_left_running_by_a_dead_process_is_marked_interrupted(log: TypingLog) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    job = log.start_job()
+    log.db.execute("UPDATE jobs SET pid = ? WHERE id = ?", [int(dead.stdout), job])
+    log.start_job()
+    assert log.jobs()[1]["status"] == "interrupted"
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+def test_cli_log_stats_pause_forget(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("KEYBOARD_HOME", str(tmp_path))
+    assert cli.main(["log", "hello from the cli, password: hunter2", "--source", "notes.md"]) == 0
+    assert "stored entry 1" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"piped text\n")))
+    assert cli.main(["log"]) == 0
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe bad")))
+    assert cli.main(["log", "-"]) == 1
+    assert "not valid UTF-8" in capsys.readouterr().err
+    assert cli.main(["log", "x", "--source", "prod.env"]) == 0
+    assert "not stored: excluded source" in capsys.readouterr().out
+
+    assert cli.main(["pause"]) == 0
+    assert cli.main(["log", "while paused"]) == 0
+    assert "not stored: paused" in capsys.readouterr().out
+    assert cli.main(["resume"]) == 0
+    assert "logging resumed" in capsys.readouterr().out
+
+    assert cli.main(["stats", "--json", "--show", "5"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["entries"] == 2 and stats["by_source"]["notes.md"]["entries"] == 1
+    assert [e["text"] for e in stats["recent"]] == [
+        "piped text\n",
+        f"hello from the cli, password: {REDACTED}",
+    ]
+    assert cli.main(["stats"]) == 0
+    assert "entries     2" in capsys.readouterr().out
+
+    assert cli.main(["forget"]) == 1
+    assert "say what to forget" in capsys.readouterr().err
+    assert cli.main(["forget", "--source", "notes.md"]) == 0
+    assert "forgot 1 entry" in capsys.readouterr().out
+    assert cli.main(["privacy", "--exclude", "*.txt", "--retention-days", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "*.txt" in out and "30 days" in out
+    assert cli.main(["forget", "--all"]) == 0
+    assert "forgot 1 entry" in capsys.readouterr().out
+    assert cli.main(["stats", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["entries"] == 0
