@@ -63,6 +63,7 @@ def build_model(family: str, out: Path, seed: int = 0, layers: int = 2) -> Path:
             num_key_value_heads=2,
             max_position_embeddings=128,
             tie_word_embeddings=True,
+            initializer_range=0.2,  # larger than default so a few LoRA steps visibly move the loss
             bos_token_id=0,
             eos_token_id=0,
         )
@@ -74,6 +75,7 @@ def build_model(family: str, out: Path, seed: int = 0, layers: int = 2) -> Path:
             n_layer=layers,
             n_head=4,
             n_positions=128,
+            initializer_range=0.2,
             bos_token_id=0,
             eos_token_id=0,
             resid_pdrop=0.0,
