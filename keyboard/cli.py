@@ -42,8 +42,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         )
         manifest = export_model(args.base_model, args.out, config)
         print(f"exported {manifest['base_model']['id']} -> {args.out}")
-        print(f"  {len(manifest['lora']['tensors'])} LoRA tensors, "
-              f"{manifest['lora']['parameters']:,} trainable parameters")
+        print(
+            f"  {len(manifest['lora']['tensors'])} LoRA tensors, "
+            f"{manifest['lora']['parameters']:,} trainable parameters"
+        )
         return 0
 
     p.set_defaults(func=run)
