@@ -1,0 +1,481 @@
+"""Versioned LoRA adapters under the keyboard home: atomic promotion, rollback, export/import."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keyboard import paths
+from keyboard.artifacts import Adapter, ArtifactError, ArtifactSet, load_adapter, write_atomic
+from keyboard.types import KeyboardError
+
+log = logging.getLogger("keyboard.adapters")
+
+BASE = "base"  # the model's initial adapter: what "no personalization" means
+ACTIVE_FILE = "ACTIVE"
+ADAPTER_FILE = "adapter.npz"
+META_FILE = "meta.json"
+DEFAULT_KEEP = 5
+DIFF_FORMAT = "keyboard-adapter-diff"
+DIFF_HEADER = "__keyboard_diff__"  # npz key of the JSON header (uint8 bytes)
+_VERSION_RE = re.compile(r"^v(\d{4,})$")
+
+
+class AdapterStoreError(KeyboardError):
+    """An adapter version that is missing, corrupt, or does not fit the model."""
+
+
+def tensors_sha256(tensors: Adapter) -> str:
+    """A content hash of LoRA tensors (names, shapes and float32 values, in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = np.ascontiguousarray(tensors[name], dtype=np.float32)
+        digest.update(name.encode())
+        digest.update(repr(value.shape).encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def model_fingerprint(artifacts: ArtifactSet) -> str:
+    """What an adapter is only valid for: the base weights, the LoRA layout, the initial tensors.
+
+    Two exports of the same base model with the same LoRA settings and seed share it, so
+    adapters (and diffs) move between machines that have the same starter model.
+    """
+    manifest = artifacts.manifest
+    identity = {
+        "base_sha256": manifest["base_model"].get("sha256"),
+        "lora": {k: manifest["lora"].get(k) for k in ("rank", "alpha", "tensors")},
+        "initial": tensors_sha256(artifacts.initial_adapter()),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One stored version: its name ("v0003"), directory and metadata."""
+
+    version: str
+    path: Path  # the adapter.npz file
+    metadata: dict[str, Any]
+
+    @property
+    def number(self) -> int:
+        return int(self.version[1:])
+
+
+class AdapterStore:
+    """Adapter versions of one model: `<root>/v0001/{adapter.npz, meta.json}` plus an ACTIVE
+    pointer. Every change is write-to-temp, fsync, rename, so a crash or kill -9 at any moment
+    leaves the active adapter complete and loadable.
+
+    `root` defaults to `adapters_dir()/<model name>-<fingerprint>`: adapters of another model
+    (or another export of it) are kept apart, never loaded into a model they do not fit.
+    """
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        artifacts: ArtifactSet | str | Path | None = None,
+    ) -> None:
+        if not isinstance(artifacts, ArtifactSet):
+            artifacts = ArtifactSet.open(artifacts or paths.starter_model_dir())
+        self.artifacts = artifacts
+        self.fingerprint = model_fingerprint(artifacts)
+        if root is None:
+            root = paths.adapters_dir() / f"{artifacts.name}-{self.fingerprint[:12]}"
+        self.root = paths.private_dir(Path(root))
+
+    # --- locking ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise changes between processes (a job promoting, the CLI switching versions).
+
+        flock is released by the kernel when the holder dies, so a crash never leaves it stuck.
+        """
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # --- reading ----------------------------------------------------------------------------
+    def _version_dirs(self) -> list[Path]:
+        found = [p for p in self.root.iterdir() if p.is_dir() and _VERSION_RE.match(p.name)]
+        return sorted(found, key=lambda p: int(p.name[1:]))
+
+    def _read_meta(self, version: str) -> dict[str, Any]:
+        try:
+            meta = json.loads((self.root / version / META_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise AdapterStoreError(f"adapter {version}: cannot read its metadata ({exc})") from exc
+        if not isinstance(meta, dict):
+            raise AdapterStoreError(f"adapter {version}: metadata is not a JSON object")
+        return meta
+
+    def get(self, version: str) -> AdapterVersion:
+        """A stored version with its metadata (the tensors are not checked; see `load`)."""
+        version = self._normalise(version)
+        if not (self.root / version).is_dir():
+            raise AdapterStoreError(f"no adapter version {version} (see `keyboard adapters list`)")
+        return AdapterVersion(version, self.root / version / ADAPTER_FILE, self._read_meta(version))
+
+    def load(self, version: str) -> Adapter:
+        """The tensors of `version` ("base": the model's initial adapter), fully validated:
+        names and shapes fit the model, values finite, content hash as recorded."""
+        version = self._normalise(version)
+        if version == BASE:
+            return self.artifacts.initial_adapter()
+        entry = self.get(version)
+        if entry.metadata.get("model_fingerprint") not in (None, self.fingerprint):
+            raise AdapterStoreError(f"adapter {version} was trained for another model")
+        try:
+            tensors = load_adapter(entry.path, self.artifacts)
+        except ArtifactError as exc:
+            raise AdapterStoreError(f"adapter {version} is damaged: {exc}") from exc
+        expected = entry.metadata.get("tensors_sha256")
+        if expected and tensors_sha256(tensors) != expected:
+            raise AdapterStoreError(f"adapter {version} is damaged: its content hash differs")
+        return tensors
+
+    def list(self) -> list[AdapterVersion]:
+        """All stored versions, oldest first (metadata {"error": ...} where it is unreadable)."""
+        out = []
+        for d in self._version_dirs():
+            try:
+                meta = self._read_meta(d.name)
+            except AdapterStoreError as exc:
+                meta = {"error": str(exc)}
+            out.append(AdapterVersion(d.name, d / ADAPTER_FILE, meta))
+        return out
+
+    def _pointer(self) -> dict[str, Any]:
+        """The ACTIVE file: {"version": "v0003" | "base", "previous": [older actives, newest
+        first]}. Missing means base; unreadable is reported and read as base."""
+        path = self.root / ACTIVE_FILE
+        try:
+            data = json.loads(path.read_text())
+            version = self._normalise(str(data["version"]))
+            previous = [self._normalise(str(v)) for v in data.get("previous", [])]
+        except FileNotFoundError:
+            return {"version": BASE, "previous": []}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning(
+                "adapter pointer %s is unreadable (%s); using the newest good version", path, exc
+            )
+            newest = [d.name for d in reversed(self._version_dirs())]
+            return {"version": newest[0] if newest else BASE, "previous": newest[1:]}
+        return {"version": version, "previous": previous}
+
+    @property
+    def active_version(self) -> str:
+        """The version the ACTIVE pointer names ("base" when none), without checking it."""
+        return self._pointer()["version"]
+
+    def active(self) -> tuple[str, Path, dict[str, Any]] | None:
+        """(version, adapter path, metadata) of the adapter to serve; None means the base model.
+
+        A damaged or missing active version is skipped with a warning in favour of the one
+        active before it (then older versions, newest first), else the base model; the
+        metadata's "fallback" says what happened.
+        """
+        pointer = self._pointer()
+        wanted = pointer["version"]
+        if wanted == BASE:
+            return None
+        candidates = [wanted] + pointer["previous"]
+        candidates += [d.name for d in reversed(self._version_dirs()) if d.name not in candidates]
+        problems: list[str] = []
+        for version in candidates:
+            if version == BASE:
+                break
+            try:
+                self.load(version)
+                entry = self.get(version)
+            except AdapterStoreError as exc:
+                problems.append(str(exc))
+                continue
+            meta = dict(entry.metadata)
+            if problems:
+                meta["fallback"] = f"{'; '.join(problems)}; serving {version} instead"
+                log.warning("%s", meta["fallback"])
+            return version, entry.path, meta
+        if problems:
+            log.warning("%s; serving the base model", "; ".join(problems))
+        return None
+
+    # --- changing ---------------------------------------------------------------------------
+    def _normalise(self, version: str) -> str:
+        v = version.strip()
+        if v.lower() in (BASE, "initial", "none"):
+            return BASE
+        if v.isdigit():
+            v = f"v{int(v):04d}"
+        if not _VERSION_RE.match(v):
+            raise AdapterStoreError(f"not an adapter version: {version!r} (e.g. v0003 or base)")
+        return v
+
+    def _set_pointer(self, version: str, previous: list[str]) -> None:
+        data = {"version": version, "previous": previous[:20], "changed": _now()}
+        text = json.dumps(data, indent=2) + "\n"
+        write_atomic(self.root / ACTIVE_FILE, lambda f: f.write(text.encode()))
+
+    def _activate(self, version: str) -> None:
+        pointer = self._pointer()
+        if pointer["version"] == version:
+            return
+        previous = [pointer["version"]] + [v for v in pointer["previous"] if v != version]
+        self._set_pointer(version, previous)
+
+    def _clean_temp(self) -> None:
+        """Remove what an interrupted write or prune left behind (called under the lock)."""
+        for p in self.root.iterdir():
+            if p.name.startswith((".tmp-", ".trash-")) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+    def add(self, tensors: Adapter, metadata: dict[str, Any] | None = None) -> str:
+        """Store `tensors` as a new version (not activated); returns its name."""
+        with self._locked():
+            return self._add(tensors, metadata or {})
+
+    def _add(self, tensors: Adapter, metadata: dict[str, Any]) -> str:
+        expected = self.artifacts.lora_shapes
+        if set(tensors) != set(expected):
+            raise AdapterStoreError("adapter tensors do not match the model's LoRA tensors")
+        arrays = {n: np.ascontiguousarray(tensors[n], dtype=np.float32) for n in expected}
+        for name, shape in expected.items():
+            if arrays[name].shape != shape:
+                raise AdapterStoreError(f"{name} has shape {arrays[name].shape}, not {shape}")
+            if not np.isfinite(arrays[name]).all():
+                raise AdapterStoreError(f"{name} holds NaN or infinite values; not stored")
+        self._clean_temp()
+        existing = self._version_dirs()
+        number = (int(existing[-1].name[1:]) + 1) if existing else 1
+        version = f"v{number:04d}"
+        meta = {
+            **metadata,
+            "version": version,
+            "created": _now(),
+            "model": self.artifacts.name,
+            "model_fingerprint": self.fingerprint,
+            "tensors_sha256": tensors_sha256(arrays),
+            "parameters": int(sum(a.size for a in arrays.values())),
+        }
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=self.root))
+        try:
+            _write_synced(tmp / ADAPTER_FILE, _npz_bytes(arrays))
+            _write_synced(tmp / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+            _fsync_dir(tmp)
+            os.chmod(tmp, 0o700)
+            os.rename(tmp, self.root / version)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(self.root)
+        return version
+
+    def promote(self, tensors: Adapter, metadata: dict[str, Any] | None = None) -> str:
+        """Store `tensors` as a new version and make it active, atomically; returns its name.
+
+        The version directory is complete and synced before the pointer moves, and the pointer
+        is replaced by rename: a crash leaves either the old or the new adapter active.
+        """
+        with self._locked():
+            meta = {"parent": self._pointer()["version"], **(metadata or {})}
+            version = self._add(tensors, meta)
+            self._activate(version)
+            return version
+
+    def use(self, version: str) -> str:
+        """Make a stored version (or "base") active after checking it loads."""
+        with self._locked():
+            version = self._normalise(version)
+            self.load(version)  # refuse a damaged one now, not when the daemon loads it
+            self._activate(version)
+            return version
+
+    def rollback(self) -> str:
+        """Go back to the adapter active before the current one (skipping damaged or pruned
+        versions); "base" when there is none. Returns the version now active."""
+        with self._locked():
+            pointer = self._pointer()
+            current = pointer["version"]
+            older = [
+                d.name
+                for d in reversed(self._version_dirs())
+                if current == BASE or int(d.name[1:]) < int(current[1:])
+            ]
+            for version in [*pointer["previous"], *older, BASE]:
+                if version == current:
+                    continue
+                try:
+                    self.load(version)
+                except AdapterStoreError as exc:
+                    log.warning("rollback skips %s: %s", version, exc)
+                    continue
+                rest = [v for v in pointer["previous"] if v not in (version, current)]
+                self._set_pointer(version, rest)
+                return version
+            raise AdapterStoreError("nothing to roll back to")  # unreachable: base always loads
+
+    def prune(self, keep: int = DEFAULT_KEEP) -> list[str]:
+        """Delete all but the newest `keep` versions; the active one is always kept. Returns
+        the versions removed."""
+        keep = max(1, keep)
+        removed = []
+        with self._locked():
+            active = self._pointer()["version"]
+            dirs = self._version_dirs()
+            for d in dirs[: max(0, len(dirs) - keep)]:
+                if d.name == active:
+                    continue
+                trash = self.root / f".trash-{d.name}"
+                os.rename(d, trash)  # atomic: the version is either whole or gone
+                shutil.rmtree(trash, ignore_errors=True)
+                removed.append(d.name)
+            if removed:
+                _fsync_dir(self.root)
+        return removed
+
+    # --- exchange ---------------------------------------------------------------------------
+    def export_diff(
+        self, version: str, out: str | Path, base_version: str | None = None
+    ) -> dict[str, Any]:
+        """Write `version` minus `base_version` (default: the model's initial adapter) to `out`
+        as an .npz with a JSON header; returns the header. This is what federated learning
+        exchanges: small, and meaningful only for the same model (checked on import)."""
+        version = self._normalise(version)
+        base = self._normalise(base_version or BASE)
+        if version == BASE:
+            raise AdapterStoreError("the base adapter has no difference to export")
+        tensors = self.load(version)
+        base_tensors = self.load(base)
+        diff = {n: tensors[n] - base_tensors[n] for n in tensors}
+        meta = self.get(version).metadata
+        header = {
+            "format": DIFF_FORMAT,
+            "format_version": 1,
+            "model": self.artifacts.name,
+            "model_fingerprint": self.fingerprint,
+            "version": version,
+            "base": {"version": base, "tensors_sha256": tensors_sha256(base_tensors)},
+            "diff_sha256": tensors_sha256(diff),
+            "tensors": {n: list(a.shape) for n, a in diff.items()},
+            "metrics": meta.get("metrics", {}),
+            "exported": _now(),
+        }
+        arrays = dict(diff)
+        arrays[DIFF_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+        write_atomic(Path(out), lambda f: np.savez(f, **arrays))
+        return header
+
+    def import_diff(self, path: str | Path) -> str:
+        """Add the adapter an exported diff describes as a new (inactive) version.
+
+        Checks the header: same model, tensor names and shapes, the diff's content hash, and a
+        base adapter this store has (the initial one, or a version with the same content).
+        """
+        path = Path(path)
+        try:
+            with np.load(str(path), allow_pickle=False) as data:
+                arrays = {k: np.asarray(data[k]) for k in data.files}
+        except (OSError, ValueError, EOFError) as exc:
+            raise AdapterStoreError(f"cannot read adapter diff {path}: {exc}") from exc
+        if DIFF_HEADER not in arrays:
+            raise AdapterStoreError(f"{path} is not a keyboard adapter diff (no header)")
+        try:
+            header = json.loads(arrays.pop(DIFF_HEADER).astype(np.uint8).tobytes().decode())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise AdapterStoreError(f"{path}: unreadable diff header ({exc})") from exc
+        if not isinstance(header, dict) or header.get("format") != DIFF_FORMAT:
+            raise AdapterStoreError(f"{path} is not a keyboard adapter diff")
+        if header.get("format_version") != 1:
+            raise AdapterStoreError(
+                f"{path}: diff format version {header.get('format_version')} is not supported"
+            )
+        if header.get("model_fingerprint") != self.fingerprint:
+            raise AdapterStoreError(
+                f"{path} was exported for model {header.get('model')!r} "
+                f"({str(header.get('model_fingerprint'))[:12]}), not this one "
+                f"({self.artifacts.name}, {self.fingerprint[:12]})"
+            )
+        expected = {n: list(s) for n, s in self.artifacts.lora_shapes.items()}
+        if header.get("tensors") != expected:
+            raise AdapterStoreError(f"{path}: the header's tensors do not match the model")
+        if set(arrays) != set(expected):
+            raise AdapterStoreError(f"{path}: the diff's tensors do not match its header")
+        for name, shape in expected.items():
+            if list(arrays[name].shape) != shape:
+                raise AdapterStoreError(f"{path}: {name} has shape {arrays[name].shape}")
+        base_sha = (header.get("base") or {}).get("tensors_sha256")
+        base = self._find_by_content(base_sha)
+        if base is None:
+            raise AdapterStoreError(
+                f"{path} is a difference to adapter {header['base'].get('version')} of another "
+                "machine, which this store does not have; export it against the base instead"
+            )
+        diff = {n: np.ascontiguousarray(arrays[n], dtype=np.float32) for n in expected}
+        if tensors_sha256(diff) != header.get("diff_sha256"):
+            raise AdapterStoreError(f"{path}: the diff is damaged (its content hash differs)")
+        base_tensors = self.load(base)
+        tensors = {n: base_tensors[n] + diff[n] for n in expected}
+        meta = {
+            "source": "import",
+            "imported_from": str(path),
+            "origin_version": header.get("version"),
+            "parent": base,
+            "metrics": header.get("metrics", {}),
+        }
+        with self._locked():
+            return self._add(tensors, meta)
+
+    def _find_by_content(self, sha: str | None) -> str | None:
+        if not sha:
+            return None
+        if tensors_sha256(self.artifacts.initial_adapter()) == sha:
+            return BASE
+        for entry in reversed(self.list()):
+            if entry.metadata.get("tensors_sha256") == sha:
+                return entry.version
+        return None
