@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from keyboard.types import KeyboardError
 
@@ -262,8 +263,102 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# --- daemon (issue 6) -----------------------------------------------------------------------
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    socket_opt = argparse.ArgumentParser(add_help=False)
+    socket_opt.add_argument(
+        "--socket", default=None, help="the daemon's socket (default: KEYBOARD_SOCKET or standard)"
+    )
+
+    def socket_path(args: argparse.Namespace) -> Path:
+        from keyboard import paths
+
+        return Path(args.socket).expanduser() if args.socket else paths.socket_path()
+
+    p = sub.add_parser(
+        "serve",
+        parents=[socket_opt],
+        help="start the daemon: predictions and text collection over a local socket",
+        description="Starts the daemon in the background and returns once it answers "
+        "(--foreground: run in this terminal until Ctrl-C / SIGTERM). Protocol: docs/protocol.md.",
+    )
+    p.add_argument("--model", default=None, help="model directory (default: the starter model)")
+    p.add_argument("--threads", type=int, default=1, help="inference threads per request")
+    p.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
+
+    def run_serve(args: argparse.Namespace) -> int:
+        from keyboard import paths, server
+
+        model = Path(args.model).expanduser() if args.model else paths.starter_model_dir()
+        if args.foreground:
+            return server.serve(socket_path(args), model, threads=args.threads)
+        status = server.start_background(socket_path(args), model, threads=args.threads)
+        print(
+            f"keyboard is serving {status['model']['name']} at {status['socket']} "
+            f"(pid {status['pid']}, ready in {status['ready_s']:.1f} s)"
+        )
+        print(f'log: {status["log"]}\nask it: keyboard predict "I would like to"')
+        return 0
+
+    p.set_defaults(func=run_serve)
+
+    p = sub.add_parser("stop", parents=[socket_opt], help="stop the daemon (finishes requests)")
+
+    def run_stop(args: argparse.Namespace) -> int:
+        from keyboard.client import stop_daemon
+
+        print(f"stopped keyboard (pid {stop_daemon(socket_path(args))})")
+        return 0
+
+    p.set_defaults(func=run_stop)
+
+    p = sub.add_parser(
+        "predict", parents=[socket_opt], help="ask the daemon for the next word after TEXT"
+    )
+    p.add_argument("text", metavar="TEXT", help="the text before the cursor")
+    p.add_argument("-k", "--k", type=int, default=3, help="how many suggestions (default 3)")
+    p.add_argument("--json", action="store_true", help="print the JSON result")
+
+    def run_predict(args: argparse.Namespace) -> int:
+        import json
+
+        from keyboard.client import DaemonClient
+
+        with DaemonClient(socket_path(args)) as client:
+            result = client.call("predict", context=args.text, k=args.k)
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False, indent=2))
+            return 0
+        for c in result["candidates"]:
+            print(f"{c['word']}\t{c['score']:.3f}")
+        print(f"({result['adapter']} adapter, {result['latency_ms']:.1f} ms)", file=sys.stderr)
+        return 0
+
+    p.set_defaults(func=run_predict)
+
+    p = sub.add_parser("status", parents=[socket_opt], help="what the daemon serves and holds")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    def run_status(args: argparse.Namespace) -> int:
+        import json
+
+        from keyboard.client import DaemonClient, describe_status
+
+        with DaemonClient(socket_path(args)) as client:
+            status = client.call("status")
+        print(json.dumps(status, indent=2) if args.json else describe_status(status))
+        return 0
+
+    p.set_defaults(func=run_status)
+
+
 # Each area adds its commands here; keep a section per module.
-_SECTIONS: list[Callable[[argparse._SubParsersAction], None]] = [_add_export, _add_log, _add_eval]
+_SECTIONS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_export,
+    _add_log,
+    _add_eval,
+    _add_serve,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

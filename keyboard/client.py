@@ -1,0 +1,238 @@
+"""A small synchronous client for the daemon's socket (used by the CLI and the LSP server)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from keyboard import paths
+from keyboard import protocol as rpc
+from keyboard.types import KeyboardError
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class DaemonNotRunning(KeyboardError):
+    """Nothing answers on the daemon's socket."""
+
+
+class DaemonError(KeyboardError):
+    """The daemon answered with a JSON-RPC error (`code`, `message`, `data`)."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class DaemonClient:
+    """One connection to the daemon, opened on first use and reused; calls are serialised.
+
+    `call("predict", context="I would like", k=3)` returns the result, raises DaemonError for
+    an error answer and DaemonNotRunning when nothing listens on the socket.
+    """
+
+    def __init__(
+        self, socket_path: str | Path | None = None, timeout: float | None = DEFAULT_TIMEOUT_S
+    ) -> None:
+        self.socket_path = Path(socket_path) if socket_path else paths.socket_path()
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> DaemonClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self._buffer = b""
+
+    def _connect(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.socket_path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise DaemonNotRunning(
+                f"the keyboard daemon is not running (nothing at {self.socket_path}); "
+                "start it with `keyboard serve`"
+            ) from None
+        except OSError as exc:
+            sock.close()
+            raise DaemonNotRunning(
+                f"cannot reach the keyboard daemon at {self.socket_path}: {exc.strerror or exc}"
+            ) from None
+        self._sock = sock
+        return sock
+
+    def is_running(self) -> bool:
+        """True when a daemon answers `status`."""
+        try:
+            self.call("status")
+        except DaemonNotRunning:
+            return False
+        return True
+
+    def call(self, method: str, timeout: float | None | bool = False, **params: Any) -> Any:
+        """Send one request and return its result. `timeout` (seconds, or None: no limit)
+        overrides the client's for this call (`train` with wait=True can take minutes)."""
+        with self._lock:
+            request_id = next(self._ids)
+            line = rpc.request_line(method, params, request_id)
+            # A reused connection the daemon closed since the last call (it restarted) is
+            # retried once on a fresh one; it never read the request, so nothing runs twice.
+            for attempt in (1, 2):
+                reused = self._sock is not None
+                sock = self._connect()
+                if timeout is not False:
+                    sock.settimeout(timeout)  # type: ignore[arg-type]
+                try:
+                    sock.sendall(line)
+                    answer = self._read_answer(sock, request_id)
+                except (BrokenPipeError, ConnectionResetError, _Closed):
+                    self._close()
+                    if attempt == 2 or not reused:
+                        raise DaemonNotRunning(
+                            f"the keyboard daemon at {self.socket_path} closed the connection"
+                        ) from None
+                    continue
+                except TimeoutError:
+                    self._close()
+                    raise KeyboardError(
+                        f"the keyboard daemon at {self.socket_path} did not answer {method} in time"
+                    ) from None
+                finally:
+                    if self._sock is not None and timeout is not False:
+                        self._sock.settimeout(self.timeout)
+                break
+        if "error" in answer:
+            error = answer["error"] or {}
+            raise DaemonError(
+                int(error.get("code", rpc.SERVER_ERROR)),
+                str(error.get("message", "the daemon reported an error")),
+                error.get("data"),
+            )
+        return answer.get("result")
+
+    def notify(self, method: str, **params: Any) -> None:
+        """Send a notification: no answer, errors included (fire and forget)."""
+        with self._lock:
+            sock = self._connect()
+            try:
+                sock.sendall(rpc.request_line(method, params, None))
+            except OSError:
+                self._close()
+                raise DaemonNotRunning(
+                    f"the keyboard daemon at {self.socket_path} closed the connection"
+                ) from None
+
+    def _read_answer(self, sock: socket.socket, request_id: int) -> dict[str, Any]:
+        while True:
+            newline = self._buffer.find(b"\n")
+            while newline < 0:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise _Closed
+                self._buffer += chunk
+                newline = self._buffer.find(b"\n")
+            line, self._buffer = self._buffer[:newline], self._buffer[newline + 1 :]
+            try:
+                answer = json.loads(line)
+            except ValueError as exc:
+                raise KeyboardError(f"the daemon sent something that is not JSON: {exc}") from exc
+            if isinstance(answer, dict) and answer.get("id") == request_id:
+                return answer
+            if isinstance(answer, dict) and answer.get("id") is None and "error" in answer:
+                return answer  # a connection-level error (too large, shutting down)
+            # Anything else answers an earlier request that timed out: skip it.
+
+
+class _Closed(Exception):
+    """The daemon closed the connection before answering."""
+
+
+def stop_daemon(socket_path: str | Path | None = None, timeout: float = 30.0) -> int:
+    """Ask the daemon to shut down (SIGTERM: it finishes requests in flight); its pid."""
+    import os
+    import signal
+    import time
+
+    with DaemonClient(socket_path, timeout=5.0) as client:
+        pid = int(client.call("status")["pid"])
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        time.sleep(0.05)
+    raise KeyboardError(f"the daemon (pid {pid}) is still running after {timeout:.0f} s")
+
+
+def describe_status(status: dict[str, Any]) -> str:
+    """`status` for a person to read."""
+    model = status.get("model") or {}
+    adapter = status.get("adapter") or {}
+    log = status.get("typing_log") or {}
+    person = status.get("personalization") or {}
+    server = status.get("server") or {}
+    lines = [
+        f"daemon       pid {status.get('pid')}, up {_duration(status.get('uptime_s') or 0)}, "
+        f"socket {status.get('socket')}",
+        f"model        {model.get('name')} ({model.get('base_model') or '?'}) from {model.get('dir')}",
+    ]
+    metrics = adapter.get("metrics")
+    lines.append(
+        f"adapter      {adapter.get('version')}"
+        + (f"  metrics {json.dumps(metrics, sort_keys=True)}" if metrics else "")
+    )
+    lines.append(
+        f"typing log   {log.get('entries', 0):,} entries, {log.get('words', 0):,} words"
+        + (" (PAUSED)" if log.get("paused") else "")
+    )
+    running = person.get("running")
+    last = person.get("last_job")
+    if not person.get("installed"):
+        lines.append("training     personalization is not installed")
+    else:
+        if running:
+            lines.append(f"training     job running since {running.get('started')}")
+        lines.append(
+            "last job     "
+            + (f"#{last.get('id')} {last.get('status')} {last.get('started')}" if last else "none")
+        )
+        lines.append(f"next job     {person.get('next_run') or 'not scheduled'}")
+    lines.append(
+        f"server       {server.get('connections')} connection(s), {server.get('served')} "
+        f"requests served, RSS {server.get('rss_mb')} MB"
+    )
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
