@@ -352,12 +352,35 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_status)
 
 
+# --- editors (issue 8) ----------------------------------------------------------------------
+def _add_lsp(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lsp",
+        help="language server on stdio: the daemon's predictions as completions in editors",
+        description="Speaks the Language Server Protocol on stdin/stdout for an editor "
+        "(Neovim, VS Code, Emacs, Helix: see the README's Editors section). Needs a running "
+        "daemon (`keyboard serve`).",
+    )
+    p.add_argument(
+        "--socket", default=None, help="the daemon's socket (default: KEYBOARD_SOCKET or standard)"
+    )
+    p.add_argument("--verbose", action="store_true", help="log requests to stderr")
+
+    def run(args: argparse.Namespace) -> int:
+        from keyboard.lsp import serve_stdio
+
+        return serve_stdio(args.socket, verbose=args.verbose)
+
+    p.set_defaults(func=run)
+
+
 # Each area adds its commands here; keep a section per module.
 _SECTIONS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_export,
     _add_log,
     _add_eval,
     _add_serve,
+    _add_lsp,
 ]
 
 
