@@ -374,6 +374,176 @@ def _add_lsp(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# --- personalization (issue 7) --------------------------------------------------------------
+def _model_dir(args: argparse.Namespace) -> Path:
+    from keyboard import paths
+
+    return Path(args.model).expanduser() if args.model else paths.starter_model_dir()
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="run the personalization job now: fine-tune on new text, promote if better",
+        description="Fine-tunes the active LoRA adapter on the text logged since the last job "
+        "(plus a replay sample of older text), checks it on the most recent 10%%, and promotes "
+        "it only if held-out loss falls and next-word top-3 does not. Settings: "
+        "<keyboard home>/personalize.json (README, Personalization).",
+    )
+    p.add_argument("--model", default=None, help="model directory (default: the starter model)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="seconds for the whole job (default 600)")  # fmt: skip
+    p.add_argument("--max-steps", type=int, default=None, metavar="N", help="training steps")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--threads", type=int, default=None, help="threads (default 1)")
+    p.add_argument("--force", action="store_true",
+                   help="train even with few new words or on battery (the gate still applies)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+        import signal
+
+        from keyboard import personalize
+
+        def stop(signum: int, frame: object) -> None:
+            raise SystemExit(128 + signum)  # unwinds: the job is recorded as interrupted
+
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            config = personalize.JobConfig.load()
+            if args.threads is not None:
+                config.threads = max(1, args.threads)
+            personalize.lower_priority(config.nice)
+            result = personalize.run_job(
+                _model_dir(args),
+                config=config,
+                time_budget_s=args.time_budget,
+                max_steps=args.max_steps,
+                lr=args.lr,
+                force=args.force,
+            )
+        except KeyboardError as exc:
+            if not args.json:
+                raise
+            print(json.dumps({"status": "failed", "reason": str(exc)}))
+            return 1
+        if args.json:
+            print(json.dumps(result.to_json()))
+        else:
+            print(f"{result.status}: {result.reason}" if result.reason else result.status)
+        return result.exit_code
+
+    p.set_defaults(func=run)
+
+
+def _add_adapters(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("adapters", help="list, switch, roll back, export and import adapters")
+    p.add_argument("--model", default=None, help="model directory (default: the starter model)")
+    acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = acts.add_parser("list", help="the stored versions, their data and metrics")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q = acts.add_parser("use", help="serve VERSION (or 'base') from now on")
+    q.add_argument("version", metavar="VERSION")
+    acts.add_parser("rollback", help="go back to the adapter active before this one")
+    q = acts.add_parser("export", help="write VERSION as a difference to another version")
+    q.add_argument("version", metavar="VERSION")
+    q.add_argument("--out", required=True, metavar="FILE", help="the .npz file to write")
+    q.add_argument("--base", default=None, metavar="VERSION",
+                   help="difference to this version (default: the model's initial adapter)")  # fmt: skip
+    q = acts.add_parser("import", help="add an exported difference as a new version")
+    q.add_argument("file", metavar="FILE")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+
+        from keyboard.adapter_store import AdapterStore
+
+        store = AdapterStore(artifacts=_model_dir(args))
+        if args.action == "list":
+            active = store.active_version
+            entries = store.list()
+            if args.json:
+                rows = [{**e.metadata, "version": e.version, "active": e.version == active}
+                        for e in entries]  # fmt: skip
+                print(json.dumps({"active": active, "root": str(store.root), "versions": rows},
+                                 indent=2))  # fmt: skip
+                return 0
+            print(f"{store.root}\n{'*' if active == 'base' else ' '} base (the model alone)")
+            for e in entries:
+                print(("*" if e.version == active else " ") + " " + _describe_version(e.metadata))
+            return 0
+        if args.action == "use":
+            print(f"active adapter: {store.use(args.version)}")
+        elif args.action == "rollback":
+            print(f"rolled back; active adapter: {store.rollback()}")
+        elif args.action == "export":
+            header = store.export_diff(args.version, args.out, base_version=args.base)
+            print(f"wrote {header['version']} - {header['base']['version']} to {args.out}")
+        elif args.action == "import":
+            version = store.import_diff(args.file)
+            print(f"imported as {version}; serve it with `keyboard adapters use {version}`")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _describe_version(meta: dict) -> str:
+    if "error" in meta:
+        return f"{meta.get('version', '?')}  {meta['error']}"
+    text = f"{meta['version']}  {meta.get('created', '')}  {meta.get('source', '')}"
+    metrics = meta.get("metrics") or {}
+    before, after = metrics.get("before"), metrics.get("after")
+    if before and after:
+        text += (
+            f"  loss {before['loss']:.3f}->{after['loss']:.3f}"
+            f"  top-3 {100 * before['top3']:.1f}%->{100 * after['top3']:.1f}%"
+        )
+    if "steps" in meta:
+        text += f"  {meta['steps']} steps"
+    data = meta.get("data") or {}
+    if data.get("new_words"):
+        text += f"  {data['new_words']} new words"
+    return text
+
+
+def _add_schedule(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("schedule", help="run the personalization job nightly (systemd or cron)")
+    acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = acts.add_parser("install", help="a systemd user timer (or a crontab line) for the job")
+    q.add_argument("--at", default=None, metavar="HH:MM", help="local time (default 03:00)")
+    q.add_argument("--mode", choices=("auto", "systemd", "cron"), default="auto")
+    q.add_argument("--no-enable", action="store_true",
+                   help="only write the unit files / print the line; do not activate")  # fmt: skip
+    q = acts.add_parser("remove", help="undo `schedule install`")
+    q.add_argument("--mode", choices=("auto", "systemd", "cron"), default="auto")
+    acts.add_parser("show", help="what is scheduled and when it runs next")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+
+        from keyboard import schedule
+
+        if args.action == "show":
+            print(json.dumps(schedule.show(), indent=2))
+            return 0
+        if args.action == "install":
+            result = schedule.install(args.at, mode=args.mode, enable=not args.no_enable)
+        else:
+            result = schedule.remove(mode=args.mode)
+        for f in result.files:
+            print(f"{'wrote' if args.action == 'install' else 'removed'} {f}")
+        for m in result.messages:
+            print(m)
+        if result.cron_line and not result.enabled:
+            print(result.cron_line)
+        if result.at:
+            print(f"`keyboard train` runs daily at {result.at} local time")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 # Each area adds its commands here; keep a section per module.
 _SECTIONS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_export,
@@ -381,6 +551,9 @@ _SECTIONS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_eval,
     _add_serve,
     _add_lsp,
+    _add_train,
+    _add_adapters,
+    _add_schedule,
 ]
 
 

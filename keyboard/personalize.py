@@ -1,0 +1,503 @@
+"""The nightly personalization job: fine-tune the LoRA adapter on new typed text, gate, promote."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from keyboard import paths
+from keyboard.progress import Progress
+from keyboard.types import KeyboardError
+
+log = logging.getLogger("keyboard.personalize")
+
+CONFIG_FILE = "personalize.json"
+LOCK_FILE = "personalize.lock"
+
+# Exit codes of `keyboard train`: a job that reached a decision (promoted, rejected, skipped)
+# exits 0; EX_TEMPFAIL when another job holds the lock; 1 when it failed.
+EXIT_BUSY = 75
+
+
+@dataclass
+class JobConfig:
+    """Settings of the job, from `<keyboard home>/personalize.json` (every key optional)."""
+
+    at: str = "03:00"  # local time the daemon / timer runs the job
+    min_new_words: int = 200  # fewer new words since the last job: skip
+    time_budget_s: float = 600.0  # the whole job, evaluations included
+    max_steps: int = 400
+    lr: float = 1e-3
+    warmup: int = 10
+    batch_size: int = 8
+    eval_every: int = 25  # held-out loss every N steps: early stopping, best adapter kept
+    patience: int = 3  # evaluations without improvement before stopping
+    replay_fraction: float = 0.25  # older text replayed, as a fraction of the new entries
+    holdout_fraction: float = 0.1  # the most recent slice of new text, never trained on
+    max_new_words: int = 100_000  # per job; the rest waits for the next one
+    max_eval_words: int = 1_000  # held-out words typed through the predictor for top-3
+    min_loss_gain: float = 0.001  # held-out loss must fall by this fraction to promote
+    train_on_battery: bool = False
+    threads: int = 1
+    nice: int = 10  # niceness the job lowers itself to
+    keep_versions: int = 5
+
+    @classmethod
+    def path(cls) -> Path:
+        return paths.home() / CONFIG_FILE
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> JobConfig:
+        """Defaults, overridden by the file's keys. An unknown key or a wrong type is an error
+        that names the file, so a typo never silently leaves a default in place."""
+        path = path or cls.path()
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError) as exc:
+            raise KeyboardError(f"cannot read {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise KeyboardError(f"{path} must hold a JSON object of settings")
+        known = {f.name: f for f in fields(cls)}
+        config = cls()
+        for key, value in data.items():
+            if key not in known:
+                raise KeyboardError(f"{path}: unknown setting {key!r} (known: {', '.join(known)})")
+            expected = type(getattr(config, key))
+            if expected is bool:
+                ok = isinstance(value, bool)
+            else:  # an int is fine where a float is expected; a bool is never a number
+                numeric = (int, float) if expected is float else expected
+                ok = isinstance(value, numeric) and not isinstance(value, bool)
+            if not ok:
+                raise KeyboardError(f"{path}: {key} must be a {expected.__name__}, got {value!r}")
+            setattr(config, key, expected(value))
+        return config
+
+    @classmethod
+    def update(cls, path: Path | None = None, **changes: Any) -> JobConfig:
+        """Set some settings in the file, keeping the others as they are there (settings left
+        out of the file follow the defaults of future versions)."""
+        from keyboard.artifacts import write_atomic
+
+        path = path or cls.path()
+        cls.load(path)  # refuse to rewrite a file that is broken: the user must fix it
+        known = {f.name for f in fields(cls)}
+        if unknown := set(changes) - known:
+            raise KeyboardError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            data = {}
+        data.update(changes)
+        text = json.dumps(data, indent=2) + "\n"
+        write_atomic(path, lambda f: f.write(text.encode()))
+        return cls.load(path)
+
+
+# --- good manners -----------------------------------------------------------------------------
+def on_battery(power_supply: Path = Path("/sys/class/power_supply")) -> bool:
+    """True when a battery is discharging and no AC adapter is online (Linux sysfs). False
+    when it cannot be told (no sysfs, a desktop): the job then runs."""
+    try:
+        supplies = list(power_supply.iterdir())
+    except OSError:
+        return False
+    discharging, mains_online = False, False
+    for supply in supplies:
+        try:
+            kind = (supply / "type").read_text().strip()
+            if kind == "Battery":
+                status = (supply / "status").read_text().strip()
+                discharging = discharging or status == "Discharging"
+            elif kind in ("Mains", "USB", "USB_C", "USB_PD"):
+                mains_online = mains_online or (supply / "online").read_text().strip() == "1"
+        except OSError:
+            continue
+    return discharging and not mains_online
+
+
+def lower_priority(niceness: int) -> None:
+    """Raise this process's niceness to `niceness` (never lower it: cron may have done so)."""
+    with contextlib.suppress(OSError):
+        current = os.nice(0)
+        if niceness > current:
+            os.nice(niceness - current)
+    # Idle I/O class where the platform has it, so reading the log never stalls the desktop.
+    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_BATCH"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
+
+def lock_path() -> Path:
+    return paths.home() / LOCK_FILE
+
+
+class JobBusy(KeyboardError):
+    """Another personalization job holds the lock."""
+
+
+@contextlib.contextmanager
+def job_lock() -> Iterator[None]:
+    """Hold the home's job lock, or raise JobBusy. flock: the kernel releases it when the
+    holder exits or is killed, so a crashed job never leaves it stuck."""
+    fd = os.open(lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JobBusy(f"another personalization job is running ({_holder(fd)})") from None
+        os.ftruncate(fd, 0)
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "started": stamp}).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {info['pid']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "pid unknown"
+
+
+def job_running() -> str | None:
+    """Who holds the job lock ("pid N, started T"), or None when no job is running."""
+    path = lock_path()
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(fd)
+        return None
+    finally:
+        os.close(fd)
+
+
+def words_since_last_job(typing_log: Any) -> int:
+    """Words logged after the text the last completed job consumed (the watermark)."""
+    return sum(row[2] for row in typing_log.iter_text(after=typing_log.watermark))
+
+
+# --- the gate ---------------------------------------------------------------------------------
+def gate(before: dict[str, Any], after: dict[str, Any], min_loss_gain: float) -> tuple[bool, str]:
+    """The promotion rule: the held-out loss falls by at least `min_loss_gain` (a fraction)
+    AND next-word top-3 accuracy on the held-out text does not fall (a tie passes).
+
+    Loss is the sensitive signal (every token counts); top-3 guards what the user sees, so an
+    adapter that lowers the loss while suggesting worse words is still refused.
+    """
+    lb, la = before.get("loss"), after.get("loss")
+    if la is None or lb is None or not math.isfinite(la) or not math.isfinite(lb):
+        return False, f"held-out loss is not a number (before {lb}, after {la})"
+    needed = lb * (1.0 - min_loss_gain)
+    if la > needed:
+        return False, (
+            f"held-out loss did not improve enough: {lb:.4f} -> {la:.4f} (needs <= {needed:.4f})"
+        )
+    tb, ta = before.get("top3", 0.0), after.get("top3", 0.0)
+    if ta < tb:
+        return False, f"next-word top-3 accuracy fell: {100 * tb:.2f}% -> {100 * ta:.2f}%"
+    return True, (
+        f"held-out loss {lb:.4f} -> {la:.4f}, next-word top-3 {100 * tb:.2f}% -> {100 * ta:.2f}%"
+    )
+
+
+# --- the job ----------------------------------------------------------------------------------
+@dataclass
+class JobResult:
+    """What one run of the job did; `to_json()` is the last stdout line of `train --json`."""
+
+    status: str  # "promoted", "rejected", "skipped", "busy", "failed", "interrupted"
+    reason: str = ""
+    job_id: int | None = None
+    version: str | None = None  # the adapter active after the job ("base": none)
+    adapter_path: Path | None = None  # the promoted adapter (None unless promoted)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return {"busy": EXIT_BUSY, "failed": 1, "interrupted": 130}.get(self.status, 0)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["adapter_path"] = None if self.adapter_path is None else str(self.adapter_path)
+        out["seconds"] = round(self.seconds, 3)
+        out["peak_rss_mb"] = round(self.peak_rss_mb, 1)
+        return out
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _typing_metrics(predictor: Any, heldout: list[str], history: list[str], k: int = 3) -> dict:
+    """Next-word top-1/top-3 and KSR of typing the held-out text (keyboard.evaluation)."""
+    from keyboard import evaluation
+
+    report = evaluation.simulate(predictor, heldout, history=history, k=k)
+    return {"top1": report.top1, "top3": report.top3, "ksr": report.ksr, "words": report.words}
+
+
+def _eval_slice(texts: list[str], max_words: int) -> list[str]:
+    """The first held-out messages, up to about `max_words` words (typing them is the slow part)."""
+    from keyboard.evaluation import words
+
+    out, n = [], 0
+    for text in texts:
+        if out and n >= max_words:
+            break
+        out.append(text)
+        n += len(words(text))
+    return out
+
+
+def run_job(
+    model_dir: str | Path | None = None,
+    *,
+    config: JobConfig | None = None,
+    time_budget_s: float | None = None,
+    max_steps: int | None = None,
+    lr: float | None = None,
+    force: bool = False,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> JobResult:
+    """Run the personalization job once in the current keyboard home.
+
+    Takes the job lock, reads the text logged since the last job (plus replay, minus the
+    held-out slice), fine-tunes the active adapter within the time budget, measures held-out
+    loss and next-word top-3 before and after, and promotes the new adapter only if the gate
+    passes. `force` ignores the minimum of new words and the battery check (not the gate).
+    Promotion is the last, atomic step: a kill at any moment leaves the old adapter active.
+    """
+    started = time.monotonic()
+    config = config or JobConfig.load()
+    progress = progress or Progress()
+    try:
+        with job_lock():
+            result = _locked_job(
+                Path(model_dir) if model_dir else paths.starter_model_dir(),
+                config,
+                time_budget_s if time_budget_s is not None else config.time_budget_s,
+                max_steps if max_steps is not None else config.max_steps,
+                lr if lr is not None else config.lr,
+                force,
+                seed,
+                progress,
+            )
+    except JobBusy as exc:
+        result = JobResult("busy", str(exc))
+    finally:
+        progress.close()
+    result.seconds = time.monotonic() - started
+    result.peak_rss_mb = _peak_rss_mb()
+    progress.event(
+        result.status,
+        f"{result.status}: {result.reason}" if result.reason else result.status,
+        **{k: v for k, v in result.to_json().items() if k in ("version", "job_id", "seconds")},
+    )
+    return result
+
+
+def _locked_job(
+    model_dir: Path,
+    config: JobConfig,
+    budget_s: float,
+    max_steps: int,
+    lr: float,
+    force: bool,
+    seed: int,
+    progress: Progress,
+) -> JobResult:
+    from keyboard.typing_log import TypingLog
+
+    started = time.monotonic()
+    with TypingLog() as typing_log:
+        if not force and not config.train_on_battery and on_battery():
+            job_id = typing_log.start_job()
+            reason = "on battery power (plug in, or set train_on_battery / use --force)"
+            typing_log.finish_job(job_id, "skipped", reason=reason)
+            return JobResult("skipped", reason, job_id)
+        text = typing_log.training_text(
+            replay_fraction=config.replay_fraction,
+            holdout_fraction=config.holdout_fraction,
+            seed=seed,
+            max_new_words=config.max_new_words,
+        )
+        job_id = typing_log.start_job(watermark=text.watermark)
+        total_new = text.new_words + text.heldout_words
+        data = {
+            "new_words": text.new_words,
+            "replay_words": text.replay_words,
+            "heldout_words": text.heldout_words,
+            "entries": [min(text.entry_ids), max(text.entry_ids)] if text.entry_ids else [],
+        }
+        skip = None
+        if total_new < config.min_new_words and not force:
+            skip = (
+                f"only {total_new} new words since the last job; waiting for {config.min_new_words}"
+            )
+        elif not text.new or not text.heldout:
+            skip = (
+                f"not enough text to train and check ({len(text.new)} training and "
+                f"{len(text.heldout)} held-out entries; need at least one of each)"
+            )
+        if skip:
+            typing_log.finish_job(job_id, "skipped", {"data": data}, reason=skip)
+            return JobResult("skipped", skip, job_id, metrics={"data": data})
+        try:
+            result = _train_and_gate(
+                model_dir, config, text, data, budget_s, max_steps, lr, seed, progress, started
+            )
+        except KeyboardError as exc:
+            typing_log.finish_job(job_id, "failed", {"data": data}, reason=str(exc))
+            return JobResult("failed", str(exc), job_id, metrics={"data": data})
+        except Exception as exc:
+            log.exception("personalization job failed")
+            reason = f"{type(exc).__name__}: {exc}"
+            typing_log.finish_job(job_id, "failed", {"data": data}, reason=reason)
+            return JobResult("failed", reason, job_id, metrics={"data": data})
+        except BaseException:  # Ctrl-C, SIGTERM from the daemon: record it, then go
+            typing_log.finish_job(job_id, "interrupted", {"data": data}, reason="stopped")
+            raise
+        result.job_id = job_id
+        if result.status in ("promoted", "rejected"):
+            # Both consume the text: rejected text is not retried as new (that could repeat
+            # forever) but stays in the log, where later jobs sample it as replay.
+            typing_log.set_watermark(text.watermark)
+        typing_log.finish_job(
+            job_id, result.status, result.metrics, adapter_version=result.version,
+            reason=result.reason,
+        )  # fmt: skip
+        return result
+
+
+def _train_and_gate(
+    model_dir: Path,
+    config: JobConfig,
+    text: Any,
+    data: dict[str, Any],
+    budget_s: float,
+    max_steps: int,
+    lr: float,
+    seed: int,
+    progress: Progress,
+    started: float,
+) -> JobResult:
+    from keyboard.adapter_store import AdapterStore
+    from keyboard.artifacts import ArtifactSet
+    from keyboard.predictor import Predictor
+    from keyboard.trainer import LoraTrainer
+
+    artifacts = ArtifactSet.open(model_dir)
+    store = AdapterStore(artifacts=artifacts)
+    active = store.active()
+    current = "base" if active is None else active[0]
+    start_tensors = store.load(current)
+    progress.event(
+        "start",
+        f"personalizing {artifacts.name} from adapter {current}: {text.new_words} new words, "
+        f"{text.replay_words} replayed, {text.heldout_words} held out",
+        model=artifacts.name, adapter=current, **data,
+    )  # fmt: skip
+
+    trainer = LoraTrainer(artifacts, adapter=start_tensors, threads=config.threads)
+    seq_len = int(artifacts.manifest["training"].get("seq_len", 64))
+    train_batches = trainer.batches(text.new + text.replay, seq_len, config.batch_size)
+    heldout_batches = trainer.batches(text.heldout, seq_len, config.batch_size)
+    predictor = Predictor(model_dir, threads=config.threads)
+    predictor.load_adapter(None if active is None else start_tensors, current)
+    typed = _eval_slice(text.heldout, config.max_eval_words)
+    history = text.new[-20:]  # context before the first held-out message
+
+    t0 = time.monotonic()
+    before = {"loss": trainer.evaluate(heldout_batches)}
+    before.update(_typing_metrics(predictor, typed, history))
+    eval_s = time.monotonic() - t0
+    progress.event("evaluated", f"before: {_describe(before)}", stage="before", **before)
+
+    # What is left of the budget, minus a second evaluation as long as the first.
+    fit_budget = max(1.0, budget_s - (time.monotonic() - started) - eval_s)
+    progress.start_training(fit_budget)
+    fit = trainer.fit(
+        train_batches,
+        heldout_batches,
+        max_steps=max_steps,
+        lr=lr,
+        warmup=min(config.warmup, max(1, max_steps // 10)),
+        time_budget_s=fit_budget,
+        eval_every=config.eval_every,
+        patience=config.patience,
+        seed=seed,
+        on_step=progress.step,
+    )
+    progress.close()
+    candidate = trainer.adapter()  # fit restored the best adapter on held-out loss
+    after = {"loss": trainer.evaluate(heldout_batches)}
+    predictor.load_adapter(candidate, "candidate")
+    after.update(_typing_metrics(predictor, typed, history))
+    progress.event("evaluated", f"after: {_describe(after)}", stage="after", **after)
+
+    metrics = {
+        "before": before,
+        "after": after,
+        "steps": fit.steps,
+        "tokens": fit.tokens,
+        "stopped": fit.stopped,
+        "train_seconds": round(fit.seconds, 3),
+        "train_loss": fit.train_loss,
+        "lr": lr,
+        "data": data,
+    }
+    ok, why = gate(before, after, config.min_loss_gain)
+    if not ok:
+        return JobResult("rejected", f"kept adapter {current}: {why}", version=current,
+                         metrics=metrics)  # fmt: skip
+    meta = {
+        "source": "job",
+        "trained": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data": data,
+        "steps": fit.steps,
+        "stopped": fit.stopped,
+        "metrics": {"before": before, "after": after},
+        "start_adapter": current,
+    }
+    version = store.promote(candidate, meta)  # the last step, atomic
+    with contextlib.suppress(KeyboardError, OSError):
+        store.prune(config.keep_versions)
+    return JobResult(
+        "promoted",
+        f"{version} replaces {current}: {why}",
+        version=version,
+        adapter_path=store.get(version).path,
+        metrics=metrics,
+    )
+
+
+def _describe(m: dict[str, Any]) -> str:
+    return (
+        f"held-out loss {m['loss']:.4f}, top-1 {100 * m['top1']:.1f}%, "
+        f"top-3 {100 * m['top3']:.1f}%, KSR {100 * m['ksr']:.1f}% ({m['words']} words)"
+    )

@@ -1,0 +1,305 @@
+"""When the nightly personalization job runs: the daemon's hook, a systemd user timer or cron."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any
+
+from keyboard.types import KeyboardError
+
+UNIT = "keyboard-train"  # keyboard-train.service + keyboard-train.timer
+CRON_MARK = "# keyboard-train (added by `keyboard schedule install`)"
+_TIME_RE = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
+_SYSTEMCTL_TIMEOUT_S = 20
+
+
+def parse_at(at: str) -> time:
+    """A local time of day from "HH:MM" (24-hour clock)."""
+    m = _TIME_RE.match(str(at).strip())
+    if not m:
+        raise KeyboardError(f"not a time of day: {at!r} (use 24-hour HH:MM, e.g. 03:00)")
+    return time(int(m.group(1)), int(m.group(2)))
+
+
+def configured_at() -> str:
+    """The configured time of the nightly job (`at` in personalize.json; default 03:00)."""
+    from keyboard.personalize import JobConfig
+
+    return JobConfig.load().at
+
+
+def next_run(now: datetime, at: str | None = None) -> datetime:
+    """The first moment strictly after `now` when the local clock shows `at` (HH:MM; default
+    the configured time). An aware `now` gives an aware answer (in local time), a naive one
+    a naive local answer. Across a DST change the wall-clock time is kept."""
+    wanted = parse_at(at if at is not None else configured_at())
+    aware = now.tzinfo is not None
+    local = now.astimezone().replace(tzinfo=None) if aware else now
+    day: date = local.date()
+    candidate = datetime.combine(day, wanted)
+    if candidate <= local:
+        candidate = datetime.combine(day + timedelta(days=1), wanted)
+    if not aware:
+        return candidate
+    result = candidate.astimezone()  # a naive datetime is read as local time (DST included)
+    if result <= now:  # 03:00 repeated when clocks go back: the later one is already past
+        result = datetime.combine(day + timedelta(days=1), wanted).astimezone()
+    return result
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether the scheduled job should run now, and why (truthy when it should)."""
+
+    run: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.run
+
+    def __iter__(self):  # `run, reason = should_run(log)`
+        return iter((self.run, self.reason))
+
+
+def should_run(log: Any, min_new_words: int | None = None) -> Decision:
+    """The daemon's check at the scheduled time: enough new text since the last job, not on
+    battery (unless configured), no job running. `log` is an open TypingLog."""
+    from keyboard import personalize
+
+    config = personalize.JobConfig.load()
+    threshold = config.min_new_words if min_new_words is None else min_new_words
+    words = personalize.words_since_last_job(log)
+    if words < threshold:
+        return Decision(False, f"{words} new words since the last job; waiting for {threshold}")
+    if not config.train_on_battery and personalize.on_battery():
+        return Decision(False, "on battery power (set train_on_battery to train anyway)")
+    holder = personalize.job_running()
+    if holder is not None:
+        return Decision(False, f"a personalization job is already running ({holder})")
+    return Decision(True, f"{words} new words since the last job")
+
+
+# --- systemd user timer / cron ------------------------------------------------------------------
+def unit_dir() -> Path:
+    """Where systemd looks for user units: $XDG_CONFIG_HOME/systemd/user."""
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "systemd" / "user"
+
+
+def job_command() -> list[str]:
+    """The command a timer runs: this Python, so the venv needs no activation."""
+    return [sys.executable, "-m", "keyboard", "train"]
+
+
+def _environment() -> dict[str, str]:
+    """Settings the job must see as this shell does (a timer starts with a bare environment)."""
+    keep = ("KEYBOARD_HOME", "KEYBOARD_MODEL", "HF_HUB_OFFLINE")
+    return {k: os.environ[k] for k in keep if os.environ.get(k)}
+
+
+def service_text(on_ac_only: bool = True) -> str:
+    env = "".join(
+        f"Environment={shlex.quote(f'{k}={v}')}\n" for k, v in sorted(_environment().items())
+    )
+    condition = "ConditionACPower=true\n" if on_ac_only else ""
+    return (
+        "[Unit]\n"
+        "Description=keyboard: nightly personalization (fine-tune the LoRA adapter)\n"
+        f"{condition}"
+        "\n[Service]\n"
+        "Type=oneshot\n"
+        f"ExecStart={shlex.join(job_command())}\n"
+        f"{env}"
+        "Nice=10\n"
+        "IOSchedulingClass=idle\n"
+        "CPUSchedulingPolicy=batch\n"
+    )
+
+
+def timer_text(at: str) -> str:
+    t = parse_at(at)
+    return (
+        "[Unit]\n"
+        "Description=keyboard: run the personalization job nightly\n"
+        "\n[Timer]\n"
+        f"OnCalendar=*-*-* {t.hour:02d}:{t.minute:02d}:00\n"
+        "Persistent=true\n"  # a laptop asleep at that time runs it when it wakes
+        "RandomizedDelaySec=5min\n"
+        "\n[Install]\n"
+        "WantedBy=timers.target\n"
+    )
+
+
+def cron_line(at: str) -> str:
+    t = parse_at(at)
+    env = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(_environment().items()))
+    command = shlex.join(job_command())
+    return f"{t.minute} {t.hour} * * * {env + ' ' if env else ''}nice -n 10 {command} {CRON_MARK}"
+
+
+def crontab_with(current: str, line: str | None) -> str:
+    """`current` crontab text without keyboard's line, plus `line` (None: just remove it)."""
+    kept = [ln for ln in current.splitlines() if not ln.rstrip().endswith(CRON_MARK)]
+    if line is not None:
+        kept.append(line)
+    return "".join(f"{ln}\n" for ln in kept)
+
+
+def systemd_user_available() -> bool:
+    """True when a systemd user manager answers (absent in containers, on macOS, over some ssh)."""
+    if shutil.which("systemctl") is None:
+        return False
+    try:
+        done = subprocess.run(
+            ["systemctl", "--user", "show-environment"],
+            capture_output=True,
+            timeout=_SYSTEMCTL_TIMEOUT_S,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _systemctl(*args: str) -> None:
+    done = subprocess.run(
+        ["systemctl", "--user", *args], capture_output=True, text=True, timeout=_SYSTEMCTL_TIMEOUT_S
+    )
+    if done.returncode != 0:
+        raise KeyboardError(
+            f"`systemctl --user {' '.join(args)}` failed: {done.stderr.strip() or done.returncode}"
+        )
+
+
+def _crontab_read() -> str:
+    done = subprocess.run(["crontab", "-l"], capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else ""  # "no crontab for user" is empty
+
+
+def _crontab_write(text: str) -> None:
+    done = subprocess.run(["crontab", "-"], input=text, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise KeyboardError(f"crontab refused the new table: {done.stderr.strip()}")
+
+
+@dataclass
+class ScheduleResult:
+    """What install/remove did, for a person to read."""
+
+    mode: str  # "systemd" or "cron"
+    at: str | None = None
+    files: list[str] = field(default_factory=list)
+    enabled: bool = False  # the timer/cron line is live (not just written)
+    cron_line: str | None = None
+    messages: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def install(
+    at: str | None = None,
+    mode: str = "auto",
+    enable: bool = True,
+    train_on_battery: bool | None = None,
+) -> ScheduleResult:
+    """Schedule `keyboard train` daily at `at` (default: the configured time).
+
+    mode "systemd": write keyboard-train.{service,timer} into the user unit dir and, with
+    `enable`, start the timer; "cron": add one marked line to the user's crontab (printed
+    when there is no `crontab` command); "auto": systemd when a user manager answers.
+    """
+    from keyboard.personalize import JobConfig
+
+    config = JobConfig.load()
+    at = at or config.at
+    parse_at(at)
+    if at != config.at:
+        JobConfig.update(at=at)  # the daemon's own schedule follows the same setting
+    battery_ok = config.train_on_battery if train_on_battery is None else train_on_battery
+    if mode == "auto":
+        mode = "systemd" if systemd_user_available() else "cron"
+    result = ScheduleResult(mode=mode, at=at)
+    if mode == "systemd":
+        directory = unit_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        service, timer = directory / f"{UNIT}.service", directory / f"{UNIT}.timer"
+        service.write_text(service_text(on_ac_only=not battery_ok))
+        timer.write_text(timer_text(at))
+        result.files = [str(service), str(timer)]
+        if enable:
+            _systemctl("daemon-reload")
+            _systemctl("enable", "--now", f"{UNIT}.timer")
+            result.enabled = True
+            result.messages.append(f"timer enabled: see `systemctl --user list-timers {UNIT}*`")
+        else:
+            result.messages.append(
+                f"unit files written; enable with `systemctl --user enable --now {UNIT}.timer`"
+            )
+    elif mode == "cron":
+        line = cron_line(at)
+        result.cron_line = line
+        if enable and shutil.which("crontab"):
+            _crontab_write(crontab_with(_crontab_read(), line))
+            result.enabled = True
+            result.messages.append("added to your crontab (see `crontab -l`)")
+        else:
+            result.messages.append("no systemd user manager or crontab here; add this line:")
+    else:
+        raise KeyboardError(f"unknown schedule mode {mode!r} (auto, systemd or cron)")
+    return result
+
+
+def remove(mode: str = "auto", enable: bool = True) -> ScheduleResult:
+    """Undo `install`: stop and delete the timer and service, and keyboard's crontab line."""
+    result = ScheduleResult(mode=mode)
+    directory = unit_dir()
+    units = [directory / f"{UNIT}.timer", directory / f"{UNIT}.service"]
+    if mode in ("auto", "systemd"):
+        if enable and any(u.exists() for u in units) and systemd_user_available():
+            try:
+                _systemctl("disable", "--now", f"{UNIT}.timer")
+            except KeyboardError as exc:
+                result.messages.append(str(exc))
+        for unit in units:
+            if unit.exists():
+                unit.unlink()
+                result.files.append(str(unit))
+        if result.files and enable and systemd_user_available():
+            _systemctl("daemon-reload")
+    if mode in ("auto", "cron") and enable and shutil.which("crontab"):
+        current = _crontab_read()
+        if CRON_MARK in current:
+            _crontab_write(crontab_with(current, None))
+            result.messages.append("removed keyboard's line from your crontab")
+    if not result.files and not result.messages:
+        result.messages.append("nothing was scheduled")
+    return result
+
+
+def show() -> dict[str, Any]:
+    """What is scheduled: unit files, crontab line, the configured time and the next run."""
+    directory = unit_dir()
+    at = configured_at()
+    out: dict[str, Any] = {
+        "at": at,
+        "next_run": next_run(datetime.now().astimezone(), at).isoformat(timespec="minutes"),
+        "systemd_units": [
+            str(p)
+            for p in (directory / f"{UNIT}.service", directory / f"{UNIT}.timer")
+            if p.exists()
+        ],
+        "cron_line": None,
+    }
+    if shutil.which("crontab"):
+        out["cron_line"] = next(
+            (ln for ln in _crontab_read().splitlines() if ln.endswith(CRON_MARK)), None
+        )
+    return out
