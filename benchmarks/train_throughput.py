@@ -1,10 +1,12 @@
-"""ORT LoRA training step time and peak RSS: LoRA on all layers vs the top N layers.
+"""LoRA fine-tuning throughput: ONNX Runtime training vs PyTorch + peft, all layers vs top N.
 
-Builds a 4-layer, 256-wide Llama-style model from a config (no download), exports it twice
-(`--layers all` and `--layers top:N`), then times `LoraTrainer.train_step` on batch 8 x 64 in a
-fresh subprocess per variant (so each peak RSS is its own). Prints JSON.
+Builds a 4-layer, 256-wide Llama-style model from a config (no download), exports it with LoRA
+on all layers and on the top N, and runs the same fine-tuning (same model, LoRA config, random
+token batches of 8 x 64, AdamW, steps) with ORT (`LoraTrainer.train_step`) and with PyTorch +
+peft, each in a fresh subprocess so its peak RSS is its own. Prints JSON with ms/step,
+tokens/s, peak RSS and the ORT/PyTorch ratios.
 
-    python benchmarks/train_step.py [--steps 30] [--threads 2] [--top 2]
+    python benchmarks/train_throughput.py [--steps 30] [--threads 2] [--top 2] [--model HF_DIR]
 """
 
 from __future__ import annotations
@@ -19,8 +21,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-CHILD = r"""
-import json, resource, sys, time
+# ru_maxrss survives exec (it would report the parent's peak); VmHWM belongs to the new image.
+PEAK_RSS = r"""
+def peak_rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
+
+ORT_CHILD = PEAK_RSS + r"""
+import json, sys, time
 import numpy as np
 from keyboard.artifacts import ArtifactSet
 from keyboard.trainer import LoraTrainer, make_batches
@@ -35,11 +45,48 @@ times = []
 for i in range(steps):
     t = time.perf_counter(); trainer.train_step(batches[i % len(batches)], 1e-3)
     times.append((time.perf_counter() - t) * 1000)
-print(json.dumps({"ms_per_step_median": float(np.median(times)), "ms_per_step_mean": float(np.mean(times)),
+print(json.dumps({"engine": "onnxruntime", "ms_per_step_median": float(np.median(times)), "ms_per_step_mean": float(np.mean(times)),
   "tokens_per_s": 8 * 64 / (np.median(times) / 1000),
-  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+  "peak_rss_mb": peak_rss_mb(),
   "torch_loaded": "torch" in sys.modules}))
 """
+
+TORCH_CHILD = PEAK_RSS + r"""
+import json, sys, time
+import numpy as np, torch
+from keyboard.export import ExportConfig, load_base_model, wrap_with_lora
+from keyboard.trainer import make_batches
+hf, layers, steps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads); torch.manual_seed(0)
+model, _ = load_base_model(hf)
+model = wrap_with_lora(model, ExportConfig(rank=8, alpha=16, layers=layers))
+model.train()
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+rng = np.random.default_rng(0)
+stream = rng.integers(1, model.config.vocab_size, 8 * 65 * 4).tolist()
+batches = [b for b in make_batches(stream, 64, 8) if b.input_ids.shape[0] == 8]
+def step(b):
+    ids, mask, labels = (torch.from_numpy(x) for x in (b.input_ids, b.attention_mask, b.labels))
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+for b in batches[:3]:
+    step(b)
+times = []
+for i in range(steps):
+    t = time.perf_counter(); step(batches[i % len(batches)])
+    times.append((time.perf_counter() - t) * 1000)
+print(json.dumps({"engine": "pytorch+peft", "ms_per_step_median": float(np.median(times)),
+  "ms_per_step_mean": float(np.mean(times)), "tokens_per_s": 8 * 64 / (np.median(times) / 1000),
+  "peak_rss_mb": peak_rss_mb()}))
+"""
+
+
+def _child(code: str, *args: str) -> dict:
+    run = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def build_model(out: Path) -> Path:
@@ -72,29 +119,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=2)
+    parser.add_argument("--model", help="HF model dir (default: a 4x256 Llama built from a config)")
     args = parser.parse_args()
     from keyboard.export import ExportConfig, export_model
 
-    results = {"model": "llama 4x256, vocab 1k", "batch": [8, 64], "threads": args.threads}
+    results: dict = {"batch": [8, 64], "steps": args.steps, "threads": args.threads}
     with tempfile.TemporaryDirectory() as tmp:
-        hf = build_model(Path(tmp) / "hf")
+        hf = Path(args.model) if args.model else build_model(Path(tmp) / "hf")
+        results["model"] = str(args.model or "llama 4 layers x 256, vocab 1k (random)")
         for layers in ("all", f"top:{args.top}"):
             out = Path(tmp) / layers.replace(":", "")
             manifest = export_model(hf, out, ExportConfig(rank=8, alpha=16, layers=layers))
-            run = subprocess.run(
-                [sys.executable, "-c", CHILD, str(out), str(args.steps), str(args.threads)],
-                capture_output=True,
-                text=True,
-                cwd=REPO,
-                check=True,
-            )
-            row = json.loads(run.stdout.strip().splitlines()[-1])
-            row["lora_parameters"] = manifest["lora"]["parameters"]
-            results[f"lora_{layers}"] = row
-    base, top = results["lora_all"], results[f"lora_top:{args.top}"]
-    results["ratio_top_vs_all_ms"] = round(
-        top["ms_per_step_median"] / base["ms_per_step_median"], 3
-    )
+            ort = _child(ORT_CHILD, str(out), str(args.steps), str(args.threads))
+            pt = _child(TORCH_CHILD, str(hf), layers, str(args.steps), str(args.threads))
+            results[f"lora_{layers}"] = {
+                "lora_parameters": manifest["lora"]["parameters"],
+                "onnxruntime": ort,
+                "pytorch": pt,
+                "tokens_per_s_ratio_ort_vs_torch": round(
+                    ort["tokens_per_s"] / pt["tokens_per_s"], 3
+                ),
+                "peak_rss_ratio_ort_vs_torch": round(ort["peak_rss_mb"] / pt["peak_rss_mb"], 3),
+            }
     print(json.dumps(results, indent=2))
 
 
