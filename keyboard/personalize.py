@@ -109,9 +109,13 @@ class JobConfig:
 
 
 # --- good manners -----------------------------------------------------------------------------
-def on_battery(power_supply: Path = Path("/sys/class/power_supply")) -> bool:
+POWER_SUPPLY = Path("/sys/class/power_supply")
+
+
+def on_battery(power_supply: Path | None = None) -> bool:
     """True when a battery is discharging and no AC adapter is online (Linux sysfs). False
     when it cannot be told (no sysfs, a desktop): the job then runs."""
+    power_supply = power_supply or POWER_SUPPLY
     try:
         supplies = list(power_supply.iterdir())
     except OSError:

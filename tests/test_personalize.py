@@ -1,0 +1,243 @@
+"""The personalization job end to end on a tiny model: learn, gate, kill -9, lock, skip."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from keyboard import personalize
+from keyboard.adapter_store import AdapterStore
+from keyboard.artifacts import ArtifactSet
+from keyboard.cli import main
+from keyboard.personalize import JobConfig, gate, run_job
+from keyboard.progress import Progress
+from keyboard.types import KeyboardError
+from keyboard.typing_log import TypingLog
+
+REPO = Path(__file__).resolve().parent.parent
+WORD = "zorblaxian"
+
+
+def _user_lines(n: int = 50, seed: int = 0) -> list[str]:
+    """A user who keeps writing a made-up word after "I love"."""
+    rng = random.Random(seed)
+    starts = ["I love", "Honestly, I love", "We all love", "My sister and I love", "Today I love"]
+    ends = ["tea", "tea in the morning", "tea with milk", "tea, always", "tea so much"]
+    return [f"{rng.choice(starts)} {WORD} {rng.choice(ends)}." for _ in range(n)]
+
+
+def _fast(**overrides: object) -> JobConfig:
+    """Settings that make the tiny model learn in well under a second of training."""
+    values = dict(lr=5e-2, max_steps=100, warmup=3, eval_every=10, patience=3, time_budget_s=60)
+    values.update(overrides)
+    return JobConfig(**values)
+
+
+def _log(lines: list[str]) -> None:
+    with TypingLog() as log:
+        for line in lines:
+            log.add(line, source="test")
+
+
+def _quiet() -> Progress:
+    return Progress(io.StringIO(), tty=False)
+
+
+def _offers_word(words: list[str]) -> bool:
+    # The predictor completes whole words; accept the word or a leading piece of it (>= 2
+    # letters), which is what a tiny model with a byte-level tokenizer may stop at.
+    return any(w == WORD or (len(w) >= 2 and WORD.startswith(w)) for w in words)
+
+
+def test_job_learns_the_users_word(tiny_llama: Path) -> None:
+    from keyboard.predictor import Predictor
+
+    predictor = Predictor(tiny_llama, threads=1)
+    assert not _offers_word(predictor.predict("I love", k=3).words)
+
+    _log(_user_lines())
+    result = run_job(tiny_llama, config=_fast(), progress=_quiet())
+    assert result.status == "promoted", result.reason
+    assert result.version == "v0001" and result.exit_code == 0
+    before, after = result.metrics["before"], result.metrics["after"]
+    assert after["loss"] < before["loss"] and after["top3"] >= before["top3"]
+
+    store = AdapterStore(artifacts=ArtifactSet.open(tiny_llama))
+    version, path, meta = store.active()
+    assert version == "v0001" and path == result.adapter_path
+    assert meta["metrics"]["after"]["loss"] == after["loss"]
+    assert meta["steps"] == result.metrics["steps"] > 0
+    assert meta["data"]["new_words"] > 0 and meta["start_adapter"] == "base"
+
+    predictor.load_adapter(path, version)
+    assert _offers_word(predictor.predict("I love", k=3).words)
+
+    with TypingLog() as log:
+        job = log.last_job()
+        assert job["status"] == "promoted" and job["adapter_version"] == "v0001"
+        assert job["metrics"]["after"]["top3"] == after["top3"]
+        assert log.watermark == log.recent(1)[0]["id"]  # the text is consumed
+    # Nothing new since: the next job skips and says so; the adapter stays.
+    again = run_job(tiny_llama, config=_fast(), progress=_quiet())
+    assert again.status == "skipped" and "only 0 new words" in again.reason
+    assert store.active()[0] == "v0001"
+
+
+def test_gate_rule() -> None:
+    before = {"loss": 3.0, "top3": 0.20}
+    assert gate(before, {"loss": 2.9, "top3": 0.20}, 0.001)[0]  # a tie on top-3 passes
+    ok, why = gate(before, {"loss": 3.1, "top3": 0.30}, 0.001)
+    assert not ok and "did not improve" in why
+    ok, why = gate(before, {"loss": 2.999, "top3": 0.30}, 0.001)  # under the minimum gain
+    assert not ok and "did not improve" in why
+    ok, why = gate(before, {"loss": 2.5, "top3": 0.19}, 0.001)
+    assert not ok and "top-3 accuracy fell" in why
+    ok, why = gate(before, {"loss": float("nan"), "top3": 0.5}, 0.001)
+    assert not ok and "not a number" in why
+
+
+def test_gate_rejects_an_adapter_that_is_not_better(tiny_llama: Path) -> None:
+    store = AdapterStore(artifacts=ArtifactSet.open(tiny_llama))
+    start = {n: v + 0.001 for n, v in store.artifacts.initial_adapter().items()}
+    store.promote(start, {"source": "test"})
+    _log(_user_lines())
+    # A learning rate this large diverges at once: the held-out loss never improves, fit keeps
+    # the starting adapter, and the gate refuses to promote it.
+    result = run_job(tiny_llama, config=_fast(lr=50.0, max_steps=20, eval_every=5),
+                     progress=_quiet())  # fmt: skip
+    assert result.status == "rejected", result.reason
+    assert "kept adapter v0001" in result.reason and "did not improve" in result.reason
+    assert result.version == "v0001" and result.adapter_path is None
+    assert store.active()[0] == "v0001" and [e.version for e in store.list()] == ["v0001"]
+    with TypingLog() as log:
+        job = log.last_job()
+        assert job["status"] == "rejected" and "did not improve" in job["reason"]
+        assert "before" in job["metrics"] and "after" in job["metrics"]
+
+
+def test_lock_refuses_a_second_job(tiny_llama: Path, capsys: pytest.CaptureFixture) -> None:
+    _log(_user_lines())
+    with personalize.job_lock():
+        assert (personalize.job_running() or "").startswith(f"pid {os.getpid()}, started ")
+        result = run_job(tiny_llama, config=_fast(), progress=_quiet())
+        assert result.status == "busy" and f"pid {os.getpid()}" in result.reason
+        assert result.exit_code == personalize.EXIT_BUSY
+        code = main(["train", "--json", "--model", str(tiny_llama)])
+        assert code == personalize.EXIT_BUSY
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["status"] == "busy"
+    assert personalize.job_running() is None
+    with TypingLog() as log:
+        assert log.jobs() == []  # a refused job records nothing and consumes nothing
+
+
+def test_too_little_text_or_battery_skips(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    _log(["just a few words today"])
+    assert main(["train", "--json", "--model", str(tiny_llama)]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["status"] == "skipped" and "waiting for 200" in result["reason"]
+    # On battery (a sysfs tree saying so) the job skips unless told otherwise.
+    power = tmp_path / "power_supply"
+    for name, files in {"BAT0": {"type": "Battery", "status": "Discharging"},
+                        "AC": {"type": "Mains", "online": "0"}}.items():  # fmt: skip
+        (power / name).mkdir(parents=True)
+        for key, value in files.items():
+            (power / name / key).write_text(value + "\n")
+    monkeypatch.setattr(personalize, "POWER_SUPPLY", power)
+    _log(_user_lines())
+    skipped = run_job(tiny_llama, config=_fast(), progress=_quiet())
+    assert skipped.status == "skipped" and "battery" in skipped.reason
+    with TypingLog() as log:
+        assert [j["status"] for j in log.jobs()] == ["skipped", "skipped"]
+        assert log.watermark == 0
+
+
+def test_kill_9_mid_job_leaves_the_previous_adapter(tiny_llama: Path, tmp_path: Path) -> None:
+    store = AdapterStore(artifacts=ArtifactSet.open(tiny_llama))
+    start = {n: v + 0.01 for n, v in store.artifacts.initial_adapter().items()}
+    store.promote(start, {"source": "test"})
+    _log(_user_lines(80))
+    JobConfig.update(lr=1e-3, eval_every=1000, patience=1000)  # train until killed
+    env = dict(os.environ, KEYBOARD_MODEL=str(tiny_llama))
+    child = subprocess.Popen(
+        [sys.executable, "-m", "keyboard", "train", "--json", "--max-steps", "1000000",
+         "--time-budget", "120"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stderr is not None
+        deadline = time.monotonic() + 60
+        events = []
+        while time.monotonic() < deadline:
+            line = child.stderr.readline()
+            if not line:
+                break
+            if line.startswith("{"):
+                events.append(json.loads(line)["event"])
+                if events[-1] == "step":
+                    break
+        assert events and events[-1] == "step", f"never saw training start: {events}"
+        assert personalize.job_running() is not None  # the child holds the lock
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+    version, path, _ = store.active()
+    assert version == "v0001" and [e.version for e in store.list()] == ["v0001"]
+    loaded = store.load(version)
+    assert all(np.array_equal(loaded[n], start[n]) for n in start)
+    assert personalize.job_running() is None  # the kernel released the lock
+    with personalize.job_lock():
+        pass
+    with TypingLog() as log:
+        assert log.watermark == 0  # nothing consumed
+        log.finish_job(log.start_job(), "skipped")  # the next job notices the dead one
+        assert log.jobs()[1]["status"] == "interrupted"
+
+
+def test_job_config_file_errors_are_clear() -> None:
+    path = JobConfig.path()
+    path.write_text('{"lr": "fast"}')
+    with pytest.raises(KeyboardError, match="lr must be a float"):
+        JobConfig.load()
+    path.write_text('{"learning_rate": 0.1}')
+    with pytest.raises(KeyboardError, match="unknown setting 'learning_rate'"):
+        JobConfig.load()
+    path.write_text('{"lr": 1, "train_on_battery": true}')
+    config = JobConfig.load()
+    assert config.lr == 1.0 and isinstance(config.lr, float) and config.train_on_battery
+    JobConfig.update(at="04:00")
+    assert json.loads(path.read_text()) == {"lr": 1, "train_on_battery": True, "at": "04:00"}
+
+
+def test_progress_bar_and_log_lines() -> None:
+    tty = io.StringIO()
+    bar = Progress(tty, tty=True)
+    bar.event("start", "personalizing")
+    bar.start_training(100.0)
+    bar.step({"step": 5, "loss": 2.5, "elapsed": 1.0, "max_steps": 10})
+    bar.close()
+    text = tty.getvalue()
+    assert "personalizing\n" in text and "\rtraining [" in text and "5/10 loss 2.500" in text
+    assert "ETA 0:01" in text and text.endswith("\n")
+    log = io.StringIO()
+    lines = Progress(log, tty=False)
+    lines.step({"step": 1, "loss": 2.5, "elapsed": 0.1, "max_steps": 10})
+    lines.step({"step": 2, "loss": 2.4, "elapsed": 0.2, "max_steps": 10})  # throttled
+    lines.step({"step": 3, "loss": 2.3, "elapsed": 0.3, "max_steps": 10, "eval_loss": 2.2})
+    records = [json.loads(ln) for ln in log.getvalue().splitlines()]
+    assert [r["step"] for r in records] == [1, 3] and records[1]["eval_loss"] == 2.2
