@@ -5,7 +5,7 @@ lines between documents), holds out 1% of every source, trains for a fixed numbe
 (deterministic for a given seed and thread count), evaluates on the held-out text and exports the
 result with `keyboard export` into the shipped artifact set.
 
-    python scripts/train_starter.py --corpus ../shared/corpus/base --max-steps 1000
+    python scripts/train_starter.py --corpus ../shared/corpus/base --max-steps 720
 
 Hold-out rule: in every source file, line i (0-based, blank lines counted) is held out when
 (i // 10) % 100 == 99, i.e. one block of 10 consecutive lines in every 1,000 — 1% of each
@@ -45,7 +45,7 @@ class TrainConfig:
     intermediate_size: int = 512
     seq_len: int = 128
     batch_size: int = 32
-    max_steps: int = 1000
+    max_steps: int = 720
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
@@ -563,7 +563,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true")
     p.add_argument("--no-checkpoint", action="store_true", help="(throughput measurements)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=1000)
+    p.add_argument("--max-steps", type=int, default=720)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)

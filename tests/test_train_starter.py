@@ -1,0 +1,115 @@
+"""The starter-model training script end to end on a tiny made-up corpus (tiny config, few steps)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location(
+        "train_starter", ROOT / "scripts" / "train_starter.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_starter"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ts = _load_script()
+
+_WORDS = (
+    "the a cat dog sat on mat ran to house and then we will see you there tomorrow "
+    "I would like to book a table for two people at seven please thank you very much"
+).split()
+
+
+def _corpus(root: Path, seed: int = 1) -> Path:
+    """Two sources of made-up paragraphs (blank lines between documents)."""
+    rng = random.Random(seed)
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name, n_lines in (("alpha", 2100), ("beta", 1200)):
+        lines = []
+        for i in range(n_lines):
+            if i % 7 == 6:
+                lines.append("")
+            else:
+                words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 14))]
+                lines.append(" ".join(words).capitalize() + ".")
+        (corpus / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return corpus
+
+
+def _args(corpus: Path, work: Path, *extra: str):
+    return ts.parser().parse_args(
+        [
+            "--corpus", str(corpus), "--work", str(work), "--out", "", "--no-export",
+            "--vocab-size", "300", "--hidden-size", "32", "--layers", "1", "--heads", "2",
+            "--intermediate-size", "64", "--seq-len", "16", "--batch-size", "4",
+            "--max-steps", "4", "--warmup-steps", "1", "--log-every", "2",
+            "--checkpoint-every", "2", "--tokenizer-sample-bytes", "20000", "--seed", "3",
+            *extra,
+        ]
+    )  # fmt: skip
+
+
+def test_holdout_is_one_percent_and_disjoint(tmp_path):
+    corpus = _corpus(tmp_path)
+    path = corpus / "alpha.txt"
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
+    train_docs, held_docs = ts.read_source(path)
+    held = [line for doc in held_docs for line in doc]
+    train = [line for doc in train_docs for line in doc]
+    expected_held = [line for i, line in enumerate(lines) if ts.is_heldout(i) and line]
+    assert held == expected_held
+    assert len(train) + len(held) == sum(1 for line in lines if line)
+    assert 0.005 < len(held) / len(lines) <= 0.011
+    # Held-out lines 990..999 form their own documents: none is glued to training text.
+    assert all(line in expected_held for doc in held_docs for line in doc)
+
+
+def test_train_end_to_end_is_deterministic(tmp_path):
+    corpus = _corpus(tmp_path)
+    first = ts.run(_args(corpus, tmp_path / "w1"))
+    second = ts.run(_args(corpus, tmp_path / "w2"))
+    assert first["train"]["loss"] == second["train"]["loss"]
+    assert first["heldout"]["all"]["loss"] == second["heldout"]["all"]["loss"]
+    assert first["heldout"]["all"]["tokens"] > 0
+    assert set(first["heldout"]) == {"alpha", "beta", "all"}
+
+    # The checkpoint is a self-contained HF model dir the exporter and AutoTokenizer can load.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = tmp_path / "w1" / "hf"
+    tok = AutoTokenizer.from_pretrained(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    assert model.config.tie_word_embeddings
+    assert tok.eos_token == ts.EOT == tok.bos_token == tok.pad_token
+    ids = tok("The cat sat", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == "The cat sat"
+    # GPT-2 style: a space starts the next word's first token ("Ġcat"), never ends a token.
+    pieces = tok.convert_ids_to_tokens(tok(" the cat", add_special_tokens=False)["input_ids"])
+    assert pieces[0].startswith("\u0120")
+    assert all(p == "\u0120" or not p.endswith("\u0120") for p in pieces)
+    assert tok.decode(ids) == "The cat sat"
+    info = json.loads((hf / "training.json").read_text())
+    assert info["step"] == 4 and info["config"]["seed"] == 3
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = ts.TrainConfig(lr=1e-3, warmup_steps=10, max_steps=100, min_lr_ratio=0.1)
+    lrs = [ts.lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] < lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[-1] >= 1e-4 - 1e-12
