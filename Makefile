@@ -25,6 +25,7 @@ $(VENV)/.full: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.full
+	@command -v nvim >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq neovim >/dev/null) || true  # tests/test_nvim.py
 
 test: venv
 	$(BIN)/ruff check keyboard tests scripts benchmarks

@@ -55,8 +55,9 @@ local function client_config()
     cmd = config.cmd,
     root_dir = vim.loop.cwd(),
     init_options = options,
-    -- One suggestion per keystroke is the point: send changes quickly.
-    flags = { debounce_text_changes = 50 },
+    -- One suggestion per keystroke is the point: send changes quickly. At exit, give the
+    -- server a moment to hand the last typed sentence to the daemon.
+    flags = { debounce_text_changes = 50, exit_timeout = 2000 },
     on_exit = function()
       client_id = nil
     end,
