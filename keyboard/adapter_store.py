@@ -266,6 +266,7 @@ class AdapterStore:
         if pointer["version"] == version:
             return
         previous = [pointer["version"]] + [v for v in pointer["previous"] if v != version]
+        previous = [v for v in previous if v == BASE or (self.root / v).is_dir()]  # not pruned
         self._set_pointer(version, previous)
 
     def _clean_temp(self) -> None:

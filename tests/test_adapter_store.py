@@ -160,3 +160,47 @@ def test_export_import_roundtrip(store: AdapterStore, tiny_llama: Path, tmp_path
     with pytest.raises(AdapterStoreError, match="not a keyboard adapter diff"):
         other.import_diff(tmp_path / "plain.npz")
     assert [e.version for e in other.list()] == ["v0001"]
+
+
+_PROMOTE_FOREVER = """
+import sys
+import numpy as np
+from keyboard.adapter_store import AdapterStore
+from keyboard.artifacts import ArtifactSet
+store = AdapterStore(sys.argv[1], ArtifactSet.open(sys.argv[2]))
+initial = store.artifacts.initial_adapter()
+print("ready", flush=True)
+i = 0
+while True:
+    i += 1
+    store.promote({n: v + 0.001 * i for n, v in initial.items()}, {"i": i})
+    store.prune(keep=3)
+"""
+
+
+def test_kill_9_during_promotions_never_breaks_the_active_adapter(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "store"
+    rng = random.Random(0)
+    for _ in range(5):
+        child = subprocess.Popen(
+            [sys.executable, "-c", _PROMOTE_FOREVER, str(root), str(tiny_llama)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.05, 0.3))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        store = AdapterStore(root, ArtifactSet.open(tiny_llama))
+        active = store.active()
+        assert active is not None and "fallback" not in active[2]
+        assert store.load(active[0])  # complete and loadable
+        assert all("error" not in e.metadata for e in store.list())
