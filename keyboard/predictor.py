@@ -1,0 +1,659 @@
+"""Word-level next-word prediction and word completion from the ONNX inference graph.
+
+The model predicts tokens (byte-level BPE, a word's leading space is part of its first token);
+people see words. For the text before the cursor, `Predictor.predict` finds the k most
+probable whole words with a small beam search over tokens:
+
+- at a word boundary, words that come next; inside a word, completions of the typed part (the
+  prefix). The search is constrained to tokens whose bytes agree with the prefix, so a prefix that
+  tokenizes differently from the finished word ("th" vs " the") is handled.
+- a word is finished when the token after it is not a word continuation (space, punctuation,
+  newline, end of text): its score is P(its tokens) * P(a boundary next), summed over the
+  tokenizations that spell it. Hypotheses that cannot beat the k-th finished word are pruned.
+- every hypothesis of one depth is scored in one batched session run on top of the context's
+  key/value cache.
+
+Prompt caching: the key/value cache of the last context is kept and only the new tokens are run;
+token distributions of hypotheses are kept by their absolute token sequence; finished results are
+kept in an LRU. The context is a deterministic window of the text (see `model_window`), so results
+with and without the caches are the same (up to float rounding of differently batched runs).
+
+Adapters: an immutable `Engine` (session + adapter version + its caches) is built completely,
+then swapped in by replacing one reference; predictions in flight finish on the old engine.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+import re
+import threading
+import time
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keyboard import runtime
+from keyboard.artifacts import Adapter, ArtifactError, ArtifactSet, load_adapter
+from keyboard.types import Candidate, KeyboardError, Prediction
+from keyboard.words import MAX_PREFIX_CHARS, WORD_RE, is_word_char, is_word_start, split_prefix
+
+log = logging.getLogger(__name__)
+
+MAX_K = 20
+BEAM_WIDTH = 8  # hypotheses scored per depth (at least k)
+MAX_WORD_TOKENS = 4  # tokens a word may take beyond those its typed prefix needs
+MAX_DEPTH = 12  # hard limit on search depth (long odd prefixes)
+PUNCT_TOKENS = 4  # punctuation candidates considered at a word boundary
+LRU_SIZE = 1024  # finished results
+HYPOTHESIS_CACHE_SIZE = 384  # token distributions (one float32 vector of the vocabulary each)
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+# --- the vocabulary, seen as bytes ---------------------------------------------------------------
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable stand-in character -> byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += range(ord("®"), ord("ÿ") + 1)
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
+
+
+def _wordish(ch: str) -> bool:
+    # An undecodable byte (a piece of a multi-byte character split across tokens) counts as a
+    # letter here; the finished word is checked against WORD_RE after decoding anyway.
+    return is_word_char(ch) or "\udc80" <= ch <= "\udcff"
+
+
+def _word_part(body: bytes) -> int:
+    """How many leading bytes of `body` continue a word: word characters, and hyphens followed
+    by one (or ending the token: the word may go on in the next token)."""
+    chars = body.decode("utf-8", "surrogateescape")
+    pos = 0
+    for i, ch in enumerate(chars):
+        if _wordish(ch):
+            pos += len(ch.encode("utf-8", "surrogateescape"))
+        elif ch == "-" and (i + 1 == len(chars) or _wordish(chars[i + 1])):
+            pos += 1
+        else:
+            break
+    return pos
+
+
+def _is_punctuation(text: str) -> bool:
+    return bool(text) and all(unicodedata.category(ch).startswith("P") for ch in text)
+
+
+class TokenTable:
+    """Per-token facts precomputed once, so each keystroke is numpy work on index arrays."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        from tokenizers import decoders
+
+        if not isinstance(tokenizer.decoder, decoders.ByteLevel):
+            raise ArtifactError("the predictor needs a byte-level BPE tokenizer (GPT-2 style)")
+        decoder = _byte_decoder()
+        special = set(tokenizer.get_added_tokens_decoder())
+        n = vocab_size
+        self.size = n
+        self.bytes: list[bytes] = [b""] * n
+        self.special = np.zeros(n, dtype=bool)
+        self.spaced = np.zeros(n, dtype=bool)  # " word": a space, then something else
+        self.start_ok = np.zeros(n, dtype=bool)  # body starts with a character a word starts with
+        self.word_len = np.zeros(n, dtype=np.int32)  # bytes of the body that continue a word
+        self.body_len = np.zeros(n, dtype=np.int32)
+        self.punct: dict[int, str] = {}
+        for i in range(n):
+            piece = tokenizer.id_to_token(i) if i < tokenizer.get_vocab_size() else None
+            if piece is None or i in special or any(c not in decoder for c in piece):
+                self.special[i] = True
+                continue
+            raw = bytes(decoder[c] for c in piece)
+            self.bytes[i] = raw
+            spaced = len(raw) > 1 and raw[:1] == b" "
+            body = raw[1:] if spaced else raw
+            self.spaced[i] = spaced
+            self.body_len[i] = len(body)
+            text = body.decode("utf-8", "surrogateescape")
+            self.start_ok[i] = bool(text) and (is_word_start(text[0]) or _wordish(text[0]))
+            self.word_len[i] = _word_part(body)
+            if _is_punctuation(text) and not self.start_ok[i]:
+                self.punct[i] = text
+        plain = ~self.special & ~self.spaced
+        self.terminal = (self.word_len > 0) & (self.word_len < self.body_len)
+        self.pending = np.array(
+            [w > 0 and w == len(b) - s and b.endswith(b"-") for w, b, s in
+             zip(self.word_len, self.bytes, self.spaced, strict=True)]
+        )  # fmt: skip
+        # First token of a word after a space (the space is part of it) or right after the text.
+        self.first_spaced = ~self.special & self.spaced & self.start_ok
+        self.first_plain = plain & self.start_ok
+        # Tokens that continue the word being built; all others end it (boundary).
+        self.cont = plain & (self.word_len > 0)
+        self.after_hyphen = self.cont & self.start_ok
+        self.boundary = ~self.cont
+        self.boundary_f = self.boundary.astype(np.float32)
+        self.punct_spaced = np.array([i for i in self.punct if self.spaced[i]], dtype=np.int64)
+        self.punct_plain = np.array([i for i in self.punct if not self.spaced[i]], dtype=np.int64)
+        order = sorted((b, i) for i, b in enumerate(self.bytes) if not self.special[i])
+        self.sorted_bytes = [b for b, _ in order]
+        self.sorted_ids = np.array([i for _, i in order], dtype=np.int64)
+        self.exact = {b: i for b, i in order}
+        self.space_id = self.exact.get(b" ")
+
+    def starting_with(self, key: bytes) -> np.ndarray:
+        """Ids of the tokens whose bytes start with `key`."""
+        lo = bisect.bisect_left(self.sorted_bytes, key)
+        hi = bisect.bisect_right(self.sorted_bytes, key + b"\xff" * 64, lo)
+        return self.sorted_ids[lo:hi]
+
+
+# --- the context window --------------------------------------------------------------------------
+def model_window(text: str, context_tokens: int) -> tuple[str, bool]:
+    """The part of `text` the model reads, and whether it is the start of the text.
+
+    A pure function of the text: the cut moves in steps of `context_tokens` characters (so the
+    window, and the cached key/values, stay put while the user types on) and lands after a
+    whitespace (so it starts at a word). The window holds 2-3 x `context_tokens` characters;
+    the token ids are cut to the last `context_tokens` afterwards (dense text only).
+    """
+    step = context_tokens
+    if len(text) <= 3 * step:
+        return text, True
+    cut = ((len(text) - 2 * step) // step) * step
+    space = re.search(r"\s", text[cut : cut + step // 2])
+    if space is not None:
+        cut += space.end()
+    return text[cut:], False
+
+
+@dataclass(frozen=True)
+class Query:
+    """What one predict call asks, after the text has been split and bounded."""
+
+    window: str  # model input text (without the space that belongs to the next token)
+    at_start: bool  # the window is the start of the text: EOS goes first
+    lead: bytes  # b" " when the word starts with a space token, else b""
+    prefix: str  # the typed part of the word ("" at a boundary)
+    k: int
+
+
+def make_query(context: object, k: object, context_tokens: int) -> Query | str:
+    """Validate and split a predict call's arguments; a str result is a prefix too long to
+    complete (no suggestions)."""
+    if not isinstance(context, str):
+        raise KeyboardError(f"context must be text (str), not {type(context).__name__}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise KeyboardError(f"k must be a whole number from 1 to {MAX_K} (got {k!r})")
+    before, prefix = split_prefix(context)
+    if len(prefix) > MAX_PREFIX_CHARS:
+        return prefix
+    if not before.strip():
+        before = ""  # empty or whitespace only: predict the start of a text
+    lead = b""
+    if before.endswith(" "):
+        before, lead = before[:-1], b" "
+    window, at_start = model_window(before, context_tokens)
+    # Only the window is sanitised, so a megabyte of text costs no more than its tail; lone
+    # surrogates (from bad decoding upstream) cannot be encoded and become U+FFFD.
+    window = _SURROGATES.sub("\ufffd", window)
+    return Query(window, at_start, lead, _SURROGATES.sub("\ufffd", prefix), k)
+
+
+# --- the search ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Hyp:
+    tokens: tuple[int, ...]
+    word: bytes  # the word so far (without the lead space)
+    score: float  # P(tokens | context)
+
+
+Evaluate = Callable[[list[tuple[int, ...]]], np.ndarray]  # token tuples -> next-token probs
+
+
+def search_words(
+    table: TokenTable,
+    root_probs: np.ndarray,
+    evaluate: Evaluate,
+    lead: bytes,
+    prefix: bytes,
+    k: int,
+    max_depth: int,
+    beam: int,
+) -> dict[bytes, float]:
+    """The most probable whole words that start with `prefix`, as {word bytes: probability}.
+
+    Level by level: every hypothesis of the frontier has its next-token distribution; a
+    hypothesis that spells a word (all of the prefix, not ending in a hyphen) finishes with
+    P(boundary next); its continuations compete for `beam` places, and any whose probability
+    cannot beat the k-th finished word is dropped (its words can only be less probable).
+    """
+    finished: dict[bytes, float] = {}
+
+    def kth_best() -> float:
+        if len(finished) < k:
+            return 0.0
+        return sorted(finished.values(), reverse=True)[k - 1]
+
+    def finish(hyps: list[_Hyp], probs: np.ndarray) -> None:
+        ends = probs @ table.boundary_f
+        for h, end in zip(hyps, ends.tolist(), strict=True):
+            if len(h.word) >= len(prefix) and h.word and not h.word.endswith(b"-"):
+                finished[h.word] = finished.get(h.word, 0.0) + h.score * end
+
+    hyps, probs = [_Hyp((), b"", 1.0)], root_probs[None, :]
+    for _ in range(max_depth):
+        expansions: list[tuple[float, _Hyp, int]] = []
+        for h, p in zip(hyps, probs, strict=True):
+            for t in _next_tokens(table, h, p, lead, prefix, beam).tolist():
+                expansions.append((h.score * float(p[t]), h, t))
+        floor = kth_best()
+        grown: list[_Hyp] = []
+        for score, h, t in sorted(expansions, key=lambda e: -e[0]):
+            if score <= floor or len(grown) == beam:
+                break
+            raw = table.bytes[t]
+            body = raw[1:] if table.spaced[t] else raw
+            word = h.word + body[: table.word_len[t]]
+            if table.terminal[t]:  # the token itself ends the word ("ing.")
+                if len(word) >= len(prefix):
+                    finished[word] = finished.get(word, 0.0) + score
+                    floor = kth_best()
+            else:
+                grown.append(_Hyp((*h.tokens, t), word, score))
+        if not grown:
+            break
+        hyps, probs = grown, evaluate([h.tokens for h in grown])
+        finish(hyps, probs)
+    return finished
+
+
+def _next_tokens(
+    table: TokenTable, h: _Hyp, probs: np.ndarray, lead: bytes, prefix: bytes, beam: int
+) -> np.ndarray:
+    """The tokens that may follow hypothesis `h`: the `beam` likeliest once the prefix is
+    spelled out, else those that agree with the rest of the prefix."""
+    needs_lead = bool(lead) and not h.tokens
+    if needs_lead:
+        mask = table.first_spaced
+    elif not h.word:
+        mask = table.first_plain
+    elif h.word.endswith(b"-"):
+        mask = table.after_hyphen
+    else:
+        mask = table.cont
+    extra: list[int] = []
+    if needs_lead and table.space_id is not None:
+        extra.append(table.space_id)  # a bare space token, then the word (" " + "zanzibar")
+    rest = prefix[len(h.word) :]
+    if not rest:
+        masked = np.where(mask, probs, 0.0)
+        ids = np.argpartition(masked, -beam)[-beam:]
+        ids = ids[masked[ids] > 0]
+    else:
+        # Tokens holding all of `key` (and maybe more of the word), or a part of it.
+        key = (lead if needs_lead else b"") + rest
+        ids = table.starting_with(key)
+        ids = ids[mask[ids] & (table.word_len[ids] >= len(rest))]
+        start = len(key) - len(rest)
+        for j in range(start + 1, len(key)):
+            t = table.exact.get(key[:j])
+            if t is not None and mask[t] and table.word_len[t] == j - start:
+                extra.append(t)
+    if extra:
+        ids = np.concatenate([ids, np.array(extra, dtype=np.int64)])
+    return ids
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
+# --- the engine: one session (one adapter) and its caches ---------------------------------------
+@dataclass
+class _Context:
+    ids: tuple[int, ...]
+    kv: list[np.ndarray]  # [1, kv_heads, len(ids), head_dim] per past input
+    probs: np.ndarray  # next-token distribution after the context
+
+
+class Engine:
+    """An inference session with one adapter applied, and the caches that belong to it."""
+
+    def __init__(
+        self, model_path: Path, artifacts: ArtifactSet, adapter: Adapter | None, version: str,
+        threads: int, cache: bool,
+    ) -> None:  # fmt: skip
+        ort = runtime.onnxruntime()
+        source: str | bytes = str(model_path)
+        if adapter is not None:
+            source = _with_adapter(model_path, adapter)
+        try:
+            self.session = ort.InferenceSession(
+                source, runtime.session_options(threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT raises its own exception types
+            raise ArtifactError(f"cannot load {model_path}: {exc}") from exc
+        self.version = version
+        self.cache = cache
+        inference = artifacts.manifest["inference"]
+        self.kv_heads = int(inference["kv_heads"])
+        self.head_dim = int(inference["head_dim"])
+        layers = int(inference["layers"])
+        self.past_names = [f"past.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+        self.output_names = ["logits"] + [n.replace("past", "present") for n in self.past_names]
+        self.lock = threading.Lock()
+        self._context: _Context | None = None
+        self._repeated: list[np.ndarray] = []  # the context's key/values, repeated along batch
+        self._hypotheses: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self.results: OrderedDict[Any, tuple[Candidate, ...]] = OrderedDict()
+
+    def run(self, ids: np.ndarray, past: Sequence[np.ndarray], past_len: int, presents: bool):
+        """One session run: logits of the last position, and the key/values if asked."""
+        batch, new = ids.shape
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": np.ones((batch, past_len + new), dtype=np.int64),
+            "position_ids": np.broadcast_to(
+                np.arange(past_len, past_len + new, dtype=np.int64), (batch, new)
+            ).copy(),
+        }
+        feeds.update(zip(self.past_names, past, strict=True))
+        out = self.session.run(self.output_names if presents else ["logits"], feeds)
+        return out[0], out[1:]
+
+    def _empty_past(self, batch: int = 1) -> list[np.ndarray]:
+        shape = (batch, self.kv_heads, 0, self.head_dim)
+        return [np.zeros(shape, dtype=np.float32) for _ in self.past_names]
+
+    def context(self, ids: tuple[int, ...]) -> _Context:
+        """The key/values and next-token distribution of `ids`, reusing the cached context's
+        longest common prefix when caching is on."""
+        old = self._context if self.cache else None
+        if old is not None and old.ids == ids:
+            return old
+        common = 0
+        if old is not None:
+            limit = min(len(old.ids), len(ids))
+            while common < limit and old.ids[common] == ids[common]:
+                common += 1
+            common = min(common, len(ids) - 1)  # the last token is run for its logits
+        if common:
+            past = [np.ascontiguousarray(kv[:, :, :common, :]) for kv in old.kv]  # type: ignore[union-attr]
+        else:
+            past = self._empty_past()
+        new = np.array([ids[common:]], dtype=np.int64)
+        logits, kv = self.run(new, past, common, presents=True)
+        ctx = _Context(ids, kv, _softmax(logits)[0])
+        if self.cache:
+            self._context, self._repeated = ctx, []
+        return ctx
+
+    def evaluator(self, ctx: _Context) -> Evaluate:
+        """Next-token distributions after context + each token tuple (all of one length)."""
+        repeated: list[np.ndarray] = self._repeated if self.cache else []
+
+        def evaluate(hyps: list[tuple[int, ...]]) -> np.ndarray:
+            nonlocal repeated
+            out: list[np.ndarray | None] = [None] * len(hyps)
+            todo = []
+            for i, h in enumerate(hyps):
+                hit = self._hypotheses.get(ctx.ids + h) if self.cache else None
+                if hit is None:
+                    todo.append(i)
+                else:
+                    self._hypotheses.move_to_end(ctx.ids + h)
+                    out[i] = hit
+            if todo:
+                if not repeated or repeated[0].shape[0] < len(todo):
+                    rows = max(len(todo), BEAM_WIDTH)
+                    repeated = [np.repeat(kv, rows, axis=0) for kv in ctx.kv]
+                    if self.cache:
+                        self._repeated = repeated
+                past = [kv[: len(todo)] for kv in repeated]
+                ids = np.array([hyps[i] for i in todo], dtype=np.int64)
+                logits, _ = self.run(ids, past, len(ctx.ids), presents=False)
+                probs = _softmax(logits)
+                for row, i in enumerate(todo):
+                    out[i] = probs[row]
+                    if self.cache:
+                        self._hypotheses[ctx.ids + hyps[i]] = probs[row]
+                while len(self._hypotheses) > HYPOTHESIS_CACHE_SIZE:
+                    self._hypotheses.popitem(last=False)
+            return np.stack(out)  # type: ignore[arg-type]
+
+        return evaluate
+
+
+# --- the predictor -------------------------------------------------------------------------------
+class Predictor:
+    """Whole-word suggestions for the text before the cursor, from an artifact set's inference
+    graph with the active LoRA adapter. Thread-safe; `load_adapter` swaps atomically."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        threads: int = 1,
+        quantize: bool | None = None,
+        cache: bool = True,
+        context_tokens: int = 96,
+    ) -> None:
+        self.artifacts = ArtifactSet.open(model_dir)
+        manifest = self.artifacts.manifest
+        self.threads = threads
+        self.cache = cache
+        max_positions = int(manifest["base_model"].get("max_positions") or 512)
+        self.context_tokens = max(8, min(int(context_tokens), max_positions - 2 * MAX_DEPTH))
+        self.tokenizer = self.artifacts.tokenizer()
+        vocab = int(manifest["base_model"]["vocab_size"])
+        self.table = TokenTable(self.tokenizer, vocab)
+        self.eos_id = self.artifacts.eos_id
+        if quantize is None:
+            from keyboard.quantize import int8_by_default
+
+            quantize = int8_by_default(self.artifacts)
+        self.quantized = bool(quantize)
+        if self.quantized:
+            from keyboard.quantize import int8_model
+
+            self.model_path = int8_model(self.artifacts)
+        else:
+            self.model_path = self.artifacts.inference_model
+        self._swap = threading.Lock()  # one adapter load at a time
+        self._engine = self._build(None, "base")
+
+    def _build(self, adapter: Adapter | None, version: str) -> Engine:
+        return Engine(self.model_path, self.artifacts, adapter, version, self.threads, self.cache)
+
+    @property
+    def adapter_version(self) -> str:
+        return self._engine.version
+
+    # --- adapters --------------------------------------------------------------------------
+    def load_adapter(self, adapter: str | Path | dict | None, version: str = "base") -> bool:
+        """Serve `adapter` (an .npz path or LoRA tensors; None: the base model) from now on.
+
+        The new session is built before it replaces the old one, so predictions never stop.
+        A missing or corrupt adapter is logged and the base model is served instead (False).
+        """
+        with self._swap:
+            if adapter is None:
+                if self._engine.version != "base":
+                    self._engine = self._build(None, "base")
+                return True
+            try:
+                tensors = self._check_adapter(adapter)
+                if version == "base":  # an adapter needs a name of its own
+                    version = _version_name(adapter, tensors)
+                engine = self._build(tensors, version)
+            except (KeyboardError, OSError, ValueError) as exc:
+                name = version if version != "base" else _describe(adapter)
+                log.warning(
+                    "adapter %s could not be loaded, serving the base model instead: %s", name, exc
+                )
+                if self._engine.version != "base":
+                    self._engine = self._build(None, "base")
+                return False
+            self._engine = engine
+            log.info("serving adapter %s", version)
+            return True
+
+    def _check_adapter(self, adapter: str | Path | dict) -> Adapter:
+        if isinstance(adapter, dict):
+            expected = self.artifacts.lora_shapes
+            if set(adapter) != set(expected):
+                raise ArtifactError(
+                    f"adapter does not fit model {self.artifacts.name}: "
+                    f"{len(set(adapter) ^ set(expected))} tensor names differ"
+                )
+            tensors = {}
+            for name, shape in expected.items():
+                value = np.ascontiguousarray(adapter[name], dtype=np.float32)
+                if value.shape != shape:
+                    raise ArtifactError(f"adapter tensor {name} has shape {value.shape}")
+                if not np.isfinite(value).all():
+                    raise ArtifactError(f"adapter tensor {name} holds NaN or infinite values")
+                tensors[name] = value
+            return tensors
+        path = Path(adapter)
+        if not path.is_file():
+            raise ArtifactError(f"adapter file {path} does not exist")
+        return load_adapter(path, self.artifacts)
+
+    # --- prediction ------------------------------------------------------------------------
+    def predict(self, context: str, k: int = 3) -> Prediction:
+        """The top-k whole words for the text before the cursor (completions of the word being
+        typed, or the next word at a boundary), most probable first."""
+        started = time.perf_counter()
+        engine = self._engine  # one engine for the whole call, even if a swap happens
+        query = make_query(context, k, self.context_tokens)
+        if isinstance(query, str):  # a "word" too long to complete
+            return Prediction(query, [], engine.version, _ms(started))
+        if engine.cache:
+            with engine.lock:
+                candidates = self._cached(engine, query)
+        else:
+            candidates = self._compute(engine, query)
+        return Prediction(query.prefix, list(candidates), engine.version, _ms(started))
+
+    def _cached(self, engine: Engine, query: Query) -> tuple[Candidate, ...]:
+        hit = engine.results.get(query)
+        if hit is not None:
+            engine.results.move_to_end(query)
+            return hit
+        candidates = self._compute(engine, query)
+        engine.results[query] = candidates
+        if len(engine.results) > LRU_SIZE:
+            engine.results.popitem(last=False)
+        return candidates
+
+    def context_ids(self, query: Query) -> tuple[int, ...]:
+        """Token ids the model reads for `query` (at most `context_tokens`)."""
+        ids = self.tokenizer.encode(query.window, add_special_tokens=False).ids
+        if query.at_start:
+            ids = [self.eos_id, *ids]
+        return tuple(ids[-self.context_tokens :])
+
+    def _compute(self, engine: Engine, query: Query) -> tuple[Candidate, ...]:
+        ctx = engine.context(self.context_ids(query))
+        evaluate = engine.evaluator(ctx)
+        k = query.k
+        found = self._words(ctx.probs, evaluate, query.lead, query.prefix, k)
+        if len(found) < k and query.prefix != query.prefix.lower():
+            # A capitalised prefix the model rarely saw capitalised ("THAN", "Xylo"): complete
+            # its lower-case form and carry the typed capitals over.
+            lower = query.prefix.lower()
+            shout = len(query.prefix) > 1 and query.prefix.isupper()
+            for word, p in self._words(ctx.probs, evaluate, query.lead, lower, k).items():
+                tail = word[len(lower) :]
+                cased = query.prefix + (tail.upper() if shout else tail)
+                if WORD_RE.fullmatch(cased) and cased not in found:
+                    found[cased] = p
+        candidates = [Candidate(w, p, "word") for w, p in found.items()]
+        if not query.prefix:
+            ids = self.table.punct_spaced if query.lead else self.table.punct_plain
+            if len(ids):
+                best = ids[np.argsort(-ctx.probs[ids], kind="stable")[:PUNCT_TOKENS]]
+                punct: dict[str, float] = {}
+                for t in best.tolist():
+                    mark = self.table.punct[t]
+                    punct[mark] = punct.get(mark, 0.0) + float(ctx.probs[t])
+                candidates += [Candidate(m, p, "punct") for m, p in punct.items()]
+        candidates.sort(key=lambda c: (-c.score, c.word))
+        if not candidates and query.prefix and WORD_RE.fullmatch(query.prefix):
+            # Nothing found within the search's limits: offer the word as typed, score 0
+            # (no model estimate), so a completion list is never empty for a real prefix.
+            candidates = [Candidate(query.prefix, 0.0, "word")]
+        return tuple(candidates[:k])
+
+    def _words(
+        self, root: np.ndarray, evaluate: Evaluate, lead: bytes, prefix: str, k: int
+    ) -> dict[str, float]:
+        raw_prefix = prefix.encode("utf-8")
+        needed = len(self.tokenizer.encode(lead.decode() + prefix, add_special_tokens=False).ids)
+        depth = min(MAX_DEPTH, max(MAX_WORD_TOKENS, needed + MAX_WORD_TOKENS - 1))
+        beam = max(BEAM_WIDTH, k)
+        raw = search_words(self.table, root, evaluate, lead, raw_prefix, k, depth, beam)
+        words: dict[str, float] = {}
+        for word_bytes, p in raw.items():
+            try:
+                word = word_bytes.decode("utf-8")
+            except UnicodeDecodeError:
+                continue  # a multi-byte character cut off by the depth limit
+            if p > 0 and WORD_RE.fullmatch(word) and word.startswith(prefix):
+                words[word] = words.get(word, 0.0) + p
+        return words
+
+
+def _with_adapter(model_path: Path, adapter: Adapter) -> bytes:
+    """The serialized graph with the adapter's LoRA tensors in place of its own.
+
+    Not `SessionOptions.add_initializer`: with full graph optimisation (ORT 1.19) constant
+    folding of `Transpose(lora_B)` reads the graph's own tensor, and the override is ignored.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path))
+    replaced = 0
+    for init in model.graph.initializer:
+        if init.name in adapter:
+            init.CopyFrom(numpy_helper.from_array(adapter[init.name], init.name))
+            replaced += 1
+    if replaced != len(adapter):
+        raise ArtifactError(f"{model_path} lacks {len(adapter) - replaced} of the LoRA tensors")
+    return model.SerializeToString()
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
+
+
+def _describe(adapter: str | Path | dict) -> str:
+    return "(in-memory tensors)" if isinstance(adapter, dict) else str(adapter)
+
+
+def _version_name(adapter: str | Path | dict, tensors: Adapter) -> str:
+    if isinstance(adapter, dict):
+        digest = hashlib.sha256()
+        for name in sorted(tensors):
+            digest.update(name.encode())
+            digest.update(tensors[name].tobytes())
+        return f"tensors-{digest.hexdigest()[:12]}"
+    return Path(adapter).stem
