@@ -39,6 +39,7 @@ FEEDBACK_CONTEXT_CHARS = 200  # the end of the line a suggestion was taken on, n
 DRAIN_S = 3.0  # at shutdown, how long unsent typed text may take to reach the daemon
 PREDICT_TIMEOUT_S = 5.0  # a slower answer is useless to someone typing
 LOG_TIMEOUT_S = 30.0
+DUPLICATE_ACCEPT_S = 2.0  # the same acceptance reported again this soon is one acceptance
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,7 @@ class KeyboardServer(LanguageServer):
         self._outbox: asyncio.Queue[tuple[str, dict[str, Any]]] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._daemon_down = False  # told the user once; reset when the daemon answers
+        self.last_accept: tuple[tuple[str, str, str], float] | None = None
 
     # --- the daemon ---------------------------------------------------------------------
     def daemon_unreachable(self, exc: KeyboardError) -> None:
@@ -476,6 +478,14 @@ def build_server(socket_path: str | Path | None = None) -> KeyboardServer:
                 raise JsonRpcInvalidParams(
                     f"{ACCEPT_COMMAND} takes objects {{source, context, accepted}}, got {arg!r}"
                 )
+            # An editor that runs the item's command and a plugin that reports CompleteDone
+            # may both tell us about one acceptance: count it once.
+            key = (arg["source"], arg["context"], arg["accepted"])
+            now = time.monotonic()
+            if ls.last_accept is not None and ls.last_accept[0] == key:
+                if now - ls.last_accept[1] < DUPLICATE_ACCEPT_S:
+                    continue
+            ls.last_accept = (key, now)
             params = {"context": arg["context"], "accepted": arg["accepted"]}
             ls.send_later("feedback", {**params, "source": arg["source"]})
 

@@ -349,7 +349,7 @@ def test_conversation(editor: LspProcess, served: Served, tmp_path: Path) -> Non
     assert items["isIncomplete"] is True
     assert [i["label"] for i in items["items"]] == words and words
     first = items["items"][0]
-    assert first["kind"] == 1 and first["sortText"] == "000" and first["detail"].endswith("%")
+    assert first["kind"] == 1 and first["sortText"] == "000" and first["detail"].endswith("% keyboard")
     assert first["textEdit"]["range"]["start"] == {"line": 0, "character": 16}
     assert first["textEdit"]["newText"] == words[0]
     assert first["command"]["command"] == "keyboard.accept"
@@ -411,6 +411,7 @@ def test_typed_text_and_accepted_words_reach_the_typing_log(
     items = editor.request("textDocument/completion", editor.at(uri, 1, column))
     command = items["items"][0]["command"]
     editor.request("workspace/executeCommand", command)
+    editor.request("workspace/executeCommand", command)  # reported twice: counted once
     accepted = items["items"][0]["label"]
     assert wait_for(lambda: any(e[1] == "accepted" and accepted in e[2] for e in entries(served)))
 
@@ -423,6 +424,7 @@ def test_typed_text_and_accepted_words_reach_the_typing_log(
     assert editor.request("textDocument/completion", editor.at(py, 1, 12)) is None
     py_source = f"python:{tmp_path / 'tool.py'}"
     assert wait_for(lambda: (py_source, "typed", "count the open files") in entries(served))
+    assert [e[1] for e in entries(served)].count("accepted") == 1
 
     # What is still being typed is sent when the editor shuts down.
     editor.insert(uri, 100, 1, column, " tomorrow")
