@@ -349,7 +349,8 @@ def test_conversation(editor: LspProcess, served: Served, tmp_path: Path) -> Non
     assert items["isIncomplete"] is True
     assert [i["label"] for i in items["items"]] == words and words
     first = items["items"][0]
-    assert first["kind"] == 1 and first["sortText"] == "000" and first["detail"].endswith("% keyboard")
+    assert first["kind"] == 1 and first["sortText"] == "000"
+    assert first["detail"].endswith("% keyboard")
     assert first["textEdit"]["range"]["start"] == {"line": 0, "character": 16}
     assert first["textEdit"]["newText"] == words[0]
     assert first["command"]["command"] == "keyboard.accept"
