@@ -51,6 +51,8 @@ require("keyboard").setup({
 vim.cmd("edit " .. vim.fn.fnameescape(os.getenv("KB_FILE")))
 result.filetype = vim.bo.filetype
 result.omnifunc = vim.bo.omnifunc
+result.commands = vim.tbl_map(function(name) return vim.fn.exists(":" .. name) end,
+  { "KeyboardPause", "KeyboardResume", "KeyboardStatus" })
 
 local function client()
   for _, c in pairs(vim.lsp.buf_get_clients(0)) do
@@ -149,6 +151,7 @@ def test_neovim_types_and_completes(served: Served, tmp_path: Path) -> None:
     assert result.get("error") is None, (result, proc.stderr)
     assert result["filetype"] == "text"
     assert result["omnifunc"] == "v:lua.vim.lsp.omnifunc"
+    assert result["commands"] == [2, 2, 2]  # :KeyboardPause, :KeyboardResume, :KeyboardStatus
 
     # The menu holds the daemon's next words for the text typed before the cursor.
     with DaemonClient(served.socket) as client:

@@ -53,7 +53,7 @@ local function client_config()
   return {
     name = "keyboard",
     cmd = config.cmd,
-    root_dir = vim.loop.cwd(),
+    root_dir = (vim.uv or vim.loop).cwd(),
     init_options = options,
     -- One suggestion per keystroke is the point: send changes quickly. At exit, give the
     -- server a moment to hand the last typed sentence to the daemon.
@@ -80,9 +80,18 @@ local function on_complete_done()
   end
 end
 
+-- One server for every buffer, whatever its directory: predictions do not depend on a project.
+local function reuse(client)
+  return client.name == "keyboard"
+end
+
+local function start(bufnr)
+  return vim.lsp.start(client_config(), { bufnr = bufnr, reuse_client = reuse })
+end
+
 local function attach(bufnr)
   if vim.lsp.start then
-    client_id = vim.lsp.start(client_config(), { bufnr = bufnr })
+    client_id = start(bufnr)
   else
     if not current_client() then
       client_id = vim.lsp.start_client(client_config())
@@ -96,8 +105,9 @@ local function attach(bufnr)
     return
   end
   if config.omnifunc then
-    vim.api.nvim_buf_set_option(bufnr, "omnifunc", "v:lua.vim.lsp.omnifunc")
+    vim.bo[bufnr].omnifunc = "v:lua.vim.lsp.omnifunc"
   end
+  vim.api.nvim_clear_autocmds({ group = augroup, buffer = bufnr, event = "CompleteDone" })
   vim.api.nvim_create_autocmd("CompleteDone", {
     group = augroup,
     buffer = bufnr,
@@ -110,7 +120,7 @@ local function execute(command, show)
   local client = current_client()
   if not client then
     if vim.lsp.start then
-      client_id = vim.lsp.start(client_config(), { bufnr = vim.api.nvim_get_current_buf() })
+      client_id = start(vim.api.nvim_get_current_buf())
     else
       client_id = vim.lsp.start_client(client_config())
     end
@@ -177,7 +187,7 @@ function M.setup(opts)
   -- Buffers already open when setup() runs (e.g. lazy-loaded after the first file).
   for _, bufnr in ipairs(vim.api.nvim_list_bufs()) do
     if vim.api.nvim_buf_is_loaded(bufnr)
-      and vim.tbl_contains(config.filetypes, vim.api.nvim_buf_get_option(bufnr, "filetype")) then
+      and vim.tbl_contains(config.filetypes, vim.bo[bufnr].filetype) then
       attach(bufnr)
     end
   end
