@@ -79,10 +79,13 @@ def _add_log(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true", help="erase everything")
 
     def run_forget(args: argparse.Namespace) -> int:
+        from keyboard.client import forget_via_daemon
         from keyboard.typing_log import TypingLog
 
-        with TypingLog() as log:
-            n = log.forget(args.since, args.until, args.source, everything=args.all)
+        n = forget_via_daemon(args.since, args.until, args.source, args.all)  # daemon if running
+        if n is None:
+            with TypingLog() as log:
+                n = log.forget(args.since, args.until, args.source, everything=args.all)
         print(f"forgot {n} entr{'y' if n == 1 else 'ies'}; database vacuumed")
         return 0
 
@@ -352,6 +355,24 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_status)
 
 
+def _train_via_daemon(args: argparse.Namespace) -> int:
+    """`keyboard train --via-daemon`: the daemon runs the job and switches to its adapter."""
+    import json
+
+    from keyboard.client import DaemonClient
+
+    with DaemonClient(timeout=None) as client:
+        done = client.call("train", wait=True, force=args.force)
+    report = done.get("result") or {}
+    if args.json:
+        print(json.dumps(done))
+    else:
+        status = report.get("status", f"exit code {done.get('exit_code')}")
+        print(f"{status}: {report['reason']}" if report.get("reason") else status)
+        print(f"serving adapter {done.get('adapter')}")
+    return 0 if done.get("exit_code") == 0 else 1
+
+
 # --- editors (issue 8) ----------------------------------------------------------------------
 def _add_lsp(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -399,12 +420,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true",
                    help="train even with few new words or on battery (the gate still applies)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.add_argument("--via-daemon", action="store_true",
+                   help="ask the running daemon to run the job (it serves the result at once)")  # fmt: skip
 
     def run(args: argparse.Namespace) -> int:
         import json
         import signal
 
         from keyboard import personalize
+
+        if args.via_daemon:
+            return _train_via_daemon(args)
 
         def stop(signum: int, frame: object) -> None:
             raise SystemExit(128 + signum)  # unwinds: the job is recorded as interrupted

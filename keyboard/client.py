@@ -236,3 +236,16 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds // 60} min"
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def forget_via_daemon(
+    since: str | None, until: str | None, source: str | None, everything: bool
+) -> int | None:
+    """`forget` through the running daemon (the typing log's one writer); None when no daemon
+    runs, so the caller erases from the database itself."""
+    try:
+        with DaemonClient(timeout=None) as client:
+            result = client.call("forget", since=since, until=until, source=source, all=everything)
+    except DaemonNotRunning:
+        return None
+    return int(result["deleted"])

@@ -11,7 +11,7 @@ from typing import Any
 
 MAX_LINE_BYTES = 1024 * 1024  # a request line longer than this is refused, connection closed
 MAX_BATCH = 1000  # requests in one batch
-MAX_K = 50  # candidates one predict may ask for
+MAX_K = 20  # candidates one predict may ask for (the predictor's limit too)
 MAX_CONTEXT_CHARS = 64 * 1024  # the predictor reads the end of the context; more is a mistake
 
 # JSON-RPC 2.0 codes.
@@ -186,7 +186,7 @@ METHODS: dict[str, tuple[Param, ...]] = {
     ),
     "feedback": (Param("context", str, required=True), Param("accepted", str, required=True)),
     "status": (),
-    "train": (Param("wait", bool, default=False),),
+    "train": (Param("wait", bool, default=False), Param("force", bool, default=False)),
     "forget": (
         Param("since", str),
         Param("until", str),

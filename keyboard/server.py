@@ -322,6 +322,21 @@ class Daemon:
                     self._loop.remove_signal_handler(sig)
             log.info("stopped")
 
+    @property
+    def stopping(self) -> bool:
+        """True from the moment shutdown begins."""
+        return self._stopping
+
+    @property
+    def connections(self) -> int:
+        """Clients connected now."""
+        return len(self._connections)
+
+    @property
+    def in_flight(self) -> int:
+        """Request lines being answered now."""
+        return len(self._in_flight)
+
     def stop(self) -> None:
         """Ask the daemon to shut down (from any thread)."""
         if self._loop is not None and self._stop is not None:
@@ -577,8 +592,8 @@ class Daemon:
                 else self._next_scheduled.isoformat(),
             },
             "server": {
-                "connections": len(self._connections),
-                "in_flight": len(self._in_flight),
+                "connections": self.connections,
+                "in_flight": self.in_flight,
                 "served": self.served,
                 "inference_workers": self.config.inference_workers(),
                 "rss_mb": _rss_mb(),
@@ -598,14 +613,18 @@ class Daemon:
             raise RpcError(rpc.MODEL_UNAVAILABLE, f"reload failed: {exc}") from exc
 
     # --- personalization --------------------------------------------------------------------
-    async def _rpc_train(self, wait: bool) -> dict[str, Any]:
-        job = await self.start_job(reason="requested")
+    async def _rpc_train(self, wait: bool, force: bool) -> dict[str, Any]:
+        job = await self.start_job(reason="requested", force=force)
         if not wait:
             return {"started": True, "job": job.job_id, "pid": job.process.pid}
         assert job.done is not None
-        return await asyncio.shield(job.done)
+        result = await asyncio.shield(job.done)
+        report = result.get("result") or {}
+        if report.get("status") == "busy":  # a job started outside the daemon holds the lock
+            raise RpcError(rpc.PERSONALIZATION_BUSY, str(report.get("reason") or "busy"))
+        return result
 
-    async def start_job(self, reason: str) -> _Job:
+    async def start_job(self, reason: str, force: bool = False) -> _Job:
         """Start a personalization job in a child process (serving goes on meanwhile)."""
         if not _personalization_installed():
             raise RpcError(
@@ -623,8 +642,10 @@ class Daemon:
         env = dict(os.environ, KEYBOARD_MODEL=str(self.config.model_dir))
         # Its own session: a Ctrl-C meant for the daemon's terminal does not kill the job
         # mid-write; shutdown stops it explicitly.
+        command = [sys.executable, "-m", "keyboard", "train", "--json"]
+        command += ["--model", str(self.config.model_dir)] + (["--force"] if force else [])
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "keyboard", "train", "--json",
+            *command,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             env=env,
@@ -655,28 +676,34 @@ class Daemon:
         return None
 
     async def _finish_job(self, job: _Job) -> dict[str, Any]:
-        stdout, _ = await job.process.communicate()
-        code = job.process.returncode
-        self._job = None
-        lines = [ln for ln in stdout.decode("utf-8", "replace").splitlines() if ln.strip()]
         try:
-            result = json.loads(lines[-1]) if lines else None
-        except ValueError:
-            result = None
-        log.info("personalization job (pid %d) ended with exit code %s", job.process.pid, code)
-        out: dict[str, Any] = {
-            "job": job.job_id,
-            "pid": job.process.pid,
-            "exit_code": code,
-            "result": result,
-        }
-        if code == 0 and self.adapter_store is not None and not self._stopping:
+            stdout, _ = await job.process.communicate()
+            code = job.process.returncode
+            lines = [ln for ln in stdout.decode("utf-8", "replace").splitlines() if ln.strip()]
             try:
-                out["reload"] = await self._rpc_reload()
-            except RpcError as exc:
-                out["reload"] = {"error": exc.message}
-        out["adapter"] = self.predictor.adapter_version
-        return out
+                result = json.loads(lines[-1]) if lines else None
+            except ValueError:
+                result = None
+            log.info("personalization job (pid %d) ended with exit code %s", job.process.pid, code)
+            if job.job_id is None and isinstance(result, dict):
+                job.job_id = result.get("job_id")
+            out: dict[str, Any] = {
+                "job": job.job_id,
+                "pid": job.process.pid,
+                "exit_code": code,
+                "result": result,
+            }
+            # The job is over once its adapter is served: `status` never shows a finished job
+            # with the old adapter still in place.
+            if code == 0 and self.adapter_store is not None and not self._stopping:
+                try:
+                    out["reload"] = await self._rpc_reload()
+                except RpcError as exc:
+                    out["reload"] = {"error": exc.message}
+            out["adapter"] = self.predictor.adapter_version
+            return out
+        finally:
+            self._job = None
 
     async def _stop_job(self) -> None:
         job = self._job
