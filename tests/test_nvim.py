@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from keyboard.client import DaemonClient
-from tests.test_server import Served, short_dir, start_daemon
+from tests.test_lsp import Served, serve
 
 PLUGIN = Path(__file__).resolve().parent.parent / "editors" / "nvim"
 NVIM = shutil.which("nvim")
@@ -107,13 +107,7 @@ end, 15000, "completion items")
 
 @pytest.fixture(scope="module")
 def served(tiny_llama: Path) -> Iterator[Served]:
-    root = short_dir()
-    daemon = start_daemon(tiny_llama, root / "home", root / "kb.sock")
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from serve(tiny_llama)
 
 
 def entries(served: Served) -> list[tuple[str, str, str]]:
