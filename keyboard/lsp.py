@@ -19,6 +19,7 @@ from pygls.workspace import TextDocument
 from keyboard import __version__
 from keyboard.client import DaemonClient, DaemonError, DaemonNotRunning
 from keyboard.editor_text import (
+    Piece,
     TypedRun,
     context_before,
     finished_text,
@@ -212,6 +213,8 @@ class KeyboardServer(LanguageServer):
             method, params = await outbox.get()
             try:
                 await self._send(method, params)
+            except Exception:  # keep the sender alive: one bad answer must not stop logging
+                log.exception("%s failed", method)
             finally:
                 outbox.task_done()
 
@@ -231,7 +234,7 @@ class KeyboardServer(LanguageServer):
         except KeyboardError as exc:
             log.warning("%s failed: %s", method, exc)
 
-    def observe_pieces(self, doc: OpenDocument, pieces: list[Any]) -> None:
+    def observe_pieces(self, doc: OpenDocument, pieces: list[Piece]) -> None:
         kind = self.config.kind(doc.language_id)
         for piece in pieces:
             text = finished_text(piece.head, piece.text, doc.language_id, kind)
