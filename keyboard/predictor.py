@@ -42,7 +42,7 @@ import numpy as np
 from keyboard import runtime
 from keyboard.artifacts import Adapter, ArtifactError, ArtifactSet, load_adapter
 from keyboard.types import Candidate, KeyboardError, Prediction
-from keyboard.words import MAX_PREFIX_CHARS, WORD_RE, is_word_char, is_word_start, split_prefix
+from keyboard.words import MAX_PREFIX_CHARS, WORD_RE, is_word_char, split_prefix
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,30 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(keep, chars, strict=True)}
 
 
+def _letter_byte(b: int) -> bool:
+    """Could this byte, alone in a token, belong to a letter? Continuation bytes and the lead
+    bytes of scripts with letters (Latin, Greek, Cyrillic, ..., CJK) yes; the lead bytes of
+    punctuation and symbol blocks (U+0080-U+00BF, U+2000-U+2FFF, emoji) no."""
+    return 0x80 <= b <= 0xBF or 0xC3 <= b <= 0xDF or b in (0xE0, 0xE1) or 0xE3 <= b <= 0xED
+
+
 def _wordish(ch: str) -> bool:
-    # An undecodable byte (a piece of a multi-byte character split across tokens) counts as a
-    # letter here; the finished word is checked against WORD_RE after decoding anyway.
-    return is_word_char(ch) or "\udc80" <= ch <= "\udcff"
+    # A byte that does not decode on its own (a multi-byte character split across tokens) is
+    # judged by `_letter_byte`; the finished word is checked against WORD_RE after decoding.
+    if "\udc80" <= ch <= "\udcff":
+        return _letter_byte(ord(ch) - 0xDC00)
+    return is_word_char(ch)
+
+
+def _incomplete(word: bytes) -> bool:
+    """True if `word` ends inside a multi-byte UTF-8 character."""
+    for back in range(1, min(4, len(word)) + 1):
+        b = word[-back]
+        if b < 0x80:
+            return False
+        if b >= 0xC0:  # the lead byte: how many bytes does its character need?
+            return back < (2 if b < 0xE0 else 3 if b < 0xF0 else 4)
+    return False
 
 
 def _word_part(body: bytes) -> int:
@@ -114,6 +134,7 @@ class TokenTable:
         self.start_ok = np.zeros(n, dtype=bool)  # body starts with a character a word starts with
         self.word_len = np.zeros(n, dtype=np.int32)  # bytes of the body that continue a word
         self.body_len = np.zeros(n, dtype=np.int32)
+        self.mid_char = np.zeros(n, dtype=bool)  # body starts inside a multi-byte character
         self.punct: dict[int, str] = {}
         for i in range(n):
             piece = tokenizer.id_to_token(i) if i < tokenizer.get_vocab_size() else None
@@ -127,22 +148,20 @@ class TokenTable:
             self.spaced[i] = spaced
             self.body_len[i] = len(body)
             text = body.decode("utf-8", "surrogateescape")
-            self.start_ok[i] = bool(text) and (is_word_start(text[0]) or _wordish(text[0]))
+            self.mid_char[i] = bool(body) and 0x80 <= body[0] <= 0xBF
+            self.start_ok[i] = bool(text) and not self.mid_char[i] and _wordish(text[0])
             self.word_len[i] = _word_part(body)
             if _is_punctuation(text) and not self.start_ok[i]:
                 self.punct[i] = text
         plain = ~self.special & ~self.spaced
         self.terminal = (self.word_len > 0) & (self.word_len < self.body_len)
-        self.pending = np.array(
-            [w > 0 and w == len(b) - s and b.endswith(b"-") for w, b, s in
-             zip(self.word_len, self.bytes, self.spaced, strict=True)]
-        )  # fmt: skip
         # First token of a word after a space (the space is part of it) or right after the text.
         self.first_spaced = ~self.special & self.spaced & self.start_ok
         self.first_plain = plain & self.start_ok
         # Tokens that continue the word being built; all others end it (boundary).
-        self.cont = plain & (self.word_len > 0)
+        self.cont = plain & (self.word_len > 0) & ~self.mid_char
         self.after_hyphen = self.cont & self.start_ok
+        self.finish_char = plain & (self.word_len > 0) & self.mid_char  # after a split character
         self.boundary = ~self.cont
         self.boundary_f = self.boundary.astype(np.float32)
         self.punct_spaced = np.array([i for i in self.punct if self.spaced[i]], dtype=np.int64)
@@ -250,7 +269,7 @@ def search_words(
     def finish(hyps: list[_Hyp], probs: np.ndarray) -> None:
         ends = probs @ table.boundary_f
         for h, end in zip(hyps, ends.tolist(), strict=True):
-            if len(h.word) >= len(prefix) and h.word and not h.word.endswith(b"-"):
+            if len(h.word) >= len(prefix) and _can_end(h.word):
                 finished[h.word] = finished.get(h.word, 0.0) + h.score * end
 
     hyps, probs = [_Hyp((), b"", 1.0)], root_probs[None, :]
@@ -268,7 +287,7 @@ def search_words(
             body = raw[1:] if table.spaced[t] else raw
             word = h.word + body[: table.word_len[t]]
             if table.terminal[t]:  # the token itself ends the word ("ing.")
-                if len(word) >= len(prefix):
+                if len(word) >= len(prefix) and _can_end(word):
                     finished[word] = finished.get(word, 0.0) + score
                     floor = kth_best()
             else:
@@ -278,6 +297,10 @@ def search_words(
         hyps, probs = grown, evaluate([h.tokens for h in grown])
         finish(hyps, probs)
     return finished
+
+
+def _can_end(word: bytes) -> bool:
+    return bool(word) and not word.endswith(b"-") and not _incomplete(word)
 
 
 def _next_tokens(
@@ -290,6 +313,8 @@ def _next_tokens(
         mask = table.first_spaced
     elif not h.word:
         mask = table.first_plain
+    elif _incomplete(h.word):
+        mask = table.finish_char
     elif h.word.endswith(b"-"):
         mask = table.after_hyphen
     else:
@@ -502,7 +527,7 @@ class Predictor:
                 if version == "base":  # an adapter needs a name of its own
                     version = _version_name(adapter, tensors)
                 engine = self._build(tensors, version)
-            except (KeyboardError, OSError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, keep serving
                 name = version if version != "base" else _describe(adapter)
                 log.warning(
                     "adapter %s could not be loaded, serving the base model instead: %s", name, exc

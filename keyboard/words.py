@@ -8,23 +8,17 @@ import re
 # so that what the predictor offers and what the metrics count can never disagree.
 from keyboard.evaluation import WORD_RE, partial_word
 
-__all__ = ["WORD_RE", "MAX_PREFIX_CHARS", "is_word_char", "is_word_start", "split_prefix"]
+__all__ = ["WORD_RE", "MAX_PREFIX_CHARS", "is_word_char", "split_prefix"]
 
 MAX_PREFIX_CHARS = 64  # a longer run of word characters is not a word anyone completes
 
 _WORD_CHAR_RE = re.compile(r"[^\W_]|'")  # a letter or digit (Unicode) or an apostrophe
-_WORD_START_RE = _WORD_CHAR_RE  # words may start with apostrophes ('tis), never with a hyphen
 
 
 def is_word_char(ch: str) -> bool:
-    """True for characters words are made of: Unicode letters and digits, and the apostrophe.
-    (A hyphen belongs to a word only between two of these: see WORD_RE.)"""
+    """True for characters words are made of (and may begin with): Unicode letters and digits,
+    and the apostrophe. A hyphen belongs to a word only between two of these (see WORD_RE)."""
     return bool(_WORD_CHAR_RE.fullmatch(ch))
-
-
-def is_word_start(ch: str) -> bool:
-    """True for characters a word can begin with."""
-    return bool(_WORD_START_RE.fullmatch(ch))
 
 
 def split_prefix(context: str) -> tuple[str, str]:
