@@ -256,7 +256,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         print(evaluation.report_table(rows))
         if result.job_seconds is not None:
             print(
-                f"personalization job: {result.job_seconds:.1f} s, "
+                f"personalization job: {result.job_status}; {result.job_seconds:.1f} s, "
                 f"peak RSS {result.peak_rss_mb:.0f} MB (whole process)"
             )
         if args.plot:

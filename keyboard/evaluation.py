@@ -283,6 +283,7 @@ class FileEvaluation:
     evaluated: int  # messages typed through the predictor
     before: TypingReport
     after: TypingReport | None = None  # with the adapter the personalization job trained
+    job_status: str | None = None  # "promoted", or why the job kept the base model
     job_seconds: float | None = None
     peak_rss_mb: float | None = None  # this process's peak, which includes the predictor
     adapter: str | None = None
@@ -323,12 +324,10 @@ def _peak_rss_mb() -> float:
     return peak / 1024  # Linux reports KiB
 
 
-def personalize_in_throwaway_home(
-    history: Sequence[str], model_dir: Path, home: Path
-) -> tuple[Path | None, float]:
+def personalize_in_throwaway_home(history: Sequence[str], model_dir: Path, home: Path) -> Any:
     """Record `history` in a fresh typing log in `home` and run the nightly job there.
 
-    Returns the adapter the job saved (None if it trained none) and the job's wall time.
+    Returns the job's `JobResult` (`adapter_path` is set when it promoted an adapter).
     KEYBOARD_HOME points at `home` meanwhile, so nothing reads or writes the user's own home.
     """
     import os
@@ -344,16 +343,13 @@ def personalize_in_throwaway_home(
             for message in history:
                 for piece in _pieces(message, MAX_TEXT_BYTES):
                     log.record(piece, source="keyboard-eval")
-        started = time.perf_counter()
-        result = run_job(model_dir=model_dir)
-        seconds = time.perf_counter() - started
+        # force: the history is all there is, so skip the new-words minimum and battery check
+        return run_job(model_dir=model_dir, force=True)
     finally:
         if saved is None:
             os.environ.pop("KEYBOARD_HOME", None)
         else:
             os.environ["KEYBOARD_HOME"] = saved
-    adapter = result.adapter_path
-    return (Path(adapter) if adapter is not None else None), seconds
 
 
 def _pieces(text: str, max_bytes: int) -> list[str]:
@@ -431,16 +427,23 @@ def evaluate_file(
     )
     if personalize:
         with tempfile.TemporaryDirectory(prefix="keyboard-eval-") as home:
-            adapter, seconds = personalize_in_throwaway_home(history, model_dir, Path(home))
-            result.job_seconds = seconds
-            result.peak_rss_mb = _peak_rss_mb()
-            if adapter is None:
-                raise KeyboardError("the personalization job trained no adapter on the history")
-            result.adapter = adapter.name
-            predictor.load_adapter(adapter)
-            result.after = simulate(
-                predictor, test, history=history, k=k, progress=report("personalized")
-            )
+            job = personalize_in_throwaway_home(history, model_dir, Path(home))
+            result.job_status = job.status + (f": {job.reason}" if job.reason else "")
+            result.job_seconds = job.seconds
+            result.peak_rss_mb = max(job.peak_rss_mb, _peak_rss_mb())
+            if job.status == "failed":
+                raise KeyboardError(f"the personalization job failed: {job.reason}")
+            if job.adapter_path is None:
+                # Not promoted (the job's gate kept the base model): the user keeps typing
+                # with the base model, so "after" is "before".
+                result.after = before
+            else:
+                result.adapter = job.version or Path(job.adapter_path).name
+                if not predictor.load_adapter(job.adapter_path):
+                    raise KeyboardError(f"cannot load the adapter {job.adapter_path}")
+                result.after = simulate(
+                    predictor, test, history=history, k=k, progress=report("personalized")
+                )
     return result
 
 

@@ -6,7 +6,9 @@ import importlib.util
 import json
 import math
 import re
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -262,12 +264,51 @@ def test_cli_reports_a_missing_model(capsys, tmp_path):
     assert "no model at" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("keyboard.personalize") is not None,
-    reason="the personalization job exists",
-)
-def test_cli_personalize_says_the_job_is_not_available_yet(capsys, tmp_path):
+def test_cli_personalize_needs_a_history(capsys, tmp_path):
     path = tmp_path / "u.txt"
-    path.write_text("one\ntwo\nthree\n", encoding="utf-8")
+    path.write_text("only one message\n", encoding="utf-8")
     assert cli.main(["eval", str(path), "--model", str(tmp_path), "--personalize"]) == 1
-    assert "personalization is not available yet" in capsys.readouterr().err
+    assert "needs at least 2 messages" in capsys.readouterr().err
+
+
+def test_cli_types_a_file_through_the_real_predictor(capsys, tmp_path, tiny_llama):
+    path = tmp_path / "user.jsonl"
+    lines = ["Hello there, it's me.", "", "Second message: well-known words!", "third one"]
+    path.write_text("\n".join(json.dumps({"ts": "2004", "text": t}) for t in lines if t))
+    png = tmp_path / "plot.png"
+    argv = ["eval", str(path), "--model", str(tiny_llama), "--json", "--max-lines", "2"]
+    assert cli.main([*argv, "--plot", str(png)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    before = data["before"]
+    assert (data["messages"], data["evaluated"], data["history"]) == (3, 2, 0)
+    assert before["chars"] == len(lines[0]) + len(lines[2])
+    assert before["words"] == len(words(lines[0])) + len(words(lines[2]))
+    assert (
+        before["words"]
+        <= before["predictions"]
+        <= sum(len(w) for w in words(lines[0] + " " + lines[2]))
+    )
+    assert 0 <= before["keystrokes"] <= before["chars"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- the presage adapter's text handling (no presage needed) -------------------------------
+def _peer_presage():
+    spec = importlib.util.spec_from_file_location(
+        "peer_presage", Path(__file__).resolve().parent.parent / "benchmarks" / "peer_presage.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["peer_presage"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_presage_completions_make_the_words_a_client_types():
+    peer = _peer_presage()
+    assert peer.apply_completion("Th", "e ") == "The"  # presage appends a space: not counted
+    assert peer.apply_completion("don'", "t ") == "don't"  # presage splits at apostrophes
+    assert peer.apply_completion("well-", "known ") == "well-known"
+    assert peer.apply_completion("u", "\byou ") == "you"  # abbreviation: erase, then expand
+    text = "a\\b\tc\nd\re\bf"
+    assert peer.unescape(peer.escape(text)) == text
+    assert "\t" not in peer.escape(text) and "\n" not in peer.escape(text)
