@@ -4,9 +4,9 @@
     python benchmarks/serve_load.py --model DIR           # ... on another artifact set
     python benchmarks/serve_load.py --socket PATH         # measures a daemon already running
 
-Each client keeps one connection and sends predict requests one after another (the way an
-editor does), with contexts cut from a few sentences at random points so the predictor's cache
-does not answer everything. Prints JSON: ready time and idle RSS of a daemon it started, then
+Each client keeps one connection and sends predict requests one after another, the way an
+editor does while someone types: the context grows by a keystroke or two per request, so the
+predictor's key/value cache helps as it would in use, and each client has its own text. Prints JSON: ready time and idle RSS of a daemon it started, then
 per level: clients, requests, errors, throughput (requests/s), latency p50/p99 (ms, measured by
 the client, round trip), and the model's own p50 latency (latency_ms in the answers).
 """
@@ -43,11 +43,19 @@ SENTENCES = [
 
 
 def contexts(n: int, seed: int) -> list[str]:
+    """What one user sends while typing: the text before the cursor after every keystroke or
+    two, through sentences in a random order, after a preamble of its own (so clients do not
+    share cached results)."""
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        s = rng.choice(SENTENCES)
-        out.append(s[: rng.randint(1, len(s) - 1)])
+    typed = f"Note {seed}: "
+    out: list[str] = []
+    while len(out) < n:
+        sentence = rng.choice(SENTENCES) + " "
+        at = 0
+        while at < len(sentence) and len(out) < n:
+            at += rng.randint(1, 2)
+            out.append(typed + sentence[:at])
+        typed += sentence
     return out
 
 

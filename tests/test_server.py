@@ -747,8 +747,26 @@ def test_cli_client(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         status = keyboard("status")
         assert status.returncode == 0 and "adapter      base" in status.stdout
         assert json.loads(keyboard("status", "--json").stdout)["server"]["torch_loaded"] is False
+        # forget goes through the daemon (the typing log's one writer) while it runs.
+        with connect(sock) as c:
+            call(c, "observe", {"text": "from the diary", "source": "diary"})
+        forgot = keyboard("forget", "--source", "diary")
+        assert forgot.returncode == 0 and "forgot 1 entry" in forgot.stdout
+        vague = keyboard("forget")  # the daemon's own message about what is missing
+        assert vague.returncode == 1 and "say what to forget" in vague.stderr
+        trained = keyboard("train", "--via-daemon", "--json")
+        assert json.loads(trained.stdout)["pid"] > 0, trained.stderr
     finally:
         stopped = keyboard("stop")
     assert stopped.returncode == 0, stopped.stderr
     assert not sock.exists()
     assert keyboard("status").returncode == 1
+    assert "not running" in keyboard("train", "--via-daemon").stderr
+    # Without a daemon, forget works on the database directly.
+    from keyboard.typing_log import TypingLog
+
+    monkeypatch.setenv("KEYBOARD_HOME", env["KEYBOARD_HOME"])
+    with TypingLog() as log:
+        log.add("written while the daemon was down", source="diary")
+    forgot = keyboard("forget", "--source", "diary")
+    assert forgot.returncode == 0 and "forgot 1 entry" in forgot.stdout
