@@ -11,15 +11,18 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keyboard import paths
 from keyboard.progress import Progress
 from keyboard.types import KeyboardError
+
+if TYPE_CHECKING:
+    from keyboard.artifacts import Adapter
 
 log = logging.getLogger("keyboard.personalize")
 
@@ -287,6 +290,7 @@ def run_job(
     force: bool = False,
     seed: int = 0,
     progress: Progress | None = None,
+    after_training: Callable[[Adapter], Adapter] | None = None,
 ) -> JobResult:
     """Run the personalization job once in the current keyboard home.
 
@@ -295,6 +299,8 @@ def run_job(
     loss and next-word top-3 before and after, and promotes the new adapter only if the gate
     passes. `force` ignores the minimum of new words and the battery check (not the gate).
     Promotion is the last, atomic step: a kill at any moment leaves the old adapter active.
+    `after_training` transforms the trained adapter before it is measured (the tests hand
+    the gate a deliberately damaged candidate through it).
     """
     started = time.monotonic()
     config = config or JobConfig.load()
@@ -310,6 +316,7 @@ def run_job(
                 force,
                 seed,
                 progress,
+                after_training,
             )
     except JobBusy as exc:
         result = JobResult("busy", str(exc))
@@ -334,6 +341,7 @@ def _locked_job(
     force: bool,
     seed: int,
     progress: Progress,
+    after_training: Callable[[Adapter], Adapter] | None,
 ) -> JobResult:
     from keyboard.typing_log import TypingLog
 
@@ -373,8 +381,9 @@ def _locked_job(
             return JobResult("skipped", skip, job_id, metrics={"data": data})
         try:
             result = _train_and_gate(
-                model_dir, config, text, data, budget_s, max_steps, lr, seed, progress, started
-            )
+                model_dir, config, text, data, budget_s, max_steps, lr, seed, progress, started,
+                after_training,
+            )  # fmt: skip
         except KeyboardError as exc:
             typing_log.finish_job(job_id, "failed", {"data": data}, reason=str(exc))
             return JobResult("failed", str(exc), job_id, metrics={"data": data})
@@ -409,6 +418,7 @@ def _train_and_gate(
     seed: int,
     progress: Progress,
     started: float,
+    after_training: Callable[[Adapter], Adapter] | None,
 ) -> JobResult:
     from keyboard.adapter_store import AdapterStore
     from keyboard.artifacts import ArtifactSet
@@ -459,6 +469,9 @@ def _train_and_gate(
     )
     progress.close()
     candidate = trainer.adapter()  # fit restored the best adapter on held-out loss
+    if after_training is not None:
+        candidate = after_training(candidate)
+        trainer.set_adapter(candidate)
     after = {"loss": trainer.evaluate(heldout_batches)}
     predictor.load_adapter(candidate, "candidate")
     after.update(_typing_metrics(predictor, typed, history))

@@ -25,7 +25,9 @@ from keyboard.types import KeyboardError
 from keyboard.typing_log import TypingLog
 
 REPO = Path(__file__).resolve().parent.parent
-WORD = "zorblaxian"
+# Made up, and two tokens of the tiny models' tokenizer ("Ġday" "rit"): a 2-layer model with
+# 32 hidden units learns that in 100 steps; longer words need a bigger model than a test wants.
+WORD = "dayrit"
 
 
 def _user_lines(n: int = 50, seed: int = 0) -> list[str]:
@@ -54,16 +56,14 @@ def _quiet() -> Progress:
 
 
 def _offers_word(words: list[str]) -> bool:
-    # The predictor completes whole words; accept the word or a leading piece of it (>= 2
-    # letters), which is what a tiny model with a byte-level tokenizer may stop at.
-    return any(w == WORD or (len(w) >= 2 and WORD.startswith(w)) for w in words)
+    return WORD in words
 
 
 def test_job_learns_the_users_word(tiny_llama: Path) -> None:
     from keyboard.predictor import Predictor
 
     predictor = Predictor(tiny_llama, threads=1)
-    assert not _offers_word(predictor.predict("I love", k=3).words)
+    assert not _offers_word(predictor.predict("I love ", k=3).words)
 
     _log(_user_lines())
     result = run_job(tiny_llama, config=_fast(), progress=_quiet())
@@ -80,7 +80,7 @@ def test_job_learns_the_users_word(tiny_llama: Path) -> None:
     assert meta["data"]["new_words"] > 0 and meta["start_adapter"] == "base"
 
     predictor.load_adapter(path, version)
-    assert _offers_word(predictor.predict("I love", k=3).words)
+    assert _offers_word(predictor.predict("I love ", k=3).words)
 
     with TypingLog() as log:
         job = log.last_job()
@@ -106,23 +106,30 @@ def test_gate_rule() -> None:
     assert not ok and "not a number" in why
 
 
-def test_gate_rejects_an_adapter_that_is_not_better(tiny_llama: Path) -> None:
+def test_gate_rejects_a_worse_adapter(tiny_llama: Path) -> None:
     store = AdapterStore(artifacts=ArtifactSet.open(tiny_llama))
     start = {n: v + 0.001 for n, v in store.artifacts.initial_adapter().items()}
     store.promote(start, {"source": "test"})
     _log(_user_lines())
-    # A learning rate this large diverges at once: the held-out loss never improves, fit keeps
-    # the starting adapter, and the gate refuses to promote it.
-    result = run_job(tiny_llama, config=_fast(lr=50.0, max_steps=20, eval_every=5),
-                     progress=_quiet())  # fmt: skip
+
+    def damage(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Large random LoRA B tensors: a candidate far worse than the one it would replace.
+        rng = np.random.default_rng(0)
+        return {
+            n: rng.normal(0, 2.0, v.shape).astype(np.float32) if "lora_B" in n else v
+            for n, v in adapter.items()
+        }
+
+    result = run_job(tiny_llama, config=_fast(), progress=_quiet(), after_training=damage)
     assert result.status == "rejected", result.reason
     assert "kept adapter v0001" in result.reason and "did not improve" in result.reason
-    assert result.version == "v0001" and result.adapter_path is None
+    assert result.metrics["after"]["loss"] > result.metrics["before"]["loss"]
+    assert result.version == "v0001" and result.adapter_path is None and result.exit_code == 0
     assert store.active()[0] == "v0001" and [e.version for e in store.list()] == ["v0001"]
     with TypingLog() as log:
         job = log.last_job()
         assert job["status"] == "rejected" and "did not improve" in job["reason"]
-        assert "before" in job["metrics"] and "after" in job["metrics"]
+        assert job["metrics"]["after"]["loss"] == result.metrics["after"]["loss"]
 
 
 def test_lock_refuses_a_second_job(tiny_llama: Path, capsys: pytest.CaptureFixture) -> None:
