@@ -104,6 +104,12 @@ def test_gate_rule() -> None:
     assert not ok and "top-3 accuracy fell" in why
     ok, why = gate(before, {"loss": float("nan"), "top3": 0.5}, 0.001)
     assert not ok and "not a number" in why
+    # With per-word counts, top-3 must fall by more than chance: 1.645 * sqrt(lost + gained).
+    noisy = {"loss": 2.5, "top3": 0.17, "top3_lost": 10, "top3_gained": 4}  # 6 <= 6.2
+    assert gate(before, noisy, 0.001)[0]
+    clear = {"loss": 2.5, "top3": 0.15, "top3_lost": 12, "top3_gained": 2}  # 10 > 5.9
+    ok, why = gate(before, clear, 0.001)
+    assert not ok and "12 words lost, 2 gained" in why
 
 
 def test_gate_rejects_a_worse_adapter(tiny_llama: Path) -> None:
