@@ -33,7 +33,7 @@ import time
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,8 @@ MAX_DEPTH = 12  # hard limit on search depth (long odd prefixes)
 PUNCT_TOKENS = 4  # punctuation candidates considered at a word boundary
 LRU_SIZE = 1024  # finished results
 HYPOTHESIS_CACHE_SIZE = 384  # token distributions (one float32 vector of the vocabulary each)
+TOP_CONTINUATIONS = 32  # likeliest word continuations kept per distribution (>= MAX_K + margin)
+MAX_GAP = 6  # tokens a scored sequence may extend the cached key/values by before they move
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
@@ -164,6 +166,7 @@ class TokenTable:
         self.finish_char = plain & (self.word_len > 0) & self.mid_char  # after a split character
         self.boundary = ~self.cont
         self.boundary_f = self.boundary.astype(np.float32)
+        self.cont_f = self.cont.astype(np.float32)
         self.punct_spaced = np.array([i for i in self.punct if self.spaced[i]], dtype=np.int64)
         self.punct_plain = np.array([i for i in self.punct if not self.spaced[i]], dtype=np.int64)
         order = sorted((b, i) for i, b in enumerate(self.bytes) if not self.special[i])
@@ -239,12 +242,51 @@ class _Hyp:
     score: float  # P(tokens | context)
 
 
-Evaluate = Callable[[list[tuple[int, ...]]], np.ndarray]  # token tuples -> next-token probs
+@dataclass
+class Next:
+    """The model's next-token distribution after one token sequence, and what the search
+    reads from it (computed once per sequence, kept in the cache with it)."""
+
+    probs: np.ndarray  # float32 [vocab]
+    end: float  # P(the next token ends a word)
+    cont_ids: np.ndarray  # the likeliest word continuations, most probable first
+    cont_probs: np.ndarray
+    tops: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def top(self, name: str, mask: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `n` likeliest tokens among `mask` (named for the memo), most probable first."""
+        hit = self.tops.get(name)
+        if hit is None or len(hit[0]) < n:
+            masked = np.where(mask, self.probs, 0.0)
+            ids = np.argpartition(masked, -n)[-n:]
+            ids = ids[np.argsort(-masked[ids], kind="stable")]
+            hit = self.tops[name] = (ids, masked[ids])
+        return hit[0][:n], hit[1][:n]
+
+
+def next_distributions(table: TokenTable, logits: np.ndarray) -> list[Next]:
+    """`Next` for each row of last-position logits [rows, vocab], in a few vector operations."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    ends = z @ table.boundary_f
+    masked = z * table.cont_f
+    top = np.argpartition(masked, -TOP_CONTINUATIONS, axis=1)[:, -TOP_CONTINUATIONS:]
+    out = []
+    for row in range(z.shape[0]):
+        ids = top[row]
+        ps = masked[row, ids]
+        order = np.argsort(-ps, kind="stable")
+        out.append(Next(z[row], float(ends[row]), ids[order], ps[order]))
+    return out
+
+
+Evaluate = Callable[[list[tuple[int, ...]]], list[Next]]  # token tuples after the context
 
 
 def search_words(
     table: TokenTable,
-    root_probs: np.ndarray,
+    root: Next,
     evaluate: Evaluate,
     lead: bytes,
     prefix: bytes,
@@ -266,18 +308,13 @@ def search_words(
             return 0.0
         return sorted(finished.values(), reverse=True)[k - 1]
 
-    def finish(hyps: list[_Hyp], probs: np.ndarray) -> None:
-        ends = probs @ table.boundary_f
-        for h, end in zip(hyps, ends.tolist(), strict=True):
-            if len(h.word) >= len(prefix) and _can_end(h.word):
-                finished[h.word] = finished.get(h.word, 0.0) + h.score * end
-
-    hyps, probs = [_Hyp((), b"", 1.0)], root_probs[None, :]
+    hyps, nexts = [_Hyp((), b"", 1.0)], [root]
     for _ in range(max_depth):
         expansions: list[tuple[float, _Hyp, int]] = []
-        for h, p in zip(hyps, probs, strict=True):
-            for t in _next_tokens(table, h, p, lead, prefix, beam).tolist():
-                expansions.append((h.score * float(p[t]), h, t))
+        for h, nxt in zip(hyps, nexts, strict=True):
+            ids, ps = _next_tokens(table, h, nxt, lead, prefix, beam)
+            scores = (ps * h.score).tolist()
+            expansions.extend(zip(scores, [h] * len(scores), ids.tolist(), strict=True))
         floor = kth_best()
         grown: list[_Hyp] = []
         for score, h, t in sorted(expansions, key=lambda e: -e[0]):
@@ -294,8 +331,10 @@ def search_words(
                 grown.append(_Hyp((*h.tokens, t), word, score))
         if not grown:
             break
-        hyps, probs = grown, evaluate([h.tokens for h in grown])
-        finish(hyps, probs)
+        hyps, nexts = grown, evaluate([h.tokens for h in grown])
+        for h, nxt in zip(hyps, nexts, strict=True):
+            if len(h.word) >= len(prefix) and _can_end(h.word):
+                finished[h.word] = finished.get(h.word, 0.0) + h.score * nxt.end
     return finished
 
 
@@ -304,29 +343,32 @@ def _can_end(word: bytes) -> bool:
 
 
 def _next_tokens(
-    table: TokenTable, h: _Hyp, probs: np.ndarray, lead: bytes, prefix: bytes, beam: int
-) -> np.ndarray:
-    """The tokens that may follow hypothesis `h`: the `beam` likeliest once the prefix is
-    spelled out, else those that agree with the rest of the prefix."""
+    table: TokenTable, h: _Hyp, nxt: Next, lead: bytes, prefix: bytes, beam: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens that may follow hypothesis `h`, with their probabilities: the `beam`
+    likeliest once the prefix is spelled out, else those that agree with the rest of it."""
     needs_lead = bool(lead) and not h.tokens
     if needs_lead:
-        mask = table.first_spaced
+        name, mask = "first_spaced", table.first_spaced
     elif not h.word:
-        mask = table.first_plain
+        name, mask = "first_plain", table.first_plain
     elif _incomplete(h.word):
-        mask = table.finish_char
+        name, mask = "finish_char", table.finish_char
     elif h.word.endswith(b"-"):
-        mask = table.after_hyphen
+        name, mask = "after_hyphen", table.after_hyphen
     else:
-        mask = table.cont
+        name, mask = "cont", table.cont
     extra: list[int] = []
     if needs_lead and table.space_id is not None:
         extra.append(table.space_id)  # a bare space token, then the word (" " + "zanzibar")
     rest = prefix[len(h.word) :]
     if not rest:
-        masked = np.where(mask, probs, 0.0)
-        ids = np.argpartition(masked, -beam)[-beam:]
-        ids = ids[masked[ids] > 0]
+        if name == "cont":
+            ids, ps = nxt.cont_ids[:beam], nxt.cont_probs[:beam]
+        else:
+            ids, ps = nxt.top(name, mask, beam)
+        if not extra:
+            return ids, ps
     else:
         # Tokens holding all of `key` (and maybe more of the word), or a part of it.
         key = (lead if needs_lead else b"") + rest
@@ -339,30 +381,45 @@ def _next_tokens(
                 extra.append(t)
     if extra:
         ids = np.concatenate([ids, np.array(extra, dtype=np.int64)])
-    return ids
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=-1, keepdims=True)
-    return z
+    return ids, nxt.probs[ids]
 
 
 # --- the engine: one session (one adapter) and its caches ---------------------------------------
-@dataclass
-class _Context:
-    ids: tuple[int, ...]
-    kv: list[np.ndarray]  # [1, kv_heads, len(ids), head_dim] per past input
-    probs: np.ndarray  # next-token distribution after the context
+class _State:
+    """Key/values of a base token sequence, and next-token distributions by token sequence.
+
+    Any sequence that extends the base by at most MAX_GAP tokens is scored by running only its
+    extra tokens on top of the base's key/values; the base moves when a context leaves it.
+    """
+
+    def __init__(self) -> None:
+        self.base: tuple[int, ...] = ()
+        self.kv: list[np.ndarray] = []  # [1, kv_heads, len(base), head_dim] per past input
+        self.repeated: list[np.ndarray] = []  # the same, repeated along the batch axis
+        self.nexts: OrderedDict[tuple[int, ...], Next] = OrderedDict()
+
+    def get(self, seq: tuple[int, ...]) -> Next | None:
+        hit = self.nexts.get(seq)
+        if hit is not None:
+            self.nexts.move_to_end(seq)
+        return hit
+
+    def put(self, seq: tuple[int, ...], nxt: Next) -> None:
+        self.nexts[seq] = nxt
+        while len(self.nexts) > HYPOTHESIS_CACHE_SIZE:
+            self.nexts.popitem(last=False)
+
+    def covers(self, seq: tuple[int, ...]) -> bool:
+        n = len(self.base)
+        return bool(self.kv) and len(seq) - n <= MAX_GAP and seq[:n] == self.base
 
 
 class Engine:
     """An inference session with one adapter applied, and the caches that belong to it."""
 
     def __init__(
-        self, model_path: Path, artifacts: ArtifactSet, adapter: Adapter | None, version: str,
-        threads: int, cache: bool,
+        self, model_path: Path, artifacts: ArtifactSet, table: TokenTable,
+        adapter: Adapter | None, version: str, threads: int, cache: bool,
     ) -> None:  # fmt: skip
         ort = runtime.onnxruntime()
         source: str | bytes = str(model_path)
@@ -374,6 +431,7 @@ class Engine:
             )
         except Exception as exc:  # ORT raises its own exception types
             raise ArtifactError(f"cannot load {model_path}: {exc}") from exc
+        self.table = table
         self.version = version
         self.cache = cache
         inference = artifacts.manifest["inference"]
@@ -382,10 +440,8 @@ class Engine:
         layers = int(inference["layers"])
         self.past_names = [f"past.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
         self.output_names = ["logits"] + [n.replace("past", "present") for n in self.past_names]
-        self.lock = threading.Lock()
-        self._context: _Context | None = None
-        self._repeated: list[np.ndarray] = []  # the context's key/values, repeated along batch
-        self._hypotheses: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self.lock = threading.Lock()  # guards `state` and `results` (cache on)
+        self.state = _State()
         self.results: OrderedDict[Any, tuple[Candidate, ...]] = OrderedDict()
 
     def run(self, ids: np.ndarray, past: Sequence[np.ndarray], past_len: int, presents: bool):
@@ -406,61 +462,54 @@ class Engine:
         shape = (batch, self.kv_heads, 0, self.head_dim)
         return [np.zeros(shape, dtype=np.float32) for _ in self.past_names]
 
-    def context(self, ids: tuple[int, ...]) -> _Context:
-        """The key/values and next-token distribution of `ids`, reusing the cached context's
-        longest common prefix when caching is on."""
-        old = self._context if self.cache else None
-        if old is not None and old.ids == ids:
-            return old
+    def session_state(self) -> _State:
+        """The caches to use for one prediction: the engine's own, or fresh ones (cache off)."""
+        return self.state if self.cache else _State()
+
+    def root(self, state: _State, context: tuple[int, ...]) -> Next:
+        """The next-token distribution after the context (from the cache if it is there)."""
+        return state.get(context) or self.rebase(state, context)
+
+    def rebase(self, state: _State, context: tuple[int, ...]) -> Next:
+        """Make `context` the base: run the tokens after its common prefix with the old base."""
         common = 0
-        if old is not None:
-            limit = min(len(old.ids), len(ids))
-            while common < limit and old.ids[common] == ids[common]:
-                common += 1
-            common = min(common, len(ids) - 1)  # the last token is run for its logits
-        if common:
-            past = [np.ascontiguousarray(kv[:, :, :common, :]) for kv in old.kv]  # type: ignore[union-attr]
-        else:
+        limit = min(len(state.base), len(context) - 1)  # the last token runs for its logits
+        while common < limit and state.base[common] == context[common]:
+            common += 1
+        if common == 0:
             past = self._empty_past()
-        new = np.array([ids[common:]], dtype=np.int64)
+        elif common == len(state.base):
+            past = state.kv
+        else:
+            past = [np.ascontiguousarray(kv[:, :, :common, :]) for kv in state.kv]
+        new = np.array([context[common:]], dtype=np.int64)
         logits, kv = self.run(new, past, common, presents=True)
-        ctx = _Context(ids, kv, _softmax(logits)[0])
-        if self.cache:
-            self._context, self._repeated = ctx, []
-        return ctx
+        state.base, state.kv, state.repeated = context, kv, []
+        nxt = next_distributions(self.table, logits)[0]
+        state.put(context, nxt)
+        return nxt
 
-    def evaluator(self, ctx: _Context) -> Evaluate:
+    def evaluator(self, state: _State, context: tuple[int, ...]) -> Evaluate:
         """Next-token distributions after context + each token tuple (all of one length)."""
-        repeated: list[np.ndarray] = self._repeated if self.cache else []
 
-        def evaluate(hyps: list[tuple[int, ...]]) -> np.ndarray:
-            nonlocal repeated
-            out: list[np.ndarray | None] = [None] * len(hyps)
-            todo = []
-            for i, h in enumerate(hyps):
-                hit = self._hypotheses.get(ctx.ids + h) if self.cache else None
-                if hit is None:
-                    todo.append(i)
-                else:
-                    self._hypotheses.move_to_end(ctx.ids + h)
-                    out[i] = hit
+        def evaluate(hyps: list[tuple[int, ...]]) -> list[Next]:
+            seqs = [context + h for h in hyps]
+            out = [state.get(s) for s in seqs]
+            todo = [i for i, hit in enumerate(out) if hit is None]
             if todo:
-                if not repeated or repeated[0].shape[0] < len(todo):
+                if not state.covers(context):
+                    self.rebase(state, context)
+                n = len(state.base)
+                if not state.repeated or state.repeated[0].shape[0] < len(todo):
                     rows = max(len(todo), BEAM_WIDTH)
-                    repeated = [np.repeat(kv, rows, axis=0) for kv in ctx.kv]
-                    if self.cache:
-                        self._repeated = repeated
-                past = [kv[: len(todo)] for kv in repeated]
-                ids = np.array([hyps[i] for i in todo], dtype=np.int64)
-                logits, _ = self.run(ids, past, len(ctx.ids), presents=False)
-                probs = _softmax(logits)
-                for row, i in enumerate(todo):
-                    out[i] = probs[row]
-                    if self.cache:
-                        self._hypotheses[ctx.ids + hyps[i]] = probs[row]
-                while len(self._hypotheses) > HYPOTHESIS_CACHE_SIZE:
-                    self._hypotheses.popitem(last=False)
-            return np.stack(out)  # type: ignore[arg-type]
+                    state.repeated = [np.repeat(kv, rows, axis=0) for kv in state.kv]
+                past = [kv[: len(todo)] for kv in state.repeated]
+                ids = np.array([seqs[i][n:] for i in todo], dtype=np.int64)
+                logits, _ = self.run(ids, past, n, presents=False)
+                for i, nxt in zip(todo, next_distributions(self.table, logits), strict=True):
+                    out[i] = nxt
+                    state.put(seqs[i], nxt)
+            return out  # type: ignore[return-value]
 
         return evaluate
 
@@ -504,7 +553,9 @@ class Predictor:
         self._engine = self._build(None, "base")
 
     def _build(self, adapter: Adapter | None, version: str) -> Engine:
-        return Engine(self.model_path, self.artifacts, adapter, version, self.threads, self.cache)
+        return Engine(
+            self.model_path, self.artifacts, self.table, adapter, version, self.threads, self.cache
+        )
 
     @property
     def adapter_version(self) -> str:
@@ -596,16 +647,18 @@ class Predictor:
         return tuple(ids[-self.context_tokens :])
 
     def _compute(self, engine: Engine, query: Query) -> tuple[Candidate, ...]:
-        ctx = engine.context(self.context_ids(query))
-        evaluate = engine.evaluator(ctx)
+        context = self.context_ids(query)
+        state = engine.session_state()
+        root = engine.root(state, context)
+        evaluate = engine.evaluator(state, context)
         k = query.k
-        found = self._words(ctx.probs, evaluate, query.lead, query.prefix, k)
+        found = self._words(root, evaluate, query.lead, query.prefix, k)
         if len(found) < k and query.prefix != query.prefix.lower():
             # A capitalised prefix the model rarely saw capitalised ("THAN", "Xylo"): complete
             # its lower-case form and carry the typed capitals over.
             lower = query.prefix.lower()
             shout = len(query.prefix) > 1 and query.prefix.isupper()
-            for word, p in self._words(ctx.probs, evaluate, query.lead, lower, k).items():
+            for word, p in self._words(root, evaluate, query.lead, lower, k).items():
                 tail = word[len(lower) :]
                 cased = query.prefix + (tail.upper() if shout else tail)
                 if WORD_RE.fullmatch(cased) and cased not in found:
@@ -614,11 +667,11 @@ class Predictor:
         if not query.prefix:
             ids = self.table.punct_spaced if query.lead else self.table.punct_plain
             if len(ids):
-                best = ids[np.argsort(-ctx.probs[ids], kind="stable")[:PUNCT_TOKENS]]
+                best = ids[np.argsort(-root.probs[ids], kind="stable")[:PUNCT_TOKENS]]
                 punct: dict[str, float] = {}
                 for t in best.tolist():
                     mark = self.table.punct[t]
-                    punct[mark] = punct.get(mark, 0.0) + float(ctx.probs[t])
+                    punct[mark] = punct.get(mark, 0.0) + float(root.probs[t])
                 candidates += [Candidate(m, p, "punct") for m, p in punct.items()]
         candidates.sort(key=lambda c: (-c.score, c.word))
         if not candidates and query.prefix and WORD_RE.fullmatch(query.prefix):
@@ -628,11 +681,11 @@ class Predictor:
         return tuple(candidates[:k])
 
     def _words(
-        self, root: np.ndarray, evaluate: Evaluate, lead: bytes, prefix: str, k: int
+        self, root: Next, evaluate: Evaluate, lead: bytes, prefix: str, k: int
     ) -> dict[str, float]:
         raw_prefix = prefix.encode("utf-8")
-        needed = len(self.tokenizer.encode(lead.decode() + prefix, add_special_tokens=False).ids)
-        depth = min(MAX_DEPTH, max(MAX_WORD_TOKENS, needed + MAX_WORD_TOKENS - 1))
+        # Room for the prefix (a token spells two bytes or more, but for odd text) and the rest.
+        depth = min(MAX_DEPTH, MAX_WORD_TOKENS + (len(raw_prefix) + 1) // 2)
         beam = max(BEAM_WIDTH, k)
         raw = search_words(self.table, root, evaluate, lead, raw_prefix, k, depth, beam)
         words: dict[str, float] = {}

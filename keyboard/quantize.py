@@ -3,8 +3,7 @@
 The exported graph multiplies by `Transpose(weight)` (the exporter keeps initializers unfolded so
 LoRA tensors stay overridable by name), and ORT's dynamic quantizer only quantizes a MatMul whose
 weight is an initializer. So the base weights' transposes are folded first; the LoRA tensors are
-left alone (float, same names), so an adapter still applies to the int8 graph with
-`SessionOptions.add_initializer`.
+left alone (float, same names), so an adapter still applies to the int8 graph by replacing them.
 
 Whether int8 is used by default is decided by `quantization.json` in the artifact set, which
 `benchmarks/predict_latency.py --record` writes after measuring top-3 next-word accuracy of fp32

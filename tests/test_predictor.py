@@ -121,7 +121,7 @@ def test_multi_token_words_come_back_whole(tiny_llama: Path, holiday_adapter: Pa
 
 def _reference_word_probability(predictor: Predictor, text: str, spelled: str) -> float:
     """P(spelled's tokens, then a token that cannot continue the word), by plain full runs."""
-    tokenizer, engine = predictor.tokenizer, predictor._engine
+    tokenizer, engine = predictor.tokenizer, predictor._engine  # plain runs, no caches
     context = [predictor.eos_id, *tokenizer.encode(text).ids]
     word = tokenizer.encode(spelled).ids
 
