@@ -398,7 +398,7 @@ def _locked_job(
         text = typing_log.training_text(
             replay_fraction=config.replay_fraction,
             holdout_fraction=config.holdout_fraction,
-            seed=seed,
+            seed=seed + typing_log.watermark,  # a different replay sample each job
             max_new_words=config.max_new_words,
         )
         job_id = typing_log.start_job(watermark=text.watermark)
