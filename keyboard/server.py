@@ -228,13 +228,16 @@ class Daemon:
                 f"no model at {model_dir}: pass --model DIR or set KEYBOARD_MODEL "
                 "(an artifact set made by `keyboard export`)"
             )
-        self.predictor = Predictor(model_dir, threads=self.config.threads)
-        if importlib.util.find_spec("keyboard.adapter_store") is not None:
-            from keyboard.adapter_store import AdapterStore
+        opened = self._log_pool.submit(TypingLog)  # meanwhile, on its own thread
+        try:
+            self.predictor = Predictor(model_dir, threads=self.config.threads)
+            if importlib.util.find_spec("keyboard.adapter_store") is not None:
+                from keyboard.adapter_store import AdapterStore
 
-            self.adapter_store = AdapterStore(artifacts=self.predictor.artifacts)
-            self._reload_adapter()
-        self.typing_log = self._log_pool.submit(TypingLog).result()
+                self.adapter_store = AdapterStore(artifacts=self.predictor.artifacts)
+                self._reload_adapter()
+        finally:
+            self.typing_log = opened.result()
 
     def _reload_adapter(self) -> dict[str, Any]:
         """Serve the store's active adapter (the base model when there is none)."""
@@ -273,8 +276,9 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         path = self.config.socket_path
-        home = paths.home()
-        self._lock_fd = _claim_lock(home / LOCK_FILE, path)
+        if path.is_socket() and _socket_answers(path):  # the clearest message first
+            raise AlreadyRunning(f"keyboard is already running at {path}")
+        self._lock_fd = _claim_lock(paths.home() / LOCK_FILE, path)
         sock: socket.socket | None = None
         server: asyncio.AbstractServer | None = None
         try:
@@ -340,7 +344,8 @@ class Daemon:
     def stop(self) -> None:
         """Ask the daemon to shut down (from any thread)."""
         if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+            with contextlib.suppress(RuntimeError):  # already stopped: its loop is closed
+                self._loop.call_soon_threadsafe(self._stop.set)
 
     def _remove_socket(self) -> None:
         path = self.config.socket_path
@@ -887,8 +892,10 @@ def start_background(
         if process.poll() is not None:
             with open(log_path, "rb") as f:
                 f.seek(start)
-                tail = f.read().decode("utf-8", "replace").strip().splitlines()[-5:]
-            reason = "\n  ".join(line.split(" ", 3)[-1] for line in tail) or "no output"
+                lines = f.read().decode("utf-8", "replace").strip().splitlines()
+            # The command's own error line says why; else whatever the log ends with.
+            errors = [ln.removeprefix("keyboard: ") for ln in lines if ln.startswith("keyboard: ")]
+            reason = "\n  ".join(errors or lines[-5:]) or "no output"
             raise KeyboardError(f"the daemon did not start (see {log_path}):\n  {reason}")
         try:
             status = probe.call("status")

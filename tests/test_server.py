@@ -62,6 +62,14 @@ def short_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="kb", dir="/tmp"))
 
 
+@pytest.fixture
+def root() -> Iterator[Path]:
+    """A short temporary directory for a test's own daemon: socket, home, log."""
+    path = short_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def daemon_env(home: Path, model: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ, KEYBOARD_HOME=str(home), KEYBOARD_MODEL=str(model), **extra)
     env.pop("KEYBOARD_SOCKET", None)
@@ -267,14 +275,13 @@ def test_serving_process_never_imports_torch(conn: Conn, daemon: Served) -> None
 
 
 def test_reload_serves_the_active_adapter(
-    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, root: Path
 ) -> None:
     import numpy as np
 
     from keyboard.adapter_store import AdapterStore
     from keyboard.artifacts import ArtifactSet
 
-    root = short_dir()
     served = start_daemon(tiny_llama, root / "home", root / "s.sock")
     try:
         with connect(served.socket) as c:
@@ -298,8 +305,7 @@ def test_reload_serves_the_active_adapter(
         assert served.stop() == 0
 
 
-def test_train_runs_in_a_child_process_while_serving(tiny_llama: Path) -> None:
-    root = short_dir()
+def test_train_runs_in_a_child_process_while_serving(tiny_llama: Path, root: Path) -> None:
     home = root / "home"
     home.mkdir(mode=0o700)
     # A few steps are enough to see the job run; the default is minutes.
@@ -375,11 +381,10 @@ def test_error_codes(conn: Conn, line: bytes, code: int) -> None:
 
 
 @pytest.fixture
-def in_thread(tiny_llama: Path) -> Iterator[Any]:
+def in_thread(tiny_llama: Path, root: Path) -> Iterator[Any]:
     """A daemon on a thread of this process, for failures that need reaching inside."""
     from keyboard import server
 
-    root = short_dir()
     daemon, thread = server.run_in_thread(server.ServeConfig(root / "s.sock", tiny_llama))
     try:
         yield daemon
@@ -660,8 +665,7 @@ def test_socket_and_database_permissions(daemon: Served) -> None:
         assert stat.S_IMODE((daemon.home / name).stat().st_mode) == 0o600, name
 
 
-def test_graceful_shutdown_with_requests_in_flight(tiny_llama: Path) -> None:
-    root = short_dir()
+def test_graceful_shutdown_with_requests_in_flight(tiny_llama: Path, root: Path) -> None:
     served = start_daemon(tiny_llama, root / "home", root / "s.sock")
     with connect(served.socket, timeout=60) as c:
         batch = [
@@ -689,8 +693,7 @@ def test_graceful_shutdown_with_requests_in_flight(tiny_llama: Path) -> None:
         assert db.execute("SELECT count(*) FROM entries WHERE text LIKE 'written just%'").fetchone()[0] == 1  # fmt: skip
 
 
-def test_stale_socket_is_replaced_but_a_live_daemon_is_not(tiny_llama: Path) -> None:
-    root = short_dir()
+def test_stale_socket_is_replaced_but_a_live_daemon_is_not(tiny_llama: Path, root: Path) -> None:
     sock = root / "s.sock"
     first = start_daemon(tiny_llama, root / "home", sock)
     first.stop(signal.SIGKILL)  # a crash: the socket file stays behind
@@ -716,8 +719,7 @@ def test_stale_socket_is_replaced_but_a_live_daemon_is_not(tiny_llama: Path) -> 
         assert second.stop() == 0
 
 
-def test_cli_client(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    root = short_dir()
+def test_cli_client(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
     sock = root / "s.sock"
     env = daemon_env(root / "home", tiny_llama, KEYBOARD_SOCKET=str(sock))
 
