@@ -45,12 +45,13 @@ def replay(predictor: Any, lead: str, typed: str, k: int = 3) -> dict[str, Any]:
     """predict() after every keystroke of `typed` (preceded by `lead`); latency statistics."""
     for warm in ("Warming up the ", "session"):  # first-run allocations are not typing
         predictor.predict(warm, k=k)
-    latencies = []
+    latencies, cpu = [], []
     started = time.perf_counter()
     for end in range(1, len(typed) + 1):
         context = lead + typed[:end]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         predictor.predict(context, k=k)
+        cpu.append((time.thread_time() - c0) * 1000.0)
         latencies.append((time.perf_counter() - t0) * 1000.0)
     seconds = time.perf_counter() - started
     return {
@@ -61,6 +62,11 @@ def replay(predictor: Any, lead: str, typed: str, k: int = 3) -> dict[str, Any]:
         "mean_ms": round(statistics.fmean(latencies), 3),
         "max_ms": round(max(latencies), 3),
         "predictions_per_s": round(len(latencies) / seconds, 1),
+        # CPU time of the calling thread: with 1 thread ORT computes on it, so this is the
+        # latency on one idle core, whatever else the machine is doing (not with 2 threads).
+        "cpu_p50_ms": round(percentile(cpu, 50), 3),
+        "cpu_p95_ms": round(percentile(cpu, 95), 3),
+        "cpu_p99_ms": round(percentile(cpu, 99), 3),
     }
 
 

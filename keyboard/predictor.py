@@ -53,7 +53,8 @@ MAX_DEPTH = 12  # hard limit on search depth (long odd prefixes)
 PUNCT_TOKENS = 4  # punctuation candidates considered at a word boundary
 LRU_SIZE = 1024  # finished results
 HYPOTHESIS_CACHE_SIZE = 384  # token distributions (one float32 vector of the vocabulary each)
-TOP_CONTINUATIONS = 32  # likeliest word continuations kept per distribution (>= MAX_K + margin)
+TOP_TOKENS = 24  # likeliest tokens of a kind memoised per distribution (>= MAX_K)
+FIRST_CHUNK = 4  # hypotheses scored first at each depth: often enough to prune the rest
 MAX_GAP = 6  # tokens a scored sequence may extend the cached key/values by before they move
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
@@ -166,7 +167,6 @@ class TokenTable:
         self.finish_char = plain & (self.word_len > 0) & self.mid_char  # after a split character
         self.boundary = ~self.cont
         self.boundary_f = self.boundary.astype(np.float32)
-        self.cont_f = self.cont.astype(np.float32)
         self.punct_spaced = np.array([i for i in self.punct if self.spaced[i]], dtype=np.int64)
         self.punct_plain = np.array([i for i in self.punct if not self.spaced[i]], dtype=np.int64)
         order = sorted((b, i) for i, b in enumerate(self.bytes) if not self.special[i])
@@ -245,12 +245,10 @@ class _Hyp:
 @dataclass
 class Next:
     """The model's next-token distribution after one token sequence, and what the search
-    reads from it (computed once per sequence, kept in the cache with it)."""
+    reads from it (kept in the cache with the sequence)."""
 
     probs: np.ndarray  # float32 [vocab]
     end: float  # P(the next token ends a word)
-    cont_ids: np.ndarray  # the likeliest word continuations, most probable first
-    cont_probs: np.ndarray
     tops: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def top(self, name: str, mask: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -258,27 +256,20 @@ class Next:
         hit = self.tops.get(name)
         if hit is None or len(hit[0]) < n:
             masked = np.where(mask, self.probs, 0.0)
-            ids = np.argpartition(masked, -n)[-n:]
+            m = max(n, TOP_TOKENS)
+            ids = np.argpartition(masked, -m)[-m:]
             ids = ids[np.argsort(-masked[ids], kind="stable")]
             hit = self.tops[name] = (ids, masked[ids])
         return hit[0][:n], hit[1][:n]
 
 
 def next_distributions(table: TokenTable, logits: np.ndarray) -> list[Next]:
-    """`Next` for each row of last-position logits [rows, vocab], in a few vector operations."""
+    """`Next` for each row of last-position logits [rows, vocab]."""
     z = logits - logits.max(axis=1, keepdims=True)
     np.exp(z, out=z)
     z /= z.sum(axis=1, keepdims=True)
-    ends = z @ table.boundary_f
-    masked = z * table.cont_f
-    top = np.argpartition(masked, -TOP_CONTINUATIONS, axis=1)[:, -TOP_CONTINUATIONS:]
-    out = []
-    for row in range(z.shape[0]):
-        ids = top[row]
-        ps = masked[row, ids]
-        order = np.argsort(-ps, kind="stable")
-        out.append(Next(z[row], float(ends[row]), ids[order], ps[order]))
-    return out
+    ends = (z @ table.boundary_f).tolist()
+    return [Next(z[row], ends[row]) for row in range(z.shape[0])]
 
 
 Evaluate = Callable[[list[tuple[int, ...]]], list[Next]]  # token tuples after the context
@@ -311,30 +302,44 @@ def search_words(
     hyps, nexts = [_Hyp((), b"", 1.0)], [root]
     for _ in range(max_depth):
         expansions: list[tuple[float, _Hyp, int]] = []
+        floor = kth_best()
         for h, nxt in zip(hyps, nexts, strict=True):
-            ids, ps = _next_tokens(table, h, nxt, lead, prefix, beam)
+            ids, ps = _next_tokens(table, h, nxt, lead, prefix, beam, floor / h.score)
             scores = (ps * h.score).tolist()
             expansions.extend(zip(scores, [h] * len(scores), ids.tolist(), strict=True))
-        floor = kth_best()
-        grown: list[_Hyp] = []
-        for score, h, t in sorted(expansions, key=lambda e: -e[0]):
-            if score <= floor or len(grown) == beam:
+        expansions.sort(key=lambda e: -e[0])
+        # Score the likeliest few first: what they finish often prunes all the others, and
+        # each hypothesis costs a row in the batch.
+        hyps, nexts = [], []
+        position, chunk = 0, max(FIRST_CHUNK, k + 1)
+        while position < len(expansions) and len(hyps) < beam:
+            floor = kth_best()
+            grown: list[_Hyp] = []
+            while position < len(expansions) and len(hyps) + len(grown) < beam:
+                score, h, t = expansions[position]
+                if score <= floor or len(grown) == chunk:
+                    break
+                position += 1
+                raw = table.bytes[t]
+                body = raw[1:] if table.spaced[t] else raw
+                word = h.word + body[: table.word_len[t]]
+                if table.terminal[t]:  # the token itself ends the word ("ing.")
+                    if len(word) >= len(prefix) and _can_end(word):
+                        finished[word] = finished.get(word, 0.0) + score
+                        floor = kth_best()
+                else:
+                    grown.append(_Hyp((*h.tokens, t), word, score))
+            if not grown:
                 break
-            raw = table.bytes[t]
-            body = raw[1:] if table.spaced[t] else raw
-            word = h.word + body[: table.word_len[t]]
-            if table.terminal[t]:  # the token itself ends the word ("ing.")
-                if len(word) >= len(prefix) and _can_end(word):
-                    finished[word] = finished.get(word, 0.0) + score
-                    floor = kth_best()
-            else:
-                grown.append(_Hyp((*h.tokens, t), word, score))
-        if not grown:
+            scored = evaluate([h.tokens for h in grown])
+            for h, nxt in zip(grown, scored, strict=True):
+                if len(h.word) >= len(prefix) and _can_end(h.word):
+                    finished[h.word] = finished.get(h.word, 0.0) + h.score * nxt.end
+            hyps += grown
+            nexts += scored
+            chunk = beam
+        if not hyps:
             break
-        hyps, nexts = grown, evaluate([h.tokens for h in grown])
-        for h, nxt in zip(hyps, nexts, strict=True):
-            if len(h.word) >= len(prefix) and _can_end(h.word):
-                finished[h.word] = finished.get(h.word, 0.0) + h.score * nxt.end
     return finished
 
 
@@ -343,10 +348,11 @@ def _can_end(word: bytes) -> bool:
 
 
 def _next_tokens(
-    table: TokenTable, h: _Hyp, nxt: Next, lead: bytes, prefix: bytes, beam: int
+    table: TokenTable, h: _Hyp, nxt: Next, lead: bytes, prefix: bytes, beam: int, floor: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """The tokens that may follow hypothesis `h`, with their probabilities: the `beam`
-    likeliest once the prefix is spelled out, else those that agree with the rest of it."""
+    likeliest once the prefix is spelled out, else those that agree with the rest of it.
+    Tokens less probable than `floor` cannot make a word that makes the top k."""
     needs_lead = bool(lead) and not h.tokens
     if needs_lead:
         name, mask = "first_spaced", table.first_spaced
@@ -362,11 +368,17 @@ def _next_tokens(
     if needs_lead and table.space_id is not None:
         extra.append(table.space_id)  # a bare space token, then the word (" " + "zanzibar")
     rest = prefix[len(h.word) :]
+    if not rest and floor > 0 and not extra:
+        # One pass over the vocabulary: usually only a handful of tokens are that likely.
+        ids = np.flatnonzero(nxt.probs > floor)
+        ids = ids[mask[ids]]
+        ps = nxt.probs[ids]
+        if len(ids) > beam:
+            keep = np.argpartition(ps, -beam)[-beam:]
+            ids, ps = ids[keep], ps[keep]
+        return ids, ps
     if not rest:
-        if name == "cont":
-            ids, ps = nxt.cont_ids[:beam], nxt.cont_probs[:beam]
-        else:
-            ids, ps = nxt.top(name, mask, beam)
+        ids, ps = nxt.top(name, mask, beam)
         if not extra:
             return ids, ps
     else:
@@ -381,7 +393,11 @@ def _next_tokens(
                 extra.append(t)
     if extra:
         ids = np.concatenate([ids, np.array(extra, dtype=np.int64)])
-    return ids, nxt.probs[ids]
+    ps = nxt.probs[ids]
+    if len(ids) > 2 * beam:  # a short prefix agrees with hundreds of tokens: keep the likeliest
+        keep = np.argpartition(ps, -2 * beam)[-2 * beam :]
+        ids, ps = ids[keep], ps[keep]
+    return ids, ps
 
 
 # --- the engine: one session (one adapter) and its caches ---------------------------------------
@@ -550,6 +566,7 @@ class Predictor:
         else:
             self.model_path = self.artifacts.inference_model
         self._swap = threading.Lock()  # one adapter load at a time
+        self._last_ids: tuple[Any, tuple[int, ...]] = (None, ())
         self._engine = self._build(None, "base")
 
     def _build(self, adapter: Adapter | None, version: str) -> Engine:
@@ -641,10 +658,16 @@ class Predictor:
 
     def context_ids(self, query: Query) -> tuple[int, ...]:
         """Token ids the model reads for `query` (at most `context_tokens`)."""
+        key = (query.window, query.at_start)
+        last = self._last_ids
+        if self.cache and last[0] == key:  # typing inside a word: same window as before
+            return last[1]
         ids = self.tokenizer.encode(query.window, add_special_tokens=False).ids
         if query.at_start:
             ids = [self.eos_id, *ids]
-        return tuple(ids[-self.context_tokens :])
+        out = tuple(ids[-self.context_tokens :])
+        self._last_ids = (key, out)  # one tuple assignment: safe across threads
+        return out
 
     def _compute(self, engine: Engine, query: Query) -> tuple[Candidate, ...]:
         context = self.context_ids(query)
