@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import json
 import logging
 import math
@@ -465,7 +466,6 @@ def _train_and_gate(
 ) -> JobResult:
     from keyboard.adapter_store import AdapterStore
     from keyboard.artifacts import ArtifactSet
-    from keyboard.predictor import Predictor
     from keyboard.trainer import LoraTrainer
 
     artifacts = ArtifactSet.open(model_dir)
@@ -480,19 +480,18 @@ def _train_and_gate(
         model=artifacts.name, adapter=current, **data,
     )  # fmt: skip
 
+    typed = _eval_slice(text.heldout, config.max_eval_words)
+    history = text.new[-20:]  # context before the first held-out message
+
+    # The predictor and the trainer are never alive together: that halves the peak memory.
+    t0 = time.monotonic()
+    ranks_before = _ranks(model_dir, config.threads, None if active is None else start_tensors,
+                          current, typed, history)  # fmt: skip
     trainer = LoraTrainer(artifacts, adapter=start_tensors, threads=config.threads)
     seq_len = int(artifacts.manifest["training"].get("seq_len", 64))
     train_batches = trainer.batches(text.new + text.replay, seq_len, config.batch_size)
     heldout_batches = trainer.batches(text.heldout, seq_len, config.batch_size)
-    predictor = Predictor(model_dir, threads=config.threads)
-    predictor.load_adapter(None if active is None else start_tensors, current)
-    typed = _eval_slice(text.heldout, config.max_eval_words)
-    history = text.new[-20:]  # context before the first held-out message
-
-    t0 = time.monotonic()
-    before = {"loss": trainer.evaluate(heldout_batches)}
-    ranks_before = next_word_hits(predictor, typed, history)
-    before.update(_accuracy(ranks_before))
+    before = {"loss": trainer.evaluate(heldout_batches), **_accuracy(ranks_before)}
     eval_s = time.monotonic() - t0
     progress.event("evaluated", f"before: {_describe(before)}", stage="before", **before)
 
@@ -516,9 +515,10 @@ def _train_and_gate(
     if after_training is not None:
         candidate = after_training(candidate)
         trainer.set_adapter(candidate)
-    after = {"loss": trainer.evaluate(heldout_batches)}
-    predictor.load_adapter(candidate, "candidate")
-    ranks_after = next_word_hits(predictor, typed, history)
+    after: dict[str, Any] = {"loss": trainer.evaluate(heldout_batches)}
+    del trainer, train_batches, heldout_batches
+    gc.collect()
+    ranks_after = _ranks(model_dir, config.threads, candidate, "candidate", typed, history)
     after.update(_accuracy(ranks_after))
     pairs = list(zip(ranks_before, ranks_after, strict=True))
     after["top3_lost"] = sum(b >= 0 and a < 0 for b, a in pairs)
@@ -559,6 +559,26 @@ def _train_and_gate(
         adapter_path=store.get(version).path,
         metrics=metrics,
     )
+
+
+def _ranks(
+    model_dir: Path,
+    threads: int,
+    tensors: Adapter | None,
+    version: str,
+    typed: list[str],
+    history: list[str],
+) -> list[int]:
+    """next_word_hits with a predictor that serves `tensors` (None: the base model)."""
+    from keyboard.predictor import Predictor
+
+    predictor = Predictor(model_dir, threads=threads)
+    if tensors is not None and not predictor.load_adapter(tensors, version):
+        raise KeyboardError(f"the predictor could not load adapter {version}")
+    ranks = next_word_hits(predictor, typed, history)
+    del predictor
+    gc.collect()
+    return ranks
 
 
 def _describe(m: dict[str, Any]) -> str:
