@@ -6,20 +6,27 @@ probable whole words with a small beam search over tokens:
 
 - at a word boundary, words that come next; inside a word, completions of the typed part (the
   prefix). The search is constrained to tokens whose bytes agree with the prefix, so a prefix that
-  tokenizes differently from the finished word ("th" vs " the") is handled.
+  tokenizes differently from the finished word (" holi" = Ġh o l i, " holiday" = Ġh o l iday)
+  is handled. A capitalised prefix keeps its capitals.
 - a word is finished when the token after it is not a word continuation (space, punctuation,
   newline, end of text): its score is P(its tokens) * P(a boundary next), summed over the
-  tokenizations that spell it. Hypotheses that cannot beat the k-th finished word are pruned.
-- every hypothesis of one depth is scored in one batched session run on top of the context's
+  tokenizations that spell it. Hypotheses that cannot beat the k-th finished word are pruned,
+  and the likeliest few of each depth are scored first, since what they finish often prunes the
+  rest. The hypotheses scored together share one batched session run on the context's
   key/value cache.
+- at a word boundary, punctuation tokens the model finds likely come back as kind "punct".
+- "never empty": when the search finds no word (an odd prefix beyond its depth limit), the
+  prefix itself comes back with score 0 (no model estimate); only a run of word characters too
+  long to be a word (> MAX_PREFIX_CHARS) gets no suggestions at all.
 
-Prompt caching: the key/value cache of the last context is kept and only the new tokens are run;
-token distributions of hypotheses are kept by their absolute token sequence; finished results are
-kept in an LRU. The context is a deterministic window of the text (see `model_window`), so results
-with and without the caches are the same (up to float rounding of differently batched runs).
+Prompt caching: the key/value cache of the last context is kept and only new tokens are run;
+next-token distributions are kept by their absolute token sequence (typing on in a word reuses
+those of the previous keystroke); finished results are kept in an LRU. The context is a
+deterministic window of the text (see `model_window`), so results with and without the caches
+are the same (up to float rounding of differently batched runs).
 
-Adapters: an immutable `Engine` (session + adapter version + its caches) is built completely,
-then swapped in by replacing one reference; predictions in flight finish on the old engine.
+Adapters: an `Engine` (session + adapter version + its caches) is built completely, then
+swapped in by replacing one reference; predictions in flight finish on the old engine.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ LRU_SIZE = 1024  # finished results
 HYPOTHESIS_CACHE_SIZE = 384  # token distributions (one float32 vector of the vocabulary each)
 TOP_TOKENS = 24  # likeliest tokens of a kind memoised per distribution (>= MAX_K)
 FIRST_CHUNK = 4  # hypotheses scored first at each depth: often enough to prune the rest
-MAX_GAP = 6  # tokens a scored sequence may extend the cached key/values by before they move
+MAX_GAP = 0  # tokens a scored sequence may extend the cached key/values by before they move
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
