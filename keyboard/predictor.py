@@ -64,6 +64,8 @@ TOP_TOKENS = 24  # likeliest tokens of a kind memoised per distribution (>= MAX_
 FIRST_CHUNK = 4  # hypotheses scored first at each depth: often enough to prune the rest
 MAX_GAP = 0  # tokens a scored sequence may extend the cached key/values by before they move
 _SURROGATES = re.compile("[\ud800-\udfff]")
+_SPACE = re.compile(r"\s")
+_NON_SPACE = re.compile(r"\S")
 
 
 # --- the vocabulary, seen as bytes ---------------------------------------------------------------
@@ -190,22 +192,24 @@ class TokenTable:
 
 
 # --- the context window --------------------------------------------------------------------------
-def model_window(text: str, context_tokens: int) -> tuple[str, bool]:
-    """The part of `text` the model reads, and whether it is the start of the text.
+def model_window(text: str, context_tokens: int, end: int | None = None) -> tuple[str, bool]:
+    """The part of `text[:end]` the model reads, and whether it is the start of the text.
 
     A pure function of the text: the cut moves in steps of `context_tokens` characters (so the
     window, and the cached key/values, stay put while the user types on) and lands after a
     whitespace (so it starts at a word). The window holds 2-3 x `context_tokens` characters;
-    the token ids are cut to the last `context_tokens` afterwards (dense text only).
+    the token ids are cut to the last `context_tokens` afterwards (dense text only). Only the
+    window is copied, so a megabyte of text costs no more than a line.
     """
+    n = len(text) if end is None else end
     step = context_tokens
-    if len(text) <= 3 * step:
-        return text, True
-    cut = ((len(text) - 2 * step) // step) * step
-    space = re.search(r"\s", text[cut : cut + step // 2])
+    if n <= 3 * step:
+        return text[:n], True
+    cut = ((n - 2 * step) // step) * step
+    space = _SPACE.search(text, cut, min(n, cut + step // 2))
     if space is not None:
-        cut += space.end()
-    return text[cut:], False
+        cut = space.end()
+    return text[cut:n], False
 
 
 @dataclass(frozen=True)
@@ -226,15 +230,16 @@ def make_query(context: object, k: object, context_tokens: int) -> Query | str:
         raise KeyboardError(f"context must be text (str), not {type(context).__name__}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise KeyboardError(f"k must be a whole number from 1 to {MAX_K} (got {k!r})")
-    before, prefix = split_prefix(context)
+    prefix = split_prefix(context[-(MAX_PREFIX_CHARS + 1) :])[1]
     if len(prefix) > MAX_PREFIX_CHARS:
         return prefix
-    if not before.strip():
-        before = ""  # empty or whitespace only: predict the start of a text
+    end = len(context) - len(prefix)  # the text before the word, never copied whole
+    if _NON_SPACE.search(context, 0, end) is None:
+        end = 0  # empty or whitespace only: predict the start of a text
     lead = b""
-    if before.endswith(" "):
-        before, lead = before[:-1], b" "
-    window, at_start = model_window(before, context_tokens)
+    if end and context[end - 1] == " ":
+        end, lead = end - 1, b" "
+    window, at_start = model_window(context, context_tokens, end)
     # Only the window is sanitised, so a megabyte of text costs no more than its tail; lone
     # surrogates (from bad decoding upstream) cannot be encoded and become U+FFFD.
     window = _SURROGATES.sub("\ufffd", window)
