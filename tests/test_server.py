@@ -671,19 +671,23 @@ def test_graceful_shutdown_with_requests_in_flight(tiny_llama: Path, root: Path)
         batch = [
             {"jsonrpc": "2.0", "id": i, "method": "predict",
              "params": {"context": f"{CONTEXTS[i % 7]} {i}", "k": 3}}
-            for i in range(600)
+            for i in range(900)
         ] + [{"jsonrpc": "2.0", "id": "obs", "method": "observe",
               "params": {"text": "written just before shutdown"}}]  # fmt: skip
         c.send_json(batch)
-        time.sleep(0.2)
-        served.process.send_signal(signal.SIGTERM)
+        with connect(served.socket) as watcher:  # SIGTERM once the batch is being answered
+            deadline = time.monotonic() + 30
+            while (server := call(watcher, "status")["result"]["server"])["in_flight"] < 2:
+                assert time.monotonic() < deadline, server
+            served.process.send_signal(signal.SIGTERM)
         answers = c.read()
         assert answers is not None, served.output()
-        assert {a["id"] for a in answers} == set(range(600)) | {"obs"}
+        assert {a["id"] for a in answers} == set(range(900)) | {"obs"}
         assert all("result" in a for a in answers)
         assert c.read() is None  # then the daemon closes the connection
     assert served.process.wait(timeout=30) == 0, served.output()
-    assert "finishing 1 request(s) in flight" in served.output()
+    assert "request(s) in flight" in served.output()
+    assert "finishing 0 request(s)" not in served.output()
     assert not served.socket.exists()
     # The database was closed cleanly: WAL checkpointed away, the entry there, intact.
     db_path = served.home / "typing_log.db"
