@@ -155,7 +155,8 @@ class _Connection:
                 return
             try:
                 self.writer.write(data)
-                await asyncio.wait_for(self.writer.drain(), WRITE_TIMEOUT_S)
+                if self.writer.transport.get_write_buffer_size() > 0:  # usually all sent already
+                    await asyncio.wait_for(self.writer.drain(), WRITE_TIMEOUT_S)
             except (asyncio.TimeoutError, ConnectionError, OSError, RuntimeError):
                 # A stalled or vanished reader: drop it rather than buffer without limit.
                 self.abort()
@@ -469,7 +470,10 @@ class Daemon:
     async def _answer_line(self, conn: _Connection, line: bytes) -> None:
         try:
             parsed, batch = rpc.parse_line(line)
-            answers = await asyncio.gather(*(self._answer(p) for p in parsed))
+            if len(parsed) == 1:  # the common case, without gather's extra tasks
+                answers = [await self._answer(parsed[0])]
+            else:
+                answers = await asyncio.gather(*(self._answer(p) for p in parsed))
             encoded = [a for a in answers if a is not None]
             if encoded:
                 await conn.send(_join(encoded, batch))
