@@ -6,9 +6,12 @@
 
 Each client keeps one connection and sends predict requests one after another, the way an
 editor does while someone types: the context grows by a keystroke or two per request, so the
-predictor's key/value cache helps as it would in use, and each client has its own text. Prints JSON: ready time and idle RSS of a daemon it started, then
-per level: clients, requests, errors, throughput (requests/s), latency p50/p99 (ms, measured by
-the client, round trip), and the model's own p50 latency (latency_ms in the answers).
+predictor's key/value cache helps as it would in use, and each client has its own text.
+
+Prints JSON: ready time (start to first answer), idle RSS (after start, and after the load)
+and peak RSS of a daemon it started; then per level: clients, requests, errors, throughput
+(requests/s), latency p50/p99 (ms, round trip measured by the client) and the model's own p50
+(latency_ms in the answers).
 """
 
 from __future__ import annotations
@@ -192,6 +195,8 @@ def main() -> None:
             asyncio.run(level(sock, int(n), args.requests, args.k)) for n in args.clients.split(",")
         ]
         if process is not None:
+            time.sleep(2.0)
+            out["rss_after_load_mb"] = round((vm_kb(process.pid, "VmRSS") or 0) / 1024, 1)
             out["peak_rss_mb"] = round((vm_kb(process.pid, "VmHWM") or 0) / 1024, 1)
             out["torch_loaded"] = rpc(sock, "status")["server"]["torch_loaded"]
     finally:

@@ -300,7 +300,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
             f"keyboard is serving {status['model']['name']} at {status['socket']} "
             f"(pid {status['pid']}, ready in {status['ready_s']:.1f} s)"
         )
-        print(f'log: {status["log"]}\nask it: keyboard predict "I would like to"')
+        print(f"log: {status['log']}; stop it with `keyboard stop`")
+        print('ask it for the next word: keyboard predict "Thank you for your "')
         return 0
 
     p.set_defaults(func=run_serve)

@@ -880,9 +880,13 @@ def start_background(
     start = os.lseek(fd, 0, os.SEEK_END)
     command = [sys.executable, "-m", "keyboard", "serve", "--foreground"]
     command += ["--socket", str(socket_path), "--model", str(model_dir), "--threads", str(threads)]
+    # glibc gives each thread its own malloc arena; the daemon's few threads then hold on to
+    # freed memory. Two arenas keep the resident size down at no measurable cost in speed.
+    env = {"MALLOC_ARENA_MAX": "2", **os.environ}
     try:
         process = subprocess.Popen(
             command,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=fd,
             stderr=fd,
