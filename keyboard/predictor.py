@@ -10,10 +10,8 @@ probable whole words with a small beam search over tokens:
   is handled. A capitalised prefix keeps its capitals.
 - a word is finished when the token after it is not a word continuation (space, punctuation,
   newline, end of text): its score is P(its tokens) * P(a boundary next), summed over the
-  tokenizations that spell it. Hypotheses that cannot beat the k-th finished word are pruned,
-  and the likeliest few of each depth are scored first, since what they finish often prunes the
-  rest. The hypotheses scored together share one batched session run on the context's
-  key/value cache.
+  tokenizations that spell it. Hypotheses that cannot beat the k-th finished word are pruned.
+  The hypotheses of one depth share one batched session run on the context's key/value cache.
 - at a word boundary, punctuation tokens the model finds likely come back as kind "punct".
 - "never empty": when the search finds no word (an odd prefix beyond its depth limit), the
   prefix itself comes back with score 0 (no model estimate); only a run of word characters too
@@ -61,7 +59,6 @@ PUNCT_TOKENS = 4  # punctuation candidates considered at a word boundary
 LRU_SIZE = 1024  # finished results
 HYPOTHESIS_CACHE_SIZE = 384  # token distributions (one float32 vector of the vocabulary each)
 TOP_TOKENS = 24  # likeliest tokens of a kind memoised per distribution (>= MAX_K)
-FIRST_CHUNK = 4  # hypotheses scored first at each depth: often enough to prune the rest
 MAX_GAP = 0  # tokens a scored sequence may extend the cached key/values by before they move
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _SPACE = re.compile(r"\s")
@@ -316,42 +313,33 @@ def search_words(
         expansions: list[tuple[float, _Hyp, int]] = []
         floor = kth_best()
         for h, nxt in zip(hyps, nexts, strict=True):
+            if h.score <= floor:
+                continue  # none of its words can make the top k
             ids, ps = _next_tokens(table, h, nxt, lead, prefix, beam, floor / h.score)
             scores = (ps * h.score).tolist()
             expansions.extend(zip(scores, [h] * len(scores), ids.tolist(), strict=True))
         expansions.sort(key=lambda e: -e[0])
-        # Score the likeliest few first: what they finish often prunes all the others, and
-        # each hypothesis costs a row in the batch.
-        hyps, nexts = [], []
-        position, chunk = 0, max(FIRST_CHUNK, k + 1)
-        while position < len(expansions) and len(hyps) < beam:
-            floor = kth_best()
-            grown: list[_Hyp] = []
-            while position < len(expansions) and len(hyps) + len(grown) < beam:
-                score, h, t = expansions[position]
-                if score <= floor or len(grown) == chunk:
-                    break
-                position += 1
-                raw = table.bytes[t]
-                body = raw[1:] if table.spaced[t] else raw
-                word = h.word + body[: table.word_len[t]]
-                if table.terminal[t]:  # the token itself ends the word ("ing.")
-                    if len(word) >= len(prefix) and _can_end(word):
-                        finished[word] = finished.get(word, 0.0) + score
-                        floor = kth_best()
-                else:
-                    grown.append(_Hyp((*h.tokens, t), word, score))
-            if not grown:
+        grown: list[_Hyp] = []
+        for score, h, t in expansions:
+            if score <= floor or len(grown) == beam:
                 break
-            scored = evaluate([h.tokens for h in grown])
-            for h, nxt in zip(grown, scored, strict=True):
-                if len(h.word) >= len(prefix) and _can_end(h.word):
-                    finished[h.word] = finished.get(h.word, 0.0) + h.score * nxt.end
-            hyps += grown
-            nexts += scored
-            chunk = beam
-        if not hyps:
+            raw = table.bytes[t]
+            body = raw[1:] if table.spaced[t] else raw
+            word = h.word + body[: table.word_len[t]]
+            if table.terminal[t]:  # the token itself ends the word ("ing.")
+                if len(word) >= len(prefix) and _can_end(word):
+                    finished[word] = finished.get(word, 0.0) + score
+                    floor = kth_best()
+            else:
+                grown.append(_Hyp((*h.tokens, t), word, score))
+        if not grown:
             break
+        # One session run for all of them: its cost is mostly reading the weights, so rows are
+        # cheap and runs are not.
+        hyps, nexts = grown, evaluate([h.tokens for h in grown])
+        for h, nxt in zip(hyps, nexts, strict=True):
+            if len(h.word) >= len(prefix) and _can_end(h.word):
+                finished[h.word] = finished.get(h.word, 0.0) + h.score * nxt.end
     return finished
 
 
