@@ -5,7 +5,7 @@ lines between documents), holds out 1% of every source, trains for a fixed numbe
 (deterministic for a given seed and thread count), evaluates on the held-out text and exports the
 result with `keyboard export` into the shipped artifact set.
 
-    python scripts/train_starter.py --corpus ../shared/corpus/base --max-steps 720
+    python scripts/train_starter.py --corpus ../shared/corpus/base --max-steps 420
 
 Hold-out rule: in every source file, line i (0-based, blank lines counted) is held out when
 (i // 10) % 100 == 99, i.e. one block of 10 consecutive lines in every 1,000 — 1% of each
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 EOT = "<|endoftext|>"
+MODEL_NAME = "keyboard-starter"
 HOLDOUT_BLOCK = 10  # lines per block
 HOLDOUT_EVERY = 100  # one block in this many is held out -> 1%
 # Sampling weight per source (relative; sources not listed get 1.0). Conversational and
@@ -45,7 +46,7 @@ class TrainConfig:
     intermediate_size: int = 512
     seq_len: int = 128
     batch_size: int = 32
-    max_steps: int = 720
+    max_steps: int = 420
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
@@ -467,7 +468,8 @@ def run(args: argparse.Namespace) -> dict:
     n_params = count_parameters(model)
     log(json.dumps({"parameters": n_params, "config": asdict(cfg)}))
     sampler = SequenceSampler(streams["train"], cfg.weights, cfg.seq_len, cfg.seed)
-    hf_dir = work / "hf"
+    # The exported manifest names the model after this directory (ArtifactSet.name).
+    hf_dir = work / MODEL_NAME
     train_tokens = {k: int(len(v)) for k, v in streams["train"].items()}
     held_tokens = {k: int(len(v)) for k, v in streams["heldout"].items()}
 
@@ -530,7 +532,7 @@ def run(args: argparse.Namespace) -> dict:
             log("result: " + json.dumps(result))
             return result
         export_model(
-            str(hf_dir),
+            os.path.relpath(hf_dir),  # the manifest records it: no build machine's home in it
             args.out,
             ExportConfig(
                 rank=8,
@@ -553,7 +555,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--work",
         default=str(root / "data" / "cache" / "starter"),
-        help="cache + HF checkpoint dir (gitignored)",
+        help="cache + HF checkpoint (WORK/keyboard-starter); gitignored",
     )
     p.add_argument(
         "--out",
@@ -563,7 +565,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true")
     p.add_argument("--no-checkpoint", action="store_true", help="(throughput measurements)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=720)
+    p.add_argument("--max-steps", type=int, default=420)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -576,7 +578,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="source sampling weights")
     p.add_argument("--tokenizer-sample-bytes", type=int, default=4_000_000)
-    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-max-tokens", type=int, default=0, help="cap per source (0: all)")
     return p
@@ -591,7 +593,8 @@ MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_thre
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if argv is None and "GLIBC_TUNABLES" not in os.environ and sys.platform == "linux":
-        env = {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES}
+        # Passive OpenMP waits: on a shared, oversubscribed CPU spinning threads only steal time.
+        env = {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES, "OMP_WAIT_POLICY": "PASSIVE"}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     run(parser().parse_args(argv))
     return 0

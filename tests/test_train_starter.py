@@ -91,7 +91,7 @@ def test_train_end_to_end_is_deterministic(tmp_path):
     # The checkpoint is a self-contained HF model dir the exporter and AutoTokenizer can load.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf = tmp_path / "w1" / "hf"
+    hf = tmp_path / "w1" / ts.MODEL_NAME
     tok = AutoTokenizer.from_pretrained(hf)
     model = AutoModelForCausalLM.from_pretrained(hf)
     assert model.config.tie_word_embeddings
