@@ -33,6 +33,7 @@ log = logging.getLogger("keyboard.server")
 
 MAX_CONNECTIONS = 512  # well under the usual 1024 open files
 MAX_IN_FLIGHT_PER_CONNECTION = 64  # a pipelining client waits (is not read) beyond this
+WORK_PER_CONNECTION = 4  # requests of one client queued for the worker threads at once
 WRITE_TIMEOUT_S = 10.0  # a client that does not read its answers for this long is dropped
 SHUTDOWN_GRACE_S = 10.0  # how long SIGTERM waits for requests in flight
 JOB_ID_WAIT_S = 3.0  # how long `train` looks for the job's row in the typing log
@@ -146,6 +147,9 @@ class _Connection:
     slots: asyncio.Semaphore = field(
         default_factory=lambda: asyncio.Semaphore(MAX_IN_FLIGHT_PER_CONNECTION)
     )
+    # Fairness: the worker queues are first come, first served, so a client that sends
+    # thousands of requests at once queues only a few at a time, and others' go in between.
+    work: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(WORK_PER_CONNECTION))
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     closed: bool = False
 
@@ -471,21 +475,21 @@ class Daemon:
         try:
             parsed, batch = rpc.parse_line(line)
             if len(parsed) == 1:  # the common case, without gather's extra tasks
-                answers = [await self._answer(parsed[0])]
+                answers = [await self._answer(conn, parsed[0])]
             else:
-                answers = await asyncio.gather(*(self._answer(p) for p in parsed))
+                answers = await asyncio.gather(*(self._answer(conn, p) for p in parsed))
             encoded = [a for a in answers if a is not None]
             if encoded:
                 await conn.send(_join(encoded, batch))
         finally:
             conn.slots.release()
 
-    async def _answer(self, item: Request | Invalid) -> bytes | None:
+    async def _answer(self, conn: _Connection, item: Request | Invalid) -> bytes | None:
         """The encoded response to one request (None for a notification)."""
         if isinstance(item, Invalid):
             return rpc.encode(rpc.error_response(item.id, item.error))
         try:
-            result = await self._call(item.method, item.params)
+            result = await self._call(conn, item.method, item.params)
         except RpcError as exc:
             error = exc
         except Exception:  # noqa: BLE001 - one failing request must not take the daemon down
@@ -499,10 +503,15 @@ class Daemon:
             return None if item.notification else _encode_answer(item.id, result)
         return None if item.notification else rpc.encode(rpc.error_response(item.id, error))
 
-    async def _call(self, method: str, params: dict[str, Any] | list[Any]) -> Any:
+    async def _call(
+        self, conn: _Connection, method: str, params: dict[str, Any] | list[Any]
+    ) -> Any:
         bound = rpc.bind_params(method, params)
         handler: Callable[..., Awaitable[Any]] = getattr(self, f"_rpc_{method}")
-        return await handler(**bound)
+        if method == "train":  # waits on a child process, not on the worker threads
+            return await handler(**bound)
+        async with conn.work:
+            return await handler(**bound)
 
     def _in(self, pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
         assert self._loop is not None

@@ -545,6 +545,25 @@ def test_stalled_clients_do_not_block_others(daemon: Served) -> None:
             assert_prediction(call(fine, "predict", {"context": context})["result"], 3)
 
 
+def test_a_flooding_client_does_not_hold_up_others(daemon: Served) -> None:
+    with connect(daemon.socket, timeout=120) as flood, connect(daemon.socket) as other:
+        flood.send_json(
+            [
+                {"jsonrpc": "2.0", "id": i, "method": "predict",
+                 "params": {"context": f"Flood number {i} says"}}
+                for i in range(500)
+            ]
+        )  # fmt: skip
+        while call(other, "status")["result"]["server"]["in_flight"] < 2:
+            pass  # until the flood is being answered
+        assert_prediction(call(other, "predict", {"context": "Let me know"})["result"], 3)
+        flood.sock.setblocking(False)
+        with pytest.raises(BlockingIOError):  # answered while the flood is still going
+            flood.sock.recv(1)
+        flood.sock.setblocking(True)
+        assert len(flood.read()) == 500
+
+
 def test_fifty_clients_two_hundred_requests_each(daemon: Served) -> None:
     with connect(daemon.socket) as c:
         expected = {
