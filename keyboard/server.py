@@ -294,10 +294,11 @@ class Daemon:
             server = await asyncio.start_unix_server(
                 self._on_connection, sock=sock, limit=rpc.MAX_LINE_BYTES, start_serving=False
             )
-            await self._loop.run_in_executor(self._misc_pool, self._load)
-            if install_signals:
+            if install_signals:  # before loading: a SIGTERM meanwhile still shuts down cleanly
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     self._loop.add_signal_handler(sig, self._stop.set)
+            await self._loop.run_in_executor(self._misc_pool, self._load)
+            if install_signals:
                 self._loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
             await server.start_serving()
             self.ready_seconds = time.monotonic() - self.started
