@@ -27,6 +27,12 @@ $(VENV)/.full: pyproject.toml
 venv: $(VENV)/.full
 	@command -v nvim >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq neovim >/dev/null) || true  # tests/test_nvim.py
 
+# The main job: the daemon on the shipped starter model (background; `keyboard stop` ends it),
+# then one prediction through its socket.
+run: venv-device
+	@$(BIN)/keyboard status >/dev/null 2>&1 || $(BIN)/keyboard serve
+	$(BIN)/keyboard predict "Thank you for your "
+
 test: venv
 	$(BIN)/ruff check keyboard tests scripts benchmarks
 	$(BIN)/python -m pytest -q -ra
