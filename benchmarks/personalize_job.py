@@ -27,7 +27,8 @@ DEFAULT_TEXT = REPO.parent / "shared" / "corpus" / "users" / "president_barack_o
 def history_words(path: Path, n_words: int) -> list[str]:
     """The user's messages from the history part (first 80%), until `n_words` words."""
     sys.path.insert(0, str(REPO))
-    from keyboard.evaluation import read_messages, split_history, words
+    from keyboard.evaluation import read_messages, split_history
+    from keyboard.words import words
 
     history, _ = split_history(read_messages(path))
     out, count = [], 0

@@ -12,38 +12,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from keyboard.types import KeyboardError, Prediction
-
-# The one definition of a word (docs/evaluation.md): a run of letters, digits and apostrophes
-# that holds at least one letter or digit, and such runs joined by single inner hyphens.
-# `[^\W_]` is a Unicode letter or digit (`\w` without the underscore).
-_CHAR = r"(?:[^\W_]|')"
-_SEGMENT = rf"'*[^\W_]{_CHAR}*"
-WORD_RE = re.compile(rf"{_SEGMENT}(?:-{_SEGMENT})*")
-# The part of a word typed so far, at the end of a text: a word, a word and the hyphen before
-# its next segment, or leading apostrophes alone (a word such as 'tis, just started).
-_PARTIAL_RE = re.compile(rf"(?:{WORD_RE.pattern}-?|'+)\Z")
-_WORDISH_RE = re.compile(r"[^\W_]|['-]")  # characters a partial word can be made of
+from keyboard.words import WORD_RE, partial_word, word_spans, words  # noqa: F401 (re-exported)
 
 DEFAULT_CONTEXT_CHARS = 1000
-
-
-def word_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) of every word in `text`, in order."""
-    return [m.span() for m in WORD_RE.finditer(text)]
-
-
-def words(text: str) -> list[str]:
-    """The words of `text`, in order (case kept)."""
-    return WORD_RE.findall(text)
-
-
-def partial_word(text: str) -> str:
-    """The part of a word that `text` ends with ("" when the cursor is at a word boundary)."""
-    start = len(text)
-    while start > 0 and _WORDISH_RE.match(text[start - 1]):
-        start -= 1  # scan back over the last run only, so long texts stay cheap
-    m = _PARTIAL_RE.search(text, start)
-    return m.group(0) if m else ""
 
 
 def read_messages(path: str | Path) -> list[str]:

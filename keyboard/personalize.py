@@ -286,7 +286,7 @@ def next_word_hits(
     words as `word_spans` defines them, case-sensitive, each message typed after the ones
     before it), without the per-character typing that KSR needs: one prediction per word.
     """
-    from keyboard.evaluation import word_spans
+    from keyboard.words import word_spans
 
     ranks: list[int] = []
     prior = "\n".join(history)[-CONTEXT_CHARS:]
@@ -312,7 +312,7 @@ def _accuracy(ranks: list[int]) -> dict[str, Any]:
 
 def _eval_slice(texts: list[str], max_words: int) -> list[str]:
     """The first held-out messages, up to about `max_words` words (predicting is the slow part)."""
-    from keyboard.evaluation import words
+    from keyboard.words import words
 
     out, n = [], 0
     for text in texts:

@@ -4,11 +4,47 @@ from __future__ import annotations
 
 import re
 
-# The one definition of a word (letters, digits, apostrophes, inner hyphens) is the evaluation's,
-# so that what the predictor offers and what the metrics count can never disagree.
-from keyboard.evaluation import WORD_RE, partial_word
+__all__ = [
+    "WORD_RE",
+    "MAX_PREFIX_CHARS",
+    "is_word_char",
+    "partial_word",
+    "split_prefix",
+    "word_spans",
+    "words",
+]
 
-__all__ = ["WORD_RE", "MAX_PREFIX_CHARS", "is_word_char", "split_prefix"]
+# The one definition of a word (docs/evaluation.md), shared by the predictor and
+# the metrics so that what is offered and what is counted can never disagree: a run of letters, digits and apostrophes
+# that holds at least one letter or digit, and such runs joined by single inner hyphens.
+# `[^\W_]` is a Unicode letter or digit (`\w` without the underscore).
+_CHAR = r"(?:[^\W_]|')"
+_SEGMENT = rf"'*[^\W_]{_CHAR}*"
+WORD_RE = re.compile(rf"{_SEGMENT}(?:-{_SEGMENT})*")
+# The part of a word typed so far, at the end of a text: a word, a word and the hyphen before
+# its next segment, or leading apostrophes alone (a word such as 'tis, just started).
+_PARTIAL_RE = re.compile(rf"(?:{WORD_RE.pattern}-?|'+)\Z")
+_WORDISH_RE = re.compile(r"[^\W_]|['-]")  # characters a partial word can be made of
+
+
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every word in `text`, in order."""
+    return [m.span() for m in WORD_RE.finditer(text)]
+
+
+def words(text: str) -> list[str]:
+    """The words of `text`, in order (case kept)."""
+    return WORD_RE.findall(text)
+
+
+def partial_word(text: str) -> str:
+    """The part of a word that `text` ends with ("" when the cursor is at a word boundary)."""
+    start = len(text)
+    while start > 0 and _WORDISH_RE.match(text[start - 1]):
+        start -= 1  # scan back over the last run only, so long texts stay cheap
+    m = _PARTIAL_RE.search(text, start)
+    return m.group(0) if m else ""
+
 
 MAX_PREFIX_CHARS = 64  # a longer run of word characters is not a word anyone completes
 
@@ -23,7 +59,7 @@ def is_word_char(ch: str) -> bool:
 
 def split_prefix(context: str) -> tuple[str, str]:
     """(before, prefix): `prefix` is the part of a word the text ends with ("" at a word boundary,
-    as `evaluation.partial_word` defines it) and `before` the text in front of it.
+    as `partial_word` defines it) and `before` the text in front of it.
 
     Only the last MAX_PREFIX_CHARS + 1 characters are looked at, so a megabyte of text costs
     nothing; a longer run of word characters comes back whole-tail as the prefix (longer than

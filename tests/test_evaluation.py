@@ -18,15 +18,13 @@ from keyboard import cli
 from keyboard.evaluation import (
     TypingReport,
     completed_word,
-    partial_word,
     percentile,
     read_messages,
     simulate,
     split_history,
-    word_spans,
-    words,
 )
 from keyboard.types import Candidate, KeyboardError, Prediction
+from keyboard.words import partial_word, word_spans, words
 
 
 class VocabularyPredictor:

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from keyboard.artifacts import ArtifactSet, save_adapter
-from keyboard.evaluation import partial_word
 from keyboard.predictor import Predictor, model_window
 from keyboard.types import KeyboardError, Prediction
-from keyboard.words import WORD_RE, split_prefix
+from keyboard.words import WORD_RE, partial_word, split_prefix
 
 TYPED = (
     "Thank you so much for your help with the project. We are going to the beach this "
