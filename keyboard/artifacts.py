@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -88,7 +89,7 @@ def load_adapter(path: str | Path, artifacts: ArtifactSet | None = None) -> Adap
     try:
         with np.load(str(path), allow_pickle=False) as data:
             tensors = {k: np.ascontiguousarray(data[k], dtype=np.float32) for k in data.files}
-    except (OSError, ValueError, KeyError, EOFError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise ArtifactError(f"cannot read adapter {path}: {exc}") from exc
     if artifacts is not None:
         expected = artifacts.lora_shapes
@@ -130,17 +131,31 @@ def save_adapter(path: str | Path, tensors: Adapter) -> None:
     write_atomic(Path(path), lambda f: np.savez(f, **tensors))
 
 
+def graph_with_adapter(model_path: str | Path, adapter: Adapter) -> bytes:
+    """The serialized inference graph with `adapter`'s LoRA tensors in place of its own.
+
+    Not `SessionOptions.add_initializer`: with full graph optimisation (ORT 1.19) constant
+    folding of `Transpose(lora_B)` reads the graph's own tensor, and the override is ignored.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path))
+    replaced = 0
+    for init in model.graph.initializer:
+        if init.name in adapter:
+            init.CopyFrom(numpy_helper.from_array(adapter[init.name], init.name))
+            replaced += 1
+    if replaced != len(adapter):
+        raise ArtifactError(f"{model_path} lacks {len(adapter) - replaced} of the LoRA tensors")
+    return model.SerializeToString()
+
+
 def bake_inference_model(
     artifacts: ArtifactSet, adapter: Adapter, out: str | Path, source: Path | None = None
 ) -> Path:
     """Write a standalone inference model with `adapter`'s LoRA tensors in place of the initial ones."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(source or artifacts.inference_model))
-    for init in model.graph.initializer:
-        if init.name in adapter:
-            init.CopyFrom(numpy_helper.from_array(adapter[init.name], init.name))
+    data = graph_with_adapter(source or artifacts.inference_model, adapter)
     out = Path(out)
-    write_atomic(out, lambda f: f.write(model.SerializeToString()))
+    write_atomic(out, lambda f: f.write(data))
     return out

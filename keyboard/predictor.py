@@ -45,7 +45,13 @@ from typing import Any
 import numpy as np
 
 from keyboard import runtime
-from keyboard.artifacts import Adapter, ArtifactError, ArtifactSet, load_adapter
+from keyboard.artifacts import (
+    Adapter,
+    ArtifactError,
+    ArtifactSet,
+    graph_with_adapter,
+    load_adapter,
+)
 from keyboard.types import Candidate, KeyboardError, Prediction
 from keyboard.words import MAX_PREFIX_CHARS, WORD_RE, is_word_char, split_prefix
 
@@ -440,7 +446,7 @@ class Engine:
         ort = runtime.onnxruntime()
         source: str | bytes = str(model_path)
         if adapter is not None:
-            source = _with_adapter(model_path, adapter)
+            source = graph_with_adapter(model_path, adapter)
         try:
             self.session = ort.InferenceSession(
                 source, runtime.session_options(threads), providers=["CPUExecutionProvider"]
@@ -720,26 +726,6 @@ class Predictor:
             if p > 0 and WORD_RE.fullmatch(word) and word.startswith(prefix):
                 words[word] = words.get(word, 0.0) + p
         return words
-
-
-def _with_adapter(model_path: Path, adapter: Adapter) -> bytes:
-    """The serialized graph with the adapter's LoRA tensors in place of its own.
-
-    Not `SessionOptions.add_initializer`: with full graph optimisation (ORT 1.19) constant
-    folding of `Transpose(lora_B)` reads the graph's own tensor, and the override is ignored.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(model_path))
-    replaced = 0
-    for init in model.graph.initializer:
-        if init.name in adapter:
-            init.CopyFrom(numpy_helper.from_array(adapter[init.name], init.name))
-            replaced += 1
-    if replaced != len(adapter):
-        raise ArtifactError(f"{model_path} lacks {len(adapter) - replaced} of the LoRA tensors")
-    return model.SerializeToString()
 
 
 def _ms(started: float) -> float:

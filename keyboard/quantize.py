@@ -13,12 +13,9 @@ and int8 on the same text.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
-import sys
 import tempfile
-import types
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +25,6 @@ from keyboard.artifacts import ArtifactError, ArtifactSet, write_atomic
 INT8_FILE = "inference.int8.onnx"
 RECORD_FILE = "quantization.json"
 MAX_TOP3_LOSS = 0.0  # int8 is the default only if it loses no top-3 accuracy at all
-
-
-def _quantization_api() -> types.ModuleType:
-    """`onnxruntime.quantization`, imported without torch.
-
-    Its shape-inference helper imports `onnxruntime.tools`, whose `__init__` imports torch when
-    torch is installed (for an export helper the quantizer never uses). As `keyboard.runtime`
-    does for `onnxruntime.training`, register a bare package for it before the first import.
-    """
-    runtime.onnxruntime()
-    name = "onnxruntime.tools"
-    if name not in sys.modules:
-        spec = importlib.util.find_spec("onnxruntime")
-        assert spec is not None and spec.submodule_search_locations
-        bare = types.ModuleType(name)
-        bare.__path__ = [os.path.join(list(spec.submodule_search_locations)[0], "tools")]  # type: ignore[attr-defined]
-        bare.__package__ = name
-        sys.modules[name] = bare
-    import onnxruntime.quantization as quantization
-
-    return quantization
 
 
 def fold_weight_transposes(model: Any, keep: set[str]) -> int:
@@ -82,7 +58,7 @@ def quantize_model(source: Path, out: Path, keep: set[str]) -> Path:
     initializers named in `keep` (the LoRA tensors) stay float32 and keep their names."""
     import onnx
 
-    q = _quantization_api()
+    q = runtime.quantization_api()
     model = onnx.load(str(source))
     missing = keep - {i.name for i in model.graph.initializer}
     if missing:

@@ -7,7 +7,9 @@ amp/optim modules: both import torch (1.4 s, ~280 MB) where it is installed, and
 `from onnxruntime.training.api import Module` fails where it is not. The C extension
 alone is enough for inference and for `training.api`, so we register a bare
 `onnxruntime.training` package (same path, no `__init__` run) and mark `ortmodule`
-as absent before the first import. This module is the only place that knows.
+as absent before the first import. `onnxruntime.quantization` has the same trap through
+`onnxruntime.tools` (its `__init__` imports torch for an export helper the quantizer never
+uses). This module is the only place that knows.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import types
 from typing import Any
 
 _TRAINING = "onnxruntime.training"
+_TOOLS = "onnxruntime.tools"
 
 
-def _install_bare_training_package() -> None:
-    if _TRAINING in sys.modules:
+def _install_bare_package(name: str) -> None:
+    """Register `name` (a subpackage of onnxruntime) without running its `__init__`."""
+    if name in sys.modules:
         return
     spec = importlib.util.find_spec("onnxruntime")
     if spec is None or not spec.submodule_search_locations:
@@ -30,23 +34,32 @@ def _install_bare_training_package() -> None:
             "onnxruntime is not installed; install keyboard's dependencies "
             "(onnxruntime-training-cpu==1.19.2)"
         )
-    package_dir = os.path.join(list(spec.submodule_search_locations)[0], "training")
-    bare = types.ModuleType(_TRAINING)
-    bare.__path__ = [package_dir]  # type: ignore[attr-defined]
-    bare.__package__ = _TRAINING
-    sys.modules[_TRAINING] = bare
-    # A None entry makes `import onnxruntime.training.ortmodule` raise ImportError,
-    # which the validation code treats as "no ORTModule" and moves on.
-    sys.modules.setdefault(_TRAINING + ".ortmodule", None)  # type: ignore[arg-type]
+    root = list(spec.submodule_search_locations)[0]
+    bare = types.ModuleType(name)
+    bare.__path__ = [os.path.join(root, name.rsplit(".", 1)[1])]  # type: ignore[attr-defined]
+    bare.__package__ = name
+    sys.modules[name] = bare
 
 
 def onnxruntime() -> types.ModuleType:
     """The `onnxruntime` module, imported without torch."""
     if "onnxruntime" not in sys.modules:
-        _install_bare_training_package()
+        _install_bare_package(_TRAINING)
+        # A None entry makes `import onnxruntime.training.ortmodule` raise ImportError,
+        # which the validation code treats as "no ORTModule" and moves on.
+        sys.modules.setdefault(_TRAINING + ".ortmodule", None)  # type: ignore[arg-type]
     import onnxruntime as ort
 
     return ort
+
+
+def quantization_api() -> Any:
+    """`onnxruntime.quantization` (quantize_dynamic, QuantType), without torch."""
+    onnxruntime()
+    _install_bare_package(_TOOLS)
+    import onnxruntime.quantization as quantization
+
+    return quantization
 
 
 def training_api() -> Any:
