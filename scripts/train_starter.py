@@ -5,7 +5,7 @@ lines between documents), holds out 1% of every source, trains for a fixed numbe
 (deterministic for a given seed and thread count), evaluates on the held-out text and exports the
 result with `keyboard export` into the shipped artifact set.
 
-    python scripts/train_starter.py --corpus ../shared/corpus/base --max-steps 420
+    python scripts/train_starter.py --corpus ../shared/corpus/base --max-steps 900
 
 Hold-out rule: in every source file, line i (0-based, blank lines counted) is held out when
 (i // 10) % 100 == 99, i.e. one block of 10 consecutive lines in every 1,000 — 1% of each
@@ -46,7 +46,7 @@ class TrainConfig:
     intermediate_size: int = 512
     seq_len: int = 128
     batch_size: int = 32
-    max_steps: int = 420
+    max_steps: int = 900
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
@@ -565,7 +565,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true")
     p.add_argument("--no-checkpoint", action="store_true", help="(throughput measurements)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=420)
+    p.add_argument("--max-steps", type=int, default=900)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
