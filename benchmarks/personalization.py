@@ -9,7 +9,9 @@ refuse the adapter: then "after" is the base model again, and the table says so.
 
 Each user runs in its own process and the job in a child of it, so the job's peak RSS is its
 own (VmHWM of the job process, read from /proc at its end; ru_maxrss would also count the
-predictor). Prints a table on stderr and JSON on stdout.
+predictor). The model directory is copied first, so a model replaced during a long run cannot
+mix two models in one table; the int8 choice the Predictor would make is taken once, there.
+Prints a table on stderr and JSON on stdout.
 
     nice python benchmarks/personalization.py [USERS_DIR] [--model models/starter]
         [--max-test-lines 10] [--time-budget 120] [--users 'blogger_*'] [--jobs 1]
@@ -22,6 +24,7 @@ import argparse
 import gc
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -145,7 +148,27 @@ def model_info(model: Path) -> dict[str, Any]:
             "%Y-%m-%dT%H:%M:%SZ", time.gmtime(manifest.stat().st_mtime)
         ),
         "repo_commit": head,
+        "model_commit": subprocess.run(
+            ["git", "-C", str(REPO), "log", "-1", "--format=%h %cI", "--", str(model)],
+            capture_output=True,
+            text=True,
+        ).stdout.strip(),
     }
+
+
+def snapshot(model: Path, into: Path) -> tuple[Path, bool]:
+    """A private copy of the artifact set, and whether the Predictor serves it as int8 (the
+    int8 graph is made here, once, so parallel users never quantize at the same time)."""
+    from keyboard.artifacts import ArtifactSet
+    from keyboard.quantize import int8_by_default, int8_model
+
+    copy = into / model.name
+    shutil.copytree(model, copy)  # copy2 keeps mtimes: a cached int8 graph stays valid
+    artifacts = ArtifactSet.open(copy)
+    int8 = int8_by_default(artifacts)
+    if int8:
+        int8_model(artifacts)
+    return copy, int8
 
 
 def averages(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -236,8 +259,23 @@ def main(argv: list[str] | None = None) -> int:
         "jobs": args.jobs,
     }
     info = model_info(model)
-    log(f"model {info['name']} (manifest sha256 {info['manifest_sha256'][:12]}), "
-        f"{len(files)} users, {settings}")  # fmt: skip
+    workdir = Path(tempfile.mkdtemp(prefix="keyboard-bench-model-"))
+    try:
+        private, info["int8"] = snapshot(model, workdir)
+        return drive(args, files, settings, info, private)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def drive(
+    args: argparse.Namespace,
+    files: list[Path],
+    settings: dict[str, Any],
+    info: dict[str, Any],
+    model: Path,
+) -> int:
+    log(f"model {info['dir']} ({info['model_commit'] or 'not committed'}; manifest sha256 "
+        f"{info['manifest_sha256'][:12]}; int8 {info['int8']}), {len(files)} users, {settings}")  # fmt: skip
     started = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
