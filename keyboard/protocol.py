@@ -194,6 +194,8 @@ METHODS: dict[str, tuple[Param, ...]] = {
         Param("all", bool, default=False),
     ),
     "reload": (),
+    "pause": (),
+    "resume": (),
 }
 
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false"}

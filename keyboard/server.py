@@ -578,6 +578,15 @@ class Daemon:
     def _forget(self, since: str | None, until: str | None, source: str | None, all: bool) -> int:
         return self.typing_log.forget(since, until, source, everything=all)
 
+    async def _rpc_pause(self) -> dict[str, bool]:
+        """Stop storing typed text (kept in the database, so it survives restarts)."""
+        await self._logged(self.typing_log.pause)
+        return {"paused": True}
+
+    async def _rpc_resume(self) -> dict[str, bool]:
+        await self._logged(self.typing_log.resume)
+        return {"paused": False}
+
     async def _rpc_status(self) -> dict[str, Any]:
         stats, last_job = await self._logged(self._log_status)
         predictor = self.predictor

@@ -253,6 +253,17 @@ def test_observe_feedback_and_forget(conn: Conn, daemon: Served) -> None:
     assert call(conn, "forget", {"source": "t1"})["result"] == {"deleted": 0}
 
 
+def test_pause_and_resume_stop_and_restart_logging(conn: Conn) -> None:
+    assert call(conn, "pause")["result"] == {"paused": True}
+    dropped = call(conn, "observe", {"text": "typed while paused", "source": "t2"})["result"]
+    assert dropped["stored"] is False
+    assert call(conn, "status")["result"]["typing_log"]["paused"] is True
+    assert call(conn, "resume")["result"] == {"paused": False}
+    kept = call(conn, "observe", {"text": "typed after resuming", "source": "t2"})["result"]
+    assert kept["stored"] is True
+    assert call(conn, "forget", {"source": "t2"})["result"] == {"deleted": 1}
+
+
 def test_status(conn: Conn, daemon: Served) -> None:
     status = call(conn, "status")["result"]
     assert status["pid"] == daemon.process.pid
