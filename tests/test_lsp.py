@@ -6,21 +6,18 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from keyboard.client import DaemonClient, DaemonNotRunning
+from keyboard.client import DaemonClient
 from keyboard.editor_text import (
     MAX_TYPED_CHANGE,
     TypedRun,
@@ -31,6 +28,7 @@ from keyboard.editor_text import (
 )
 from keyboard.lsp import EditorConfig
 from keyboard.types import KeyboardError
+from tests.daemon_process import Served, serve
 
 # --- reading a buffer ---------------------------------------------------------------------------
 
@@ -285,44 +283,6 @@ class LspProcess:
             self.request("shutdown", None)
             self.notify("exit", None)
         return self.proc.wait(timeout=20)
-
-
-@dataclass
-class Served:
-    """A daemon running as a child process, started as a user would (`keyboard serve`)."""
-
-    process: subprocess.Popen[bytes]
-    socket: Path
-    home: Path
-    log: Path
-
-
-def serve(model: Path) -> Iterator[Served]:
-    """Run `python -m keyboard serve --foreground` on `model` in a fresh home until closed."""
-    root = Path(tempfile.mkdtemp(prefix="kb", dir="/tmp"))  # short: sun_path holds 108 bytes
-    socket, home, log = root / "kb.sock", root / "home", root / "daemon.log"
-    env = dict(os.environ, KEYBOARD_HOME=str(home), KEYBOARD_MODEL=str(model))
-    env.pop("KEYBOARD_SOCKET", None)
-    env.pop("XDG_RUNTIME_DIR", None)
-    args = [sys.executable, "-m", "keyboard", "serve", "--foreground", "--socket", str(socket)]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, f"daemon exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"daemon not ready:\n{log.read_text()}"
-            try:
-                with DaemonClient(socket, timeout=5) as client:
-                    if client.call("status")["pid"] == process.pid:
-                        break
-            except DaemonNotRunning:
-                time.sleep(0.05)
-        yield Served(process, socket, home, log)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

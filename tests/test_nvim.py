@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from keyboard.client import DaemonClient
-from tests.test_lsp import Served, serve
+from tests.daemon_process import Served, serve
 
 PLUGIN = Path(__file__).resolve().parent.parent / "editors" / "nvim"
 NVIM = shutil.which("nvim")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -11,11 +10,9 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keyboard import protocol as rpc
+from tests.daemon_process import Served, daemon_env, short_dir, start_daemon, wait_ready
 
-READY_TIMEOUT_S = 60.0
 CONTEXTS = [
     "I would like to",
     "Thank you so much for your",
@@ -39,85 +36,12 @@ CONTEXTS = [
 
 
 # --- helpers ------------------------------------------------------------------------------------
-@dataclass
-class Served:
-    """A daemon running as a child process, as a user would start it."""
-
-    process: subprocess.Popen[bytes]
-    socket: Path
-    home: Path
-    log: Path
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        return self.process.wait(timeout=timeout)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def short_dir() -> Path:
-    """A directory whose paths fit in sun_path (pytest's tmp_path can be too long)."""
-    return Path(tempfile.mkdtemp(prefix="kb", dir="/tmp"))
-
-
 @pytest.fixture
 def root() -> Iterator[Path]:
     """A short temporary directory for a test's own daemon: socket, home, log."""
     path = short_dir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def daemon_env(home: Path, model: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, KEYBOARD_HOME=str(home), KEYBOARD_MODEL=str(model), **extra)
-    env.pop("KEYBOARD_SOCKET", None)
-    env.pop("XDG_RUNTIME_DIR", None)
-    env.update(extra)
-    return env
-
-
-def start_daemon(
-    model: Path,
-    home: Path,
-    socket_path: Path | None,
-    *,
-    umask: int | None = None,
-    wait: bool = True,
-    **env: str,
-) -> Served:
-    log = home.parent / f"daemon-{time.monotonic_ns()}.log"
-    args = [sys.executable, "-m", "keyboard", "serve", "--foreground"]
-    if socket_path is not None:
-        args += ["--socket", str(socket_path)]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            args,
-            env=daemon_env(home, model, **env),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=(lambda: os.umask(umask)) if umask is not None else None,  # noqa: PLW1509
-        )
-    served = Served(process, socket_path or Path(), home, log)
-    if wait:
-        wait_ready(served)
-    return served
-
-
-def wait_ready(served: Served) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if served.process.poll() is not None:
-            raise AssertionError(f"daemon exited early:\n{served.output()}")
-        try:
-            with connect(served.socket) as conn:
-                if call(conn, "status")["result"]["pid"] == served.process.pid:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"daemon not ready:\n{served.output()}")
 
 
 class Conn:
