@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[path.name][name] = {}
             for learn in (False, True):
                 tasks.append((size, path.name, name, db, lowercase, history, test, learn))
-    tasks.sort(key=lambda t: -t[0])  # longest first, for an even finish across workers
+    tasks.sort(key=lambda t: t[0])  # smallest files first: complete rows early in a long run
 
     def run_task(task: tuple) -> tuple[str, str, bool, dict[str, Any], float]:
         _, file, name, db, lowercase, history, test, learn = task
