@@ -29,7 +29,9 @@ def peak_rss_mb():
             return int(line.split()[1]) / 1024
 """
 
-ORT_CHILD = PEAK_RSS + r"""
+ORT_CHILD = (
+    PEAK_RSS
+    + r"""
 import json, sys, time
 import numpy as np
 from keyboard.artifacts import ArtifactSet
@@ -50,8 +52,11 @@ print(json.dumps({"engine": "onnxruntime", "ms_per_step_median": float(np.median
   "peak_rss_mb": peak_rss_mb(),
   "torch_loaded": "torch" in sys.modules}))
 """
+)
 
-TORCH_CHILD = PEAK_RSS + r"""
+TORCH_CHILD = (
+    PEAK_RSS
+    + r"""
 import json, sys, time
 import numpy as np, torch
 from keyboard.export import ExportConfig, load_base_model, wrap_with_lora
@@ -80,6 +85,7 @@ print(json.dumps({"engine": "pytorch+peft", "ms_per_step_median": float(np.media
   "ms_per_step_mean": float(np.mean(times)), "tokens_per_s": 8 * 64 / (np.median(times) / 1000),
   "peak_rss_mb": peak_rss_mb()}))
 """
+)
 
 
 def _child(code: str, *args: str) -> dict:
