@@ -45,27 +45,41 @@ def train_tokenizer(vocab_size: int = 320):
     )
 
 
-def build_model(family: str, out: Path, seed: int = 0, layers: int = 2) -> Path:
-    """Save a tiny random model of `family` ("llama" or "gpt2") and its tokenizer in `out`."""
+def build_model(
+    family: str,
+    out: Path,
+    seed: int = 0,
+    layers: int = 2,
+    vocab_size: int = 320,
+    **llama_config: object,
+) -> Path:
+    """Save a small random model of `family` ("llama" or "gpt2") and its tokenizer in `out`.
+
+    `llama_config` overrides the tiny Llama's config (benchmarks build bigger ones)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = train_tokenizer()
+    tokenizer = train_tokenizer(vocab_size)
     vocab = len(tokenizer)
     torch.manual_seed(seed)
     if family == "llama":
+        settings = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+            # larger than the default so a few LoRA steps visibly move the loss
+            "initializer_range": 0.2,
+            **llama_config,
+        }
         config = LlamaConfig(
             vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
             num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
             tie_word_embeddings=True,
-            initializer_range=0.2,  # larger than default so a few LoRA steps visibly move the loss
             bos_token_id=0,
             eos_token_id=0,
+            **settings,
         )
         model = LlamaForCausalLM(config)
     elif family == "gpt2":
