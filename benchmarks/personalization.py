@@ -43,17 +43,6 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def vmhwm_mb() -> float:
-    """This process's peak resident set size (VmHWM), in MB; 0 where /proc has none."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return 0.0
-
-
 def split(path: Path, max_test_lines: int | None) -> tuple[list[str], list[str]]:
     from keyboard.evaluation import read_messages, split_history
 
@@ -64,13 +53,13 @@ def split(path: Path, max_test_lines: int | None) -> tuple[list[str], list[str]]
 # --- the job process: the personalization job alone, so its peak RSS is its own -------------
 def job_main(path: Path, model: Path, home: Path, time_budget: float | None) -> int:
     from keyboard.evaluation import personalize_in_throwaway_home
-    from keyboard.personalize import JobConfig
+    from keyboard.personalize import JobConfig, peak_rss_mb
 
     history, _ = split(path, None)
     if time_budget is not None:  # the job's own setting, in its home, as a user would set it
         JobConfig.update(home / "personalize.json", time_budget_s=time_budget)
     job = personalize_in_throwaway_home(history, model, home)
-    print(json.dumps({"job": job.to_json(), "peak_rss_mb": round(vmhwm_mb(), 1)}))
+    print(json.dumps({"job": job.to_json(), "peak_rss_mb": round(peak_rss_mb(), 1)}))
     return 0
 
 
@@ -79,6 +68,7 @@ def user_main(
     path: Path, model: Path, k: int, max_test_lines: int | None, time_budget: float | None
 ) -> int:
     from keyboard.evaluation import simulate
+    from keyboard.personalize import peak_rss_mb
     from keyboard.predictor import Predictor
 
     history, test = split(path, max_test_lines)
@@ -125,7 +115,7 @@ def user_main(
             "gate_after": metrics.get("after"),
             "data": metrics.get("data"),
         },
-        "predictor_peak_rss_mb": round(vmhwm_mb(), 1),
+        "predictor_peak_rss_mb": round(peak_rss_mb(), 1),
     }
     print(json.dumps(result))
     return 0

@@ -268,7 +268,19 @@ class JobResult:
         return out
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB.
+
+    VmHWM where /proc has it: `ru_maxrss` survives exec, so a job started by the daemon (or a
+    benchmark) would report its parent's peak when that was higher.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
@@ -366,7 +378,7 @@ def run_job(
     finally:
         progress.close()
     result.seconds = time.monotonic() - started
-    result.peak_rss_mb = _peak_rss_mb()
+    result.peak_rss_mb = peak_rss_mb()
     if not progress.tty:  # on a terminal the caller shows the result itself
         progress.event(
             result.status,
