@@ -359,7 +359,8 @@ def run_presage(
                 for message in history:
                     presage.learn(message)
             learn_seconds = time.perf_counter() - started
-            report = simulate(presage, test, history=history, k=k)
+            # presage hides suggestions it showed for the word itself (REPEAT_SUGGESTIONS=no)
+            report = simulate(presage, test, history=history, k=k, hide_passed=False)
         finally:
             presage.close()
         user_db = Path(work) / "user.db"

@@ -15,6 +15,7 @@ from keyboard.types import KeyboardError, Prediction
 from keyboard.words import WORD_RE, partial_word, word_spans, words  # noqa: F401 (re-exported)
 
 DEFAULT_CONTEXT_CHARS = 1000
+MAX_ASK = 20  # suggestions a simulated client asks for at most (the Predictor's MAX_K)
 
 
 def read_messages(path: str | Path) -> list[str]:
@@ -137,6 +138,7 @@ def simulate(
     history: Sequence[str] = (),
     k: int = 3,
     context_chars: int = DEFAULT_CONTEXT_CHARS,
+    hide_passed: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> TypingReport:
     """Type `messages` through `predictor` as docs/evaluation.md defines, and report the cost.
@@ -145,6 +147,10 @@ def simulate(
     after the preceding text (history and earlier messages, joined with newlines, bounded to
     the last `context_chars` characters). One predict call per point where suggestions are
     shown; none after a word has been accepted.
+
+    `hide_passed`: the client does not show again, within one word, a suggestion it already
+    showed there and the user typed past (it asks for more and drops those), as presage does
+    (REPEAT_SUGGESTIONS=no). Off: every keystroke shows the top k.
     """
     if k < 1:
         raise KeyboardError(f"k must be at least 1 (got {k})")
@@ -161,22 +167,29 @@ def simulate(
             target = message[start:end]
             n_words += 1
             cost = end - start  # typed in full unless a suggestion is accepted
+            passed: set[str] = set()  # shown in this word and typed past
             for i in range(end - start):
                 pos = start + i
                 context = _bounded(lead + message[max(0, pos - context_chars) : pos], context_chars)
                 want = max(k, 3) if i == 0 else k
-                t0 = time.perf_counter()
-                prediction = predictor.predict(context, k=want)
-                latencies.append((time.perf_counter() - t0) * 1000.0)
                 typed = message[start:pos]
+                hidden = sum(w.startswith(typed) for w in passed)  # could come back
+                ask = min(MAX_ASK, want + hidden)
+                t0 = time.perf_counter()
+                prediction = predictor.predict(context, k=ask)
+                latencies.append((time.perf_counter() - t0) * 1000.0)
                 shown = [
                     completed_word(typed, prediction.prefix, word)
-                    for word in prediction.words[:want]
+                    for word in prediction.words[:ask]
                 ]
-                if i == 0:
+                if i == 0:  # next-word accuracy counts the model's own top 3, nothing hidden
                     top1_hits += bool(shown) and shown[0] == target
                     top3_hits += target in shown[:3]
-                if target in shown[:k]:
+                if hide_passed:
+                    shown = [w for w in shown if w not in passed]
+                shown = shown[:k]
+                passed.update(shown)
+                if target in shown:
                     cost = i + 1  # the characters typed, plus one to accept
                     break
             keystrokes += cost

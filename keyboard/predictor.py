@@ -52,6 +52,7 @@ from keyboard.artifacts import (
     graph_with_adapter,
     load_adapter,
 )
+from keyboard.phrases import PhraseError, PhraseModel
 from keyboard.types import Candidate, KeyboardError, Prediction
 from keyboard.words import MAX_PREFIX_CHARS, WORD_RE, is_word_char, split_prefix
 
@@ -442,6 +443,7 @@ class Engine:
     def __init__(
         self, model_path: Path, artifacts: ArtifactSet, table: TokenTable,
         adapter: Adapter | None, version: str, threads: int, cache: bool,
+        phrases: PhraseModel | None = None,
     ) -> None:  # fmt: skip
         ort = runtime.onnxruntime()
         source: str | bytes = str(model_path)
@@ -456,6 +458,7 @@ class Engine:
         self.table = table
         self.version = version
         self.cache = cache
+        self.phrases = phrases  # the user's own phrases, blended in (None: the LM alone)
         inference = artifacts.manifest["inference"]
         self.kv_heads = int(inference["kv_heads"])
         self.head_dim = int(inference["head_dim"])
@@ -575,43 +578,65 @@ class Predictor:
         self._last_ids: tuple[Any, tuple[int, ...]] = (None, ())
         self._engine = self._build(None, "base")
 
-    def _build(self, adapter: Adapter | None, version: str) -> Engine:
+    def _build(
+        self, adapter: Adapter | None, version: str, phrases: PhraseModel | None = None
+    ) -> Engine:
         return Engine(
-            self.model_path, self.artifacts, self.table, adapter, version, self.threads, self.cache
-        )
+            self.model_path, self.artifacts, self.table, adapter, version, self.threads,
+            self.cache, phrases,
+        )  # fmt: skip
 
     @property
     def adapter_version(self) -> str:
         return self._engine.version
 
     # --- adapters --------------------------------------------------------------------------
-    def load_adapter(self, adapter: str | Path | dict | None, version: str = "base") -> bool:
-        """Serve `adapter` (an .npz path or LoRA tensors; None: the base model) from now on.
+    @property
+    def phrases(self) -> PhraseModel | None:
+        """The user phrase model served with the adapter (None: none)."""
+        return self._engine.phrases
+
+    def load_adapter(
+        self,
+        adapter: str | Path | dict | None,
+        version: str = "base",
+        phrases: PhraseModel | str | Path | None = None,
+    ) -> bool:
+        """Serve `adapter` (an .npz path or LoRA tensors; None: the base model) and the user's
+        `phrases` (a PhraseModel or its file; None: none) from now on.
 
         The new session is built before it replaces the old one, so predictions never stop.
-        A missing or corrupt adapter is logged and the base model is served instead (False).
+        A missing or corrupt adapter is logged and the base model is served instead (False);
+        a damaged phrase file is logged and left out (False), the adapter is still served.
         """
         with self._swap:
+            ok = True
+            if phrases is not None and not isinstance(phrases, PhraseModel):
+                try:
+                    phrases = PhraseModel.load(phrases)
+                except PhraseError as exc:
+                    log.warning("user phrases left out: %s", exc)
+                    phrases, ok = None, False
             if adapter is None:
-                if self._engine.version != "base":
-                    self._engine = self._build(None, "base")
-                return True
+                if self._engine.version != "base" or self._engine.phrases is not phrases:
+                    self._engine = self._build(None, "base", phrases)
+                return ok
             try:
                 tensors = self._check_adapter(adapter)
                 if version == "base":  # an adapter needs a name of its own
                     version = _version_name(adapter, tensors)
-                engine = self._build(tensors, version)
+                engine = self._build(tensors, version, phrases)
             except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, keep serving
                 name = version if version != "base" else _describe(adapter)
                 log.warning(
                     "adapter %s could not be loaded, serving the base model instead: %s", name, exc
                 )
-                if self._engine.version != "base":
+                if self._engine.version != "base" or self._engine.phrases is not None:
                     self._engine = self._build(None, "base")
                 return False
             self._engine = engine
-            log.info("serving adapter %s", version)
-            return True
+            log.info("serving adapter %s%s", version, " with user phrases" if phrases else "")
+            return ok
 
     def _check_adapter(self, adapter: str | Path | dict) -> Adapter:
         if isinstance(adapter, dict):
@@ -681,7 +706,11 @@ class Predictor:
         root = engine.root(state, context)
         evaluate = engine.evaluator(state, context)
         k = query.k
-        found = self._words(root, evaluate, query.lead, query.prefix, k)
+        phrases = engine.phrases
+        # With user phrases, a few more LM words compete with the user's (same beam, so the
+        # search costs about the same).
+        k_lm = max(k, BEAM_WIDTH) if phrases is not None else k
+        found = self._words(root, evaluate, query.lead, query.prefix, k_lm)
         if len(found) < k and query.prefix != query.prefix.lower():
             # A capitalised prefix the model rarely saw capitalised ("THAN", "Xylo"): complete
             # its lower-case form and carry the typed capitals over.
@@ -692,6 +721,8 @@ class Predictor:
                 cased = query.prefix + (tail.upper() if shout else tail)
                 if WORD_RE.fullmatch(cased) and cased not in found:
                     found[cased] = p
+        if phrases is not None:
+            found = phrases.blend(found, query.window, query.at_start, query.prefix, k)
         candidates = [Candidate(w, p, "word") for w, p in found.items()]
         if not query.prefix:
             ids = self.table.punct_spaced if query.lead else self.table.punct_plain
@@ -701,7 +732,8 @@ class Predictor:
                 for t in best.tolist():
                     mark = self.table.punct[t]
                     punct[mark] = punct.get(mark, 0.0) + float(root.probs[t])
-                candidates += [Candidate(m, p, "punct") for m, p in punct.items()]
+                share = 1.0 - phrases.weight if phrases is not None else 1.0  # the blend's
+                candidates += [Candidate(m, share * p, "punct") for m, p in punct.items()]
         candidates.sort(key=lambda c: (-c.score, c.word))
         if not candidates and query.prefix and WORD_RE.fullmatch(query.prefix):
             # Nothing found within the search's limits: offer the word as typed, score 0
