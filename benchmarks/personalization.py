@@ -91,7 +91,7 @@ def user_main(
         job = out["job"]
         after = before  # the gate kept the base model: the user keeps typing with it
         if job["status"] == "promoted":
-            if not predictor.load_adapter(job["adapter_path"]):
+            if not predictor.load_adapter(job["adapter_path"], phrases=job["phrases_path"]):
                 raise SystemExit(f"cannot load the adapter {job['adapter_path']}")
             after = simulate(predictor, test, history=history, k=k)
     metrics = job.get("metrics", {})

@@ -30,6 +30,7 @@ BASE = "base"  # the model's initial adapter: what "no personalization" means
 ACTIVE_FILE = "ACTIVE"
 ADAPTER_FILE = "adapter.npz"
 META_FILE = "meta.json"
+PHRASES_FILE = "phrases.zlib"  # the user's word n-grams (keyboard.phrases), when the job made them
 DEFAULT_KEEP = 5
 DIFF_FORMAT = "keyboard-adapter-diff"
 DIFF_HEADER = "__keyboard_diff__"  # npz key of the JSON header (uint8 bytes)
@@ -64,6 +65,20 @@ def model_fingerprint(artifacts: ArtifactSet) -> str:
         "initial": tensors_sha256(artifacts.initial_adapter()),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def forget_phrases(adapters_dir: Path | None = None) -> int:
+    """Delete the phrase files of every version of every model (after `keyboard forget`, so no
+    n-gram of forgotten text outlives it; the next job rebuilds them from what the log still
+    holds). Returns how many were deleted."""
+    root = adapters_dir or paths.adapters_dir()
+    removed = 0
+    for path in root.glob(f"*/v*/{PHRASES_FILE}"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+            _fsync_dir(path.parent)
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:
@@ -179,6 +194,13 @@ class AdapterStore:
             raise AdapterStoreError(f"adapter {version} is damaged: its content hash differs")
         return tensors
 
+    def phrases_path(self, version: str) -> Path | None:
+        """The user phrase file of `version` (None: it has none, or it was forgotten). Its
+        content is checked where it is loaded (keyboard.phrases.PhraseModel.load)."""
+        version = self._normalise(version)
+        path = self.root / version / PHRASES_FILE
+        return path if version != BASE and path.is_file() else None
+
     def list(self) -> list[AdapterVersion]:
         """All stored versions, oldest first (metadata {"error": ...} where it is unreadable)."""
         out = []
@@ -275,12 +297,15 @@ class AdapterStore:
             if p.name.startswith((".tmp-", ".trash-")) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
 
-    def add(self, tensors: Adapter, metadata: dict[str, Any] | None = None) -> str:
-        """Store `tensors` as a new version (not activated); returns its name."""
+    def add(
+        self, tensors: Adapter, metadata: dict[str, Any] | None = None, phrases: bytes = b""
+    ) -> str:
+        """Store `tensors` (and the user's `phrases`, a PhraseModel's bytes) as a new version,
+        not activated; returns its name."""
         with self._locked():
-            return self._add(tensors, metadata or {})
+            return self._add(tensors, metadata or {}, phrases)
 
-    def _add(self, tensors: Adapter, metadata: dict[str, Any]) -> str:
+    def _add(self, tensors: Adapter, metadata: dict[str, Any], phrases: bytes = b"") -> str:
         expected = self.artifacts.lora_shapes
         if set(tensors) != set(expected):
             raise AdapterStoreError("adapter tensors do not match the model's LoRA tensors")
@@ -303,9 +328,13 @@ class AdapterStore:
             "tensors_sha256": tensors_sha256(arrays),
             "parameters": int(sum(a.size for a in arrays.values())),
         }
+        if phrases:
+            meta["phrases_sha256"] = hashlib.sha256(phrases).hexdigest()
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=self.root))
         try:
             _write_synced(tmp / ADAPTER_FILE, _npz_bytes(arrays))
+            if phrases:
+                _write_synced(tmp / PHRASES_FILE, phrases)
             _write_synced(tmp / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
             _fsync_dir(tmp)
             os.chmod(tmp, 0o700)
@@ -316,15 +345,18 @@ class AdapterStore:
         _fsync_dir(self.root)
         return version
 
-    def promote(self, tensors: Adapter, metadata: dict[str, Any] | None = None) -> str:
-        """Store `tensors` as a new version and make it active, atomically; returns its name.
+    def promote(
+        self, tensors: Adapter, metadata: dict[str, Any] | None = None, phrases: bytes = b""
+    ) -> str:
+        """Store `tensors` (and `phrases`) as a new version and make it active, atomically;
+        returns its name.
 
         The version directory is complete and synced before the pointer moves, and the pointer
         is replaced by rename: a crash leaves either the old or the new adapter active.
         """
         with self._locked():
             meta = {"parent": self._pointer()["version"], **(metadata or {})}
-            version = self._add(tensors, meta)
+            version = self._add(tensors, meta, phrases)
             self._activate(version)
             return version
 

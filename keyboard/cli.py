@@ -84,8 +84,12 @@ def _add_log(sub: argparse._SubParsersAction) -> None:
 
         n = forget_via_daemon(args.since, args.until, args.source, args.all)  # daemon if running
         if n is None:
+            from keyboard.adapter_store import forget_phrases
+
             with TypingLog() as log:
                 n = log.forget(args.since, args.until, args.source, everything=args.all)
+            if n:
+                forget_phrases()  # the daemon does the same when it does the forgetting
         print(f"forgot {n} entr{'y' if n == 1 else 'ies'}; database vacuumed")
         return 0
 

@@ -423,7 +423,7 @@ def evaluate_file(
                 result.after = before
             else:
                 result.adapter = job.version or Path(job.adapter_path).name
-                if not predictor.load_adapter(job.adapter_path):
+                if not predictor.load_adapter(job.adapter_path, phrases=job.phrases_path):
                     raise KeyboardError(f"cannot load the adapter {job.adapter_path}")
                 result.after = simulate(
                     predictor, test, history=history, k=k, progress=report("personalized")

@@ -24,6 +24,7 @@ from keyboard.types import KeyboardError
 
 if TYPE_CHECKING:
     from keyboard.artifacts import Adapter
+    from keyboard.phrases import PhraseModel
 
 log = logging.getLogger("keyboard.personalize")
 
@@ -252,6 +253,7 @@ class JobResult:
     job_id: int | None = None
     version: str | None = None  # the adapter active after the job ("base": none)
     adapter_path: Path | None = None  # the promoted adapter (None unless promoted)
+    phrases_path: Path | None = None  # the promoted version's user phrases (keyboard.phrases)
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
@@ -263,6 +265,7 @@ class JobResult:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["adapter_path"] = None if self.adapter_path is None else str(self.adapter_path)
+        out["phrases_path"] = None if self.phrases_path is None else str(self.phrases_path)
         out["seconds"] = round(self.seconds, 3)
         out["peak_rss_mb"] = round(self.peak_rss_mb, 1)
         return out
@@ -435,10 +438,17 @@ def _locked_job(
         if skip:
             typing_log.finish_job(job_id, "skipped", {"data": data}, reason=skip)
             return JobResult("skipped", skip, job_id, metrics={"data": data})
+        # The user's phrases come from all the text the log holds up to this job's last entry
+        # (not just the new text): for the gate without the held-out slice, as it will be
+        # typed; the promoted version with it, since the newest text predicts best.
+        held = set(text.entry_ids[len(text.entry_ids) - len(text.heldout) :])
+        logged = [(i, t) for i, t, _ in typing_log.iter_text() if i <= text.watermark]
+        phrase_texts = ([t for i, t in logged if i not in held], [t for _, t in logged])
+        del logged
         try:
             result = _train_and_gate(
                 model_dir, config, text, data, budget_s, max_steps, lr, seed, progress, started,
-                after_training,
+                after_training, phrase_texts,
             )  # fmt: skip
         except KeyboardError as exc:
             typing_log.finish_job(job_id, "failed", {"data": data}, reason=str(exc))
@@ -475,9 +485,11 @@ def _train_and_gate(
     progress: Progress,
     started: float,
     after_training: Callable[[Adapter], Adapter] | None,
+    phrase_texts: tuple[list[str], list[str]],
 ) -> JobResult:
     from keyboard.adapter_store import AdapterStore
     from keyboard.artifacts import ArtifactSet
+    from keyboard.phrases import PhraseError, PhraseModel
     from keyboard.trainer import LoraTrainer
 
     artifacts = ArtifactSet.open(model_dir)
@@ -495,10 +507,18 @@ def _train_and_gate(
     typed = _eval_slice(text.heldout, config.max_eval_words)
     history = text.new[-20:]  # context before the first held-out message
 
+    current_phrases = None
+    if (phrases_file := store.phrases_path(current)) is not None:
+        try:
+            current_phrases = PhraseModel.load(phrases_file)
+        except PhraseError as exc:
+            log.warning("the active version's phrases are left out: %s", exc)
+    gate_phrases = PhraseModel.from_texts(phrase_texts[0])
+
     # The predictor and the trainer are never alive together: that halves the peak memory.
     t0 = time.monotonic()
     ranks_before = _ranks(model_dir, config.threads, None if active is None else start_tensors,
-                          current, typed, history)  # fmt: skip
+                          current, typed, history, current_phrases)  # fmt: skip
     trainer = LoraTrainer(artifacts, adapter=start_tensors, threads=config.threads)
     seq_len = int(artifacts.manifest["training"].get("seq_len", 64))
     train_batches = trainer.batches(text.new + text.replay, seq_len, config.batch_size)
@@ -530,7 +550,9 @@ def _train_and_gate(
     after: dict[str, Any] = {"loss": trainer.evaluate(heldout_batches)}
     del trainer, train_batches, heldout_batches
     gc.collect()
-    ranks_after = _ranks(model_dir, config.threads, candidate, "candidate", typed, history)
+    ranks_after = _ranks(
+        model_dir, config.threads, candidate, "candidate", typed, history, gate_phrases
+    )
     after.update(_accuracy(ranks_after))
     pairs = list(zip(ranks_before, ranks_after, strict=True))
     after["top3_lost"] = sum(b >= 0 and a < 0 for b, a in pairs)
@@ -547,6 +569,7 @@ def _train_and_gate(
         "train_loss": fit.train_loss,
         "lr": lr,
         "data": data,
+        "phrases": {"words": gate_phrases.words, "ngrams": gate_phrases.ngrams},
     }
     ok, why = gate(before, after, config.min_loss_gain)
     if not ok:
@@ -561,7 +584,9 @@ def _train_and_gate(
         "metrics": {"before": before, "after": after},
         "start_adapter": current,
     }
-    version = store.promote(candidate, meta)  # the last step, atomic
+    phrases = PhraseModel.from_texts(phrase_texts[1])
+    meta["phrases"] = {"words": phrases.words, "ngrams": phrases.ngrams}
+    version = store.promote(candidate, meta, phrases.to_bytes())  # the last step, atomic
     with contextlib.suppress(KeyboardError, OSError):
         store.prune(config.keep_versions)
     return JobResult(
@@ -569,6 +594,7 @@ def _train_and_gate(
         f"{version} replaces {current}: {why}",
         version=version,
         adapter_path=store.get(version).path,
+        phrases_path=store.phrases_path(version),
         metrics=metrics,
     )
 
@@ -580,12 +606,16 @@ def _ranks(
     version: str,
     typed: list[str],
     history: list[str],
+    phrases: PhraseModel | None = None,
 ) -> list[int]:
-    """next_word_hits with a predictor that serves `tensors` (None: the base model)."""
+    """next_word_hits with a predictor that serves `tensors` (None: the base model) and the
+    user's `phrases`."""
     from keyboard.predictor import Predictor
 
     predictor = Predictor(model_dir, threads=threads)
-    if tensors is not None and not predictor.load_adapter(tensors, version):
+    if (tensors is not None or phrases is not None) and not predictor.load_adapter(
+        tensors, version, phrases
+    ):
         raise KeyboardError(f"the predictor could not load adapter {version}")
     ranks = next_word_hits(predictor, typed, history)
     del predictor

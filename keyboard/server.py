@@ -258,7 +258,8 @@ class Daemon:
             self.adapter_metadata = {}
         else:
             version, path, metadata = active
-            ok = self.predictor.load_adapter(path, version=version)
+            phrases = self.adapter_store.phrases_path(version)
+            ok = self.predictor.load_adapter(path, version=version, phrases=phrases)
             self.adapter_metadata = metadata if ok else {}
         wanted = "base" if active is None else active[0]
         log.info(
@@ -576,7 +577,15 @@ class Daemon:
         return {"deleted": deleted}
 
     def _forget(self, since: str | None, until: str | None, source: str | None, all: bool) -> int:
-        return self.typing_log.forget(since, until, source, everything=all)
+        deleted = self.typing_log.forget(since, until, source, everything=all)
+        if deleted:
+            from keyboard.adapter_store import forget_phrases
+
+            # The user phrases are counts of logged text: none may outlive what was forgotten.
+            # The next job rebuilds them from what the log still holds.
+            if forget_phrases() and self.adapter_store is not None:
+                self._reload_adapter()
+        return deleted
 
     async def _rpc_pause(self) -> dict[str, bool]:
         """Stop storing typed text (kept in the database, so it survives restarts)."""
