@@ -157,6 +157,21 @@ def test_k_limits_accepted_suggestions_but_top3_uses_three():
     assert r.keystrokes == 1  # not accepted at the start with k=1; "c" typed
 
 
+def test_suggestions_typed_past_are_not_shown_again_in_the_word():
+    vocabulary = ["can", "cat", "cap", "car", "care"]
+    # care: [can, cat, cap] at the start, passed over; after "c" the client asks for 3 + 3
+    # and drops those: [car, care] -> accepted. "c" + accept = 2 keystrokes.
+    predictor = VocabularyPredictor(vocabulary)
+    r = simulate(predictor, ["care"], k=3)
+    assert (r.chars, r.keystrokes, r.predictions) == (4, 2, 2)
+    # Showing the top 3 every time, [can, cat, cap] stays up until "car": typed in full.
+    r = simulate(VocabularyPredictor(vocabulary), ["care"], k=3, hide_passed=False)
+    assert (r.keystrokes, r.predictions) == (4, 4)
+    # Next-word accuracy is the model's own top 3 either way: hiding changes KSR only.
+    r = run("cat", vocabulary, k=1)
+    assert (r.top1, r.top3, r.keystrokes) == (0.0, 1.0, 2)  # after "c": [cat] (can hidden)
+
+
 def test_k_must_be_positive():
     with pytest.raises(KeyboardError):
         run("x", ["x"], k=0)

@@ -81,6 +81,12 @@ def test_job_learns_the_users_word(tiny_llama: Path) -> None:
 
     predictor.load_adapter(path, version)
     assert _offers_word(predictor.predict("I love ", k=3).words)
+    # The version also holds the user's phrases, built from the log: alone (base LoRA), they
+    # offer the word too, and first.
+    assert result.phrases_path == store.phrases_path(version) == path.parent / "phrases.zlib"
+    assert meta["phrases"]["words"] == sum(len(line.split()) for line in _user_lines())
+    assert predictor.load_adapter(None, phrases=result.phrases_path)
+    assert predictor.predict("I love ", k=3).words[0] == WORD
 
     with TypingLog() as log:
         job = log.last_job()
@@ -90,6 +96,10 @@ def test_job_learns_the_users_word(tiny_llama: Path) -> None:
     # Nothing new since: the next job skips and says so; the adapter stays.
     again = run_job(tiny_llama, config=_fast(), progress=_quiet())
     assert again.status == "skipped" and "only 0 new words" in again.reason
+    assert store.active()[0] == "v0001"
+    # Forgetting the text deletes the phrases counted from it (no daemon: the CLI does it).
+    assert main(["forget", "--all"]) == 0
+    assert not result.phrases_path.exists() and store.phrases_path("v0001") is None
     assert store.active()[0] == "v0001"
 
 

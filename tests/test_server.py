@@ -216,6 +216,7 @@ def test_reload_serves_the_active_adapter(
 
     from keyboard.adapter_store import AdapterStore
     from keyboard.artifacts import ArtifactSet
+    from keyboard.phrases import PhraseModel
 
     served = start_daemon(tiny_llama, root / "home", root / "s.sock")
     try:
@@ -236,6 +237,18 @@ def test_reload_serves_the_active_adapter(
             assert tuned["candidates"] != base["candidates"]
             status = call(c, "status")["result"]["adapter"]
             assert status["version"] == version and status["metrics"] == {"loss": 1}
+            # A version with the user's phrases: served with them; `forget` deletes them.
+            phrases = PhraseModel.from_texts(["I would like to dayrit"] * 3)
+            store = AdapterStore(artifacts=artifacts)
+            with_phrases = store.promote(tensors, {}, phrases.to_bytes())
+            assert call(c, "reload")["result"] == {"adapter": with_phrases, "loaded": True}
+            context = {"context": "I would like to "}
+            assert call(c, "predict", context)["result"]["candidates"][0]["word"] == "dayrit"
+            call(c, "observe", {"text": "I would like to dayrit", "source": "t3"})
+            assert call(c, "forget", {"source": "t3"})["result"] == {"deleted": 1}
+            assert store.phrases_path(with_phrases) is None
+            words = [x["word"] for x in call(c, "predict", context)["result"]["candidates"]]
+            assert "dayrit" not in words
     finally:
         assert served.stop() == 0
 
