@@ -11,11 +11,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from keyboard.protocol import MAX_K
+from keyboard.shown import ShownInWord
 from keyboard.types import KeyboardError, Prediction
 from keyboard.words import WORD_RE, partial_word, word_spans, words  # noqa: F401 (re-exported)
 
 DEFAULT_CONTEXT_CHARS = 1000
-MAX_ASK = 20  # suggestions a simulated client asks for at most (the Predictor's MAX_K)
 
 
 def read_messages(path: str | Path) -> list[str]:
@@ -167,14 +168,13 @@ def simulate(
             target = message[start:end]
             n_words += 1
             cost = end - start  # typed in full unless a suggestion is accepted
-            passed: set[str] = set()  # shown in this word and typed past
+            client = ShownInWord()
             for i in range(end - start):
                 pos = start + i
                 context = _bounded(lead + message[max(0, pos - context_chars) : pos], context_chars)
                 want = max(k, 3) if i == 0 else k
                 typed = message[start:pos]
-                hidden = sum(w.startswith(typed) for w in passed)  # could come back
-                ask = min(MAX_ASK, want + hidden)
+                ask = client.ask((index, start), typed, want, MAX_K) if hide_passed else want
                 t0 = time.perf_counter()
                 prediction = predictor.predict(context, k=ask)
                 latencies.append((time.perf_counter() - t0) * 1000.0)
@@ -185,10 +185,7 @@ def simulate(
                 if i == 0:  # next-word accuracy counts the model's own top 3, nothing hidden
                     top1_hits += bool(shown) and shown[0] == target
                     top3_hits += target in shown[:3]
-                if hide_passed:
-                    shown = [w for w in shown if w not in passed]
-                shown = shown[:k]
-                passed.update(shown)
+                shown = client.show(shown, k) if hide_passed else shown[:k]
                 if target in shown:
                     cost = i + 1  # the characters typed, plus one to accept
                     break

@@ -26,8 +26,11 @@ from keyboard.editor_text import (
     insertion,
     language_kind,
 )
+from keyboard.protocol import MAX_K
 from keyboard.redaction import excluded_by
+from keyboard.shown import ShownInWord
 from keyboard.types import KeyboardError
+from keyboard.words import split_prefix
 
 log = logging.getLogger("keyboard.lsp")
 
@@ -40,6 +43,7 @@ FEEDBACK_CONTEXT_CHARS = 200  # the end of the line a suggestion was taken on, n
 DRAIN_S = 3.0  # at shutdown, how long unsent typed text may take to reach the daemon
 PREDICT_TIMEOUT_S = 5.0  # a slower answer is useless to someone typing
 LOG_TIMEOUT_S = 30.0
+WORD_KEY_CHARS = 200  # text before a word that tells one word being typed from another
 DUPLICATE_ACCEPT_S = 2.0  # the same acceptance reported again this soon is one acceptance
 
 
@@ -176,6 +180,7 @@ class KeyboardServer(LanguageServer):
         self._sender: asyncio.Task[None] | None = None
         self._daemon_down = False  # told the user once; reset when the daemon answers
         self.last_accept: tuple[tuple[str, str, str], float] | None = None
+        self.shown: dict[str, ShownInWord] = {}  # uri -> words shown for the word being typed
 
     # --- the daemon ---------------------------------------------------------------------
     def daemon_unreachable(self, exc: KeyboardError) -> None:
@@ -186,9 +191,9 @@ class KeyboardServer(LanguageServer):
                 lsp.ShowMessageParams(type=lsp.MessageType.Warning, message=f"keyboard: {exc}")
             )
 
-    async def predict(self, context: str) -> dict[str, Any] | None:
+    async def predict(self, context: str, k: int | None = None) -> dict[str, Any] | None:
         try:
-            result = await self.daemon.predict(context, self.config.items)
+            result = await self.daemon.predict(context, k or self.config.items)
         except DaemonNotRunning as exc:
             self.daemon_unreachable(exc)
             return None
@@ -385,6 +390,7 @@ def build_server(socket_path: str | Path | None = None) -> KeyboardServer:
     @server.feature(lsp.TEXT_DOCUMENT_DID_CLOSE)
     def did_close(ls: KeyboardServer, params: lsp.DidCloseTextDocumentParams) -> None:
         doc = ls.documents.pop(params.text_document.uri, None)
+        ls.shown.pop(params.text_document.uri, None)
         if doc is not None:
             ls.observe_pieces(doc, doc.run.flush())
 
@@ -403,15 +409,20 @@ def build_server(socket_path: str | Path | None = None) -> KeyboardServer:
         version = ls.workspace.get_text_document(uri).version
         if not await ls.settled(uri, "completion", version):
             return lsp.CompletionList(is_incomplete=True, items=[])
-        prediction = await ls.predict(context)
+        # Words the user typed past in this word are not offered again (docs/evaluation.md).
+        before, typed = split_prefix(context)
+        shown = ls.shown.setdefault(uri, ShownInWord())
+        ask = shown.ask(before[-WORD_KEY_CHARS:], typed, ls.config.items, MAX_K)
+        prediction = await ls.predict(context, ask)
         if prediction is None:
             return lsp.CompletionList(is_incomplete=True, items=[])
         prefix = prediction.get("prefix") or ""
         start = _prefix_start(ls.workspace.get_text_document(uri), position, context, prefix)
         replace = lsp.Range(start=start, end=position)
+        candidates = {c["word"]: c for c in _words(prediction)}
         items = []
-        for rank, cand in enumerate(_words(prediction)):
-            word = cand["word"]
+        for rank, word in enumerate(shown.show(list(candidates), ls.config.items)):
+            cand = candidates[word]
             text = insertion(context, prefix if start != position else "", word)
             items.append(
                 lsp.CompletionItem(

@@ -317,6 +317,10 @@ def wait_for(predicate: Any, timeout: float = 10.0) -> bool:
     return False
 
 
+def labels(completion: dict[str, Any]) -> list[str]:
+    return [item["label"] for item in completion["items"]]
+
+
 def daemon_predict(served: Served, context: str, k: int = 5) -> dict[str, Any]:
     with DaemonClient(served.socket) as client:
         return client.call("predict", context=context, k=k)
@@ -348,14 +352,19 @@ def test_conversation(editor: LspProcess, served: Served, tmp_path: Path) -> Non
     assert first["textEdit"]["newText"] == words[0]
     assert first["command"]["command"] == "keyboard.accept"
 
-    # Completing the word at the cursor: the edit replaces the typed prefix.
+    # Asked again at the same point, the editor gets the same words.
+    again = editor.request("textDocument/completion", editor.at(uri, 0, 16))
+    assert [i["label"] for i in again["items"]] == words
+
+    # Completing the word at the cursor: the edit replaces the typed prefix. Words shown at
+    # the word start and typed past are not offered again: the next ones take their places.
     editor.insert(uri, 3, 0, 16, "bo")
     items = editor.request("textDocument/completion", editor.at(uri, 0, 18))
-    expected = daemon_predict(served, "I would like to bo")
+    passed = [w for w in words if w.startswith("bo")]
+    expected = daemon_predict(served, "I would like to bo", k=5 + len(passed))
     assert expected["prefix"] == "bo"
-    assert [i["label"] for i in items["items"]] == [
-        c["word"] for c in expected["candidates"] if c["kind"] == "word"
-    ]
+    offered = [c["word"] for c in expected["candidates"] if c["kind"] == "word"]
+    assert [i["label"] for i in items["items"]] == [w for w in offered if w not in passed][:5]
     for item in items["items"]:
         assert item["textEdit"]["range"]["start"] == {"line": 0, "character": 16}
         assert item["textEdit"]["newText"] == item["label"]
@@ -385,6 +394,17 @@ def test_conversation(editor: LspProcess, served: Served, tmp_path: Path) -> Non
     newer = editor.start("textDocument/completion", editor.at(uri, 0, 18))
     assert editor.wait(older)["result"]["items"] == []
     assert editor.wait(newer)["result"]["items"]
+
+    # A word typed past is not offered again in the same word, though the daemon still
+    # ranks it among the first: the editor shows the next ones instead.
+    editor.insert(uri, 4, 0, 18, " ")  # "I would like to bo |"
+    at_start = labels(editor.request("textDocument/completion", editor.at(uri, 0, 19)))
+    first = at_start[0]
+    editor.insert(uri, 5, 0, 19, first[0])
+    after = labels(editor.request("textDocument/completion", editor.at(uri, 0, 20)))
+    daemon = daemon_predict(served, "I would like to bo " + first[0])["candidates"]
+    assert first in [c["word"] for c in daemon]
+    assert after and not set(after) & set(at_start)
     assert editor.close() == 0
 
 
