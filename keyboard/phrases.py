@@ -20,11 +20,11 @@ import heapq
 import json
 import re
 import zlib
-from sys import intern
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from sys import intern
 
 from keyboard.types import KeyboardError
 from keyboard.words import WORD_RE
