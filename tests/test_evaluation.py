@@ -172,6 +172,21 @@ def test_suggestions_typed_past_are_not_shown_again_in_the_word():
     assert (r.top1, r.top3, r.keystrokes) == (0.0, 1.0, 2)  # after "c": [cat] (can hidden)
 
 
+def test_shown_in_word_hides_only_what_was_typed_past():
+    from keyboard.shown import ShownInWord
+
+    shown = ShownInWord()
+    assert shown.ask("w1", "", 3, 20) == 3
+    assert shown.show(["can", "cat", "cap", "car"], 3) == ["can", "cat", "cap"]
+    assert shown.ask("w1", "", 3, 20) == 3  # asked again at the same point: the same words
+    assert shown.show(["can", "cat", "cap", "car"], 3) == ["can", "cat", "cap"]
+    assert shown.ask("w1", "ca", 3, 20) == 6  # typed on: three passed words still fit
+    assert shown.show(["can", "cat", "car", "cap", "care", "cab"], 3) == ["car", "care", "cab"]
+    assert shown.ask("w1", "car", 3, 4) == 4  # car, care passed too; the limit holds
+    assert shown.ask("w2", "c", 3, 20) == 3  # another word: nothing hidden
+    assert shown.show(["can"], 3) == ["can"]
+
+
 def test_k_must_be_positive():
     with pytest.raises(KeyboardError):
         run("x", ["x"], k=0)
