@@ -35,6 +35,7 @@ START = "<s>"  # the start of a message: the context of its first word
 DEFAULT_WEIGHT = (
     0.4  # share of the user model in the blend (set on held-out history: docs/evaluation.md)
 )
+ORDER = 3  # 4-grams were no better on the users' held-out history (docs/evaluation.md)
 MAX_NGRAMS = 400_000  # stored 2- and 3-grams; beyond that the rarest 3-grams, then 2-grams go
 CONTEXT_CHARS = 200  # text before the word that is tokenized for the n-gram context
 CANDIDATES = 12  # user-model words considered per prediction
@@ -93,7 +94,7 @@ class PhraseModel:
             if not _is_word(tok):
                 continue
             self.unigrams[tok] += 1
-            for n in (1, 2):
+            for n in range(1, ORDER):
                 if i - n >= 0:
                     ctx = tuple(toks[i - n : i])
                     self.follow.setdefault(ctx, Counter())[tok] += 1
@@ -111,11 +112,11 @@ class PhraseModel:
     def prune(self, max_ngrams: int) -> None:
         """Keep at most `max_ngrams` 2- and 3-grams: drop count-1 3-grams, then count-1
         2-grams, then the rarest of what is left (a bounded file and daemon memory)."""
-        for order, floor in ((2, 1), (1, 1)):
+        for order in range(ORDER - 1, 0, -1):
             if self.ngrams <= max_ngrams:
                 break
             for ctx in [c for c in self.follow if len(c) == order]:
-                kept = Counter({w: n for w, n in self.follow[ctx].items() if n > floor})
+                kept = Counter({w: n for w, n in self.follow[ctx].items() if n > 1})
                 if kept:
                     self.follow[ctx] = kept
                 else:
@@ -148,7 +149,7 @@ class PhraseModel:
         if not n_words:
             return 0.0
         p = self.unigrams.get(word, 0) / n_words
-        for n in (1, 2):
+        for n in range(1, ORDER):
             ctx = tuple(context[-n:]) if len(context) >= n else None
             nxt = self.follow.get(ctx) if ctx else None
             if not nxt:
@@ -162,7 +163,7 @@ class PhraseModel:
         `context`, with P_user."""
         self._index()
         pool: set[str] = set()
-        for n in (2, 1):
+        for n in range(ORDER - 1, 0, -1):
             if len(context) >= n:
                 nxt = self.follow.get(tuple(context[-n:]))
                 if nxt:
@@ -192,7 +193,7 @@ class PhraseModel:
         if not self.unigrams or self.weight <= 0:
             return lm
         whole = at_start and len(before) <= CONTEXT_CHARS
-        context = tuple(tokens(before[-CONTEXT_CHARS:], at_start=whole)[-2:])
+        context = tuple(tokens(before[-CONTEXT_CHARS:], at_start=whole)[1 - ORDER :])
         user = self.candidates(context, prefix, max(CANDIDATES, k))
         weight = self.weight
         out = {w: (1.0 - weight) * p for w, p in lm.items()}
