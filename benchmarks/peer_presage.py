@@ -359,8 +359,9 @@ def run_presage(
                 for message in history:
                     presage.learn(message)
             learn_seconds = time.perf_counter() - started
-            # presage hides suggestions it showed for the word itself (REPEAT_SUGGESTIONS=no)
-            report = simulate(presage, test, history=history, k=k, hide_passed=False)
+            # presage offers words only and hides what it showed for the word itself
+            # (REPEAT_SUGGESTIONS=no): the simulated client shows its answers as they come.
+            report = simulate(presage, test, history=history, k=k, client_filter=False)
         finally:
             presage.close()
         user_db = Path(work) / "user.db"

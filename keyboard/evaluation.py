@@ -139,7 +139,7 @@ def simulate(
     history: Sequence[str] = (),
     k: int = 3,
     context_chars: int = DEFAULT_CONTEXT_CHARS,
-    hide_passed: bool = True,
+    client_filter: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> TypingReport:
     """Type `messages` through `predictor` as docs/evaluation.md defines, and report the cost.
@@ -149,9 +149,11 @@ def simulate(
     the last `context_chars` characters). One predict call per point where suggestions are
     shown; none after a word has been accepted.
 
-    `hide_passed`: the client does not show again, within one word, a suggestion it already
-    showed there and the user typed past (it asks for more and drops those), as presage does
-    (REPEAT_SUGGESTIONS=no). Off: every keystroke shows the top k.
+    `client_filter`: the client shows word candidates only (punctuation saves no keystroke),
+    and does not show again, within one word, a suggestion it already showed there and the
+    user typed past (it asks for more and drops those: keyboard.shown, as the LSP server does;
+    presage does the same with REPEAT_SUGGESTIONS=no). Off: every keystroke shows the top k
+    candidates as they come.
     """
     if k < 1:
         raise KeyboardError(f"k must be at least 1 (got {k})")
@@ -174,18 +176,19 @@ def simulate(
                 context = _bounded(lead + message[max(0, pos - context_chars) : pos], context_chars)
                 want = max(k, 3) if i == 0 else k
                 typed = message[start:pos]
-                ask = client.ask((index, start), typed, want, MAX_K) if hide_passed else want
+                ask = client.ask((index, start), typed, want, MAX_K) if client_filter else want
                 t0 = time.perf_counter()
                 prediction = predictor.predict(context, k=ask)
                 latencies.append((time.perf_counter() - t0) * 1000.0)
                 shown = [
-                    completed_word(typed, prediction.prefix, word)
-                    for word in prediction.words[:ask]
+                    completed_word(typed, prediction.prefix, c.word)
+                    for c in prediction.candidates[:ask]
+                    if c.kind == "word" or not client_filter
                 ]
-                if i == 0:  # next-word accuracy counts the model's own top 3, nothing hidden
+                if i == 0:  # next-word accuracy: the model's own top 3 (words), nothing hidden
                     top1_hits += bool(shown) and shown[0] == target
                     top3_hits += target in shown[:3]
-                shown = client.show(shown, k) if hide_passed else shown[:k]
+                shown = client.show(shown, k) if client_filter else shown[:k]
                 if target in shown:
                     cost = i + 1  # the characters typed, plus one to accept
                     break

@@ -53,16 +53,15 @@ from keyboard.artifacts import (
     load_adapter,
 )
 from keyboard.phrases import PhraseError, PhraseModel
+from keyboard.protocol import MAX_K, MAX_PUNCT
 from keyboard.types import Candidate, KeyboardError, Prediction
 from keyboard.words import MAX_PREFIX_CHARS, WORD_RE, is_word_char, split_prefix
 
 log = logging.getLogger(__name__)
 
-MAX_K = 20
 BEAM_WIDTH = 8  # hypotheses scored per depth (at least k)
 MAX_WORD_TOKENS = 4  # tokens a word may take beyond those its typed prefix needs
 MAX_DEPTH = 12  # hard limit on search depth (long odd prefixes)
-PUNCT_TOKENS = 4  # punctuation candidates considered at a word boundary
 LRU_SIZE = 1024  # finished results
 HYPOTHESIS_CACHE_SIZE = 384  # token distributions (one float32 vector of the vocabulary each)
 TOP_TOKENS = 24  # likeliest tokens of a kind memoised per distribution (>= MAX_K)
@@ -727,7 +726,7 @@ class Predictor:
         if not query.prefix:
             ids = self.table.punct_spaced if query.lead else self.table.punct_plain
             if len(ids):
-                best = ids[np.argsort(-root.probs[ids], kind="stable")[:PUNCT_TOKENS]]
+                best = ids[np.argsort(-root.probs[ids], kind="stable")[:MAX_PUNCT]]
                 punct: dict[str, float] = {}
                 for t in best.tolist():
                     mark = self.table.punct[t]

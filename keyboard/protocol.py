@@ -12,6 +12,7 @@ from typing import Any
 MAX_LINE_BYTES = 1024 * 1024  # a request line longer than this is refused, connection closed
 MAX_BATCH = 1000  # requests in one batch
 MAX_K = 20  # candidates one predict may ask for (the predictor's limit too)
+MAX_PUNCT = 4  # punctuation candidates an answer at a word start may hold (among the k)
 MAX_CONTEXT_CHARS = 64 * 1024  # the predictor reads the end of the context; more is a mistake
 
 # JSON-RPC 2.0 codes.

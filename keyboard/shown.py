@@ -1,8 +1,10 @@
-"""What a client already showed for the word being typed, so it does not show it again."""
+"""What a client shows for the word being typed: words only, and none it showed there before."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from keyboard.protocol import MAX_PUNCT
 
 
 @dataclass
@@ -10,7 +12,9 @@ class ShownInWord:
     """Suggestions shown while one word is typed. A suggestion the user typed past (it was
     shown, and they typed another character instead of accepting it) is not shown again in
     that word, so the places go to new candidates: the client asks for as many more as it
-    hides (`ask`) and drops them (`show`). Asking again at the same point shows the same."""
+    hides (`ask`) and drops them (`show`). Asking again at the same point shows the same.
+    Punctuation candidates (at a word start) are not shown either: accepting one saves no
+    keystroke, so the client asks for that many more words instead."""
 
     word: object = None  # what identifies the word: the text before it, say
     typed: str | None = None  # the part of the word typed at the last `show`
@@ -25,9 +29,11 @@ class ShownInWord:
             self.passed.update(self.current)
             self.current = []
         self.typed = typed
-        return min(limit, k + sum(w.startswith(typed) for w in self.passed))
+        extra = MAX_PUNCT if not typed else 0
+        return min(limit, k + extra + sum(w.startswith(typed) for w in self.passed))
 
     def show(self, words: list[str], k: int) -> list[str]:
-        """The first `k` of `words` (most likely first) that were not passed over."""
+        """The first `k` of `words` (the word candidates, most likely first) that were not
+        passed over."""
         self.current = [w for w in words if w not in self.passed][:k]
         return self.current

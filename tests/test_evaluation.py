@@ -43,7 +43,11 @@ class VocabularyPredictor:
         if self.split_at:
             prefix = re.split(f"[{re.escape(self.split_at)}]", prefix)[-1]
         found = [w for w in self.vocabulary if w.startswith(prefix)][:k]
-        return Prediction(prefix, [Candidate(w, 1.0) for w in found], adapter="test")
+        return Prediction(
+            prefix,
+            [Candidate(w, 1.0, "word" if w[0].isalnum() else "punct") for w in found],
+            adapter="test",
+        )
 
 
 def run(text: str | list[str], vocabulary: list[str], k: int = 3, **kw) -> TypingReport:
@@ -165,20 +169,30 @@ def test_suggestions_typed_past_are_not_shown_again_in_the_word():
     r = simulate(predictor, ["care"], k=3)
     assert (r.chars, r.keystrokes, r.predictions) == (4, 2, 2)
     # Showing the top 3 every time, [can, cat, cap] stays up until "car": typed in full.
-    r = simulate(VocabularyPredictor(vocabulary), ["care"], k=3, hide_passed=False)
+    r = simulate(VocabularyPredictor(vocabulary), ["care"], k=3, client_filter=False)
     assert (r.keystrokes, r.predictions) == (4, 4)
     # Next-word accuracy is the model's own top 3 either way: hiding changes KSR only.
     r = run("cat", vocabulary, k=1)
     assert (r.top1, r.top3, r.keystrokes) == (0.0, 1.0, 2)  # after "c": [cat] (can hidden)
 
 
+def test_punctuation_candidates_take_no_place_the_client_shows_words():
+    # At a word start the predictor's first two answers are punctuation: the client asks for
+    # up to 4 more and shows words only, so "the" is accepted at once (1 keystroke).
+    vocabulary = [",", ".", "the", "cat"]
+    r = run("the", vocabulary, k=2)
+    assert (r.keystrokes, r.top1) == (1, 1.0)
+    r = simulate(VocabularyPredictor(vocabulary), ["the"], k=2, client_filter=False)
+    assert (r.keystrokes, r.top1, r.top3) == (2, 0.0, 1.0)  # [",", "."] shown; "t" then "the"
+
+
 def test_shown_in_word_hides_only_what_was_typed_past():
     from keyboard.shown import ShownInWord
 
     shown = ShownInWord()
-    assert shown.ask("w1", "", 3, 20) == 3
+    assert shown.ask("w1", "", 3, 20) == 3 + 4  # at a word start: room for punctuation
     assert shown.show(["can", "cat", "cap", "car"], 3) == ["can", "cat", "cap"]
-    assert shown.ask("w1", "", 3, 20) == 3  # asked again at the same point: the same words
+    assert shown.ask("w1", "", 3, 20) == 7  # asked again at the same point: the same words
     assert shown.show(["can", "cat", "cap", "car"], 3) == ["can", "cat", "cap"]
     assert shown.ask("w1", "ca", 3, 20) == 6  # typed on: three passed words still fit
     assert shown.show(["can", "cat", "car", "cap", "care", "cab"], 3) == ["car", "care", "cab"]
