@@ -243,6 +243,19 @@ def gate(before: dict[str, Any], after: dict[str, Any], min_loss_gain: float) ->
     )
 
 
+def phrases_gate(before: dict[str, Any], after: dict[str, Any]) -> tuple[bool, str]:
+    """The rule for new phrases with the adapter kept (the loss cannot tell: the model is the
+    same): held-out next-word top-3 gained more words than it lost."""
+    lost, gained = after.get("top3_lost", 0), after.get("top3_gained", 0)
+    change = (
+        f"next-word top-3 {100 * before.get('top3', 0.0):.2f}% -> "
+        f"{100 * after.get('top3', 0.0):.2f}% ({lost} words lost, {gained} gained)"
+    )
+    if gained > lost:
+        return True, change
+    return False, f"new phrases did not help either: {change}"
+
+
 # --- the job ----------------------------------------------------------------------------------
 @dataclass
 class JobResult:
@@ -301,6 +314,7 @@ def next_word_hits(
     words as `word_spans` defines them, case-sensitive, each message typed after the ones
     before it), without the per-character typing that KSR needs: one prediction per word.
     """
+    from keyboard.protocol import MAX_PUNCT
     from keyboard.words import word_spans
 
     ranks: list[int] = []
@@ -309,7 +323,9 @@ def next_word_hits(
         lead = prior + "\n" if prior else ""
         for start, end in word_spans(message):
             context = (lead + message[:start])[-CONTEXT_CHARS:]
-            shown = predictor.predict(context, k=k).words[:k]
+            # Words only, as a client shows them (keyboard.shown): room for punctuation.
+            answer = predictor.predict(context, k=k + MAX_PUNCT).candidates
+            shown = [c.word for c in answer if c.kind == "word"][:k]
             target = message[start:end]
             ranks.append(shown.index(target) if target in shown else -1)
         prior = (lead + message)[-CONTEXT_CHARS:]
@@ -553,10 +569,7 @@ def _train_and_gate(
     ranks_after = _ranks(
         model_dir, config.threads, candidate, "candidate", typed, history, gate_phrases
     )
-    after.update(_accuracy(ranks_after))
-    pairs = list(zip(ranks_before, ranks_after, strict=True))
-    after["top3_lost"] = sum(b >= 0 and a < 0 for b, a in pairs)
-    after["top3_gained"] = sum(b < 0 and a >= 0 for b, a in pairs)
+    after.update(_accuracy(ranks_after), **_paired(ranks_before, ranks_after))
     progress.event("evaluated", f"after: {_describe(after)}", stage="after", **after)
 
     metrics = {
@@ -573,8 +586,20 @@ def _train_and_gate(
     }
     ok, why = gate(before, after, config.min_loss_gain)
     if not ok:
-        return JobResult("rejected", f"kept adapter {current}: {why}", version=current,
-                         metrics=metrics)  # fmt: skip
+        # The new adapter failed; the user's new phrases may still help on their own (they
+        # carry most of what a job gains: docs/results.md). Without this, someone whose
+        # adapter stopped improving would never get the phrases of their newer text.
+        keep = None if active is None else start_tensors
+        ranks_kept = _ranks(model_dir, config.threads, keep, current, typed, history,
+                            gate_phrases)  # fmt: skip
+        kept = {**_accuracy(ranks_kept), **_paired(ranks_before, ranks_kept)}
+        metrics["phrases_only"] = kept
+        better, why_phrases = phrases_gate(before, kept)
+        if not better:
+            return JobResult("rejected", f"kept adapter {current}: {why}; {why_phrases}",
+                             version=current, metrics=metrics)  # fmt: skip
+        candidate, after = start_tensors, {"loss": before["loss"], **kept}
+        why = f"adapter {current} kept ({why}), new phrases: {why_phrases}"
     meta = {
         "source": "job",
         "trained": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -583,6 +608,7 @@ def _train_and_gate(
         "stopped": fit.stopped,
         "metrics": {"before": before, "after": after},
         "start_adapter": current,
+        "adapter_trained": ok,  # False: the start adapter's tensors, with new phrases
     }
     phrases = PhraseModel.from_texts(phrase_texts[1])
     meta["phrases"] = {"words": phrases.words, "ngrams": phrases.ngrams}
@@ -621,6 +647,15 @@ def _ranks(
     del predictor
     gc.collect()
     return ranks
+
+
+def _paired(before: list[int], after: list[int]) -> dict[str, int]:
+    """Words that left / entered the top 3 between two measurements of the same words."""
+    pairs = list(zip(before, after, strict=True))
+    return {
+        "top3_lost": sum(b >= 0 and a < 0 for b, a in pairs),
+        "top3_gained": sum(b < 0 and a >= 0 for b, a in pairs),
+    }
 
 
 def _describe(m: dict[str, Any]) -> str:

@@ -122,30 +122,55 @@ def test_gate_rule() -> None:
     assert not ok and "12 words lost, 2 gained" in why
 
 
-def test_gate_rejects_a_worse_adapter(tiny_llama: Path) -> None:
+def _damage(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    # Large random LoRA B tensors: a candidate far worse than the one it would replace.
+    rng = np.random.default_rng(0)
+    return {
+        n: rng.normal(0, 2.0, v.shape).astype(np.float32) if "lora_B" in n else v
+        for n, v in adapter.items()
+    }
+
+
+def test_gate_rejects_a_worse_adapter(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from keyboard.phrases import PhraseModel
+
     store = AdapterStore(artifacts=ArtifactSet.open(tiny_llama))
     start = {n: v + 0.001 for n, v in store.artifacts.initial_adapter().items()}
     store.promote(start, {"source": "test"})
     _log(_user_lines())
+    # Phrases that know nothing: they cannot rescue the job either.
+    monkeypatch.setattr(PhraseModel, "from_texts", classmethod(lambda cls, texts: cls()))
 
-    def damage(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # Large random LoRA B tensors: a candidate far worse than the one it would replace.
-        rng = np.random.default_rng(0)
-        return {
-            n: rng.normal(0, 2.0, v.shape).astype(np.float32) if "lora_B" in n else v
-            for n, v in adapter.items()
-        }
-
-    result = run_job(tiny_llama, config=_fast(), progress=_quiet(), after_training=damage)
+    result = run_job(tiny_llama, config=_fast(), progress=_quiet(), after_training=_damage)
     assert result.status == "rejected", result.reason
     assert "kept adapter v0001" in result.reason and "did not improve" in result.reason
+    assert "new phrases did not help either" in result.reason
     assert result.metrics["after"]["loss"] > result.metrics["before"]["loss"]
+    assert result.metrics["phrases_only"]["top3_gained"] == 0
     assert result.version == "v0001" and result.adapter_path is None and result.exit_code == 0
     assert store.active()[0] == "v0001" and [e.version for e in store.list()] == ["v0001"]
     with TypingLog() as log:
         job = log.last_job()
         assert job["status"] == "rejected" and "did not improve" in job["reason"]
         assert job["metrics"]["after"]["loss"] == result.metrics["after"]["loss"]
+
+
+def test_new_phrases_are_promoted_when_the_adapter_is_not(tiny_llama: Path) -> None:
+    store = AdapterStore(artifacts=ArtifactSet.open(tiny_llama))
+    start = {n: v + 0.001 for n, v in store.artifacts.initial_adapter().items()}
+    store.promote(start, {"source": "test"})
+    _log(_user_lines())
+
+    result = run_job(tiny_llama, config=_fast(), progress=_quiet(), after_training=_damage)
+    assert result.status == "promoted", result.reason
+    assert "adapter v0001 kept" in result.reason and "did not improve" in result.reason
+    kept = result.metrics["phrases_only"]
+    assert kept["top3_gained"] > kept["top3_lost"]
+    version, path, meta = store.active()
+    assert version == "v0002" and meta["adapter_trained"] is False
+    tensors = store.load("v0002")
+    assert all(np.array_equal(tensors[n], start[n]) for n in start)  # the damage is not kept
+    assert result.phrases_path is not None and result.phrases_path.exists()
 
 
 def test_lock_refuses_a_second_job(tiny_llama: Path, capsys: pytest.CaptureFixture) -> None:
