@@ -32,9 +32,8 @@ from keyboard.words import WORD_RE
 FORMAT = "keyboard-phrases"
 FORMAT_VERSION = 1
 START = "<s>"  # the start of a message: the context of its first word
-DEFAULT_WEIGHT = (
-    0.4  # share of the user model in the blend (set on held-out history: docs/evaluation.md)
-)
+# The user model's share of the blend, set on the users' held-out history (docs/evaluation.md).
+DEFAULT_WEIGHT = 0.4
 ORDER = 3  # 4-grams were no better on the users' held-out history (docs/evaluation.md)
 MAX_NGRAMS = 400_000  # stored 2- and 3-grams; beyond that the rarest 3-grams, then 2-grams go
 CONTEXT_CHARS = 200  # text before the word that is tokenized for the n-gram context
@@ -55,7 +54,7 @@ def tokens(text: str, at_start: bool = True) -> list[str]:
     for m in _TOKEN_RE.finditer(text):
         tok = intern(m.group(0))
         if tok == "\n":
-            if out and out[-1] != START:
+            if not out or out[-1] != START:
                 out.append(START)
         else:
             out.append(tok)
