@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="users evaluated at a time")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--plot", type=Path, default=None, help="also draw a PNG per user here")
     parser.add_argument("--job-process", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--user-process", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
@@ -324,6 +325,18 @@ def drive(
     log("\n" + table)
     if args.markdown:
         args.markdown.write_text(table + "\n")
+    if args.plot and final["results"]:
+        from keyboard.evaluation import TypingReport, plot_reports
+
+        rows = {
+            Path(r["file"]).stem: {
+                "before": TypingReport(**r["before"]),
+                "personalized": TypingReport(**r["after"]),
+            }
+            for r in final["results"]
+        }
+        plot_reports(rows, args.plot, title="keyboard eval --personalize, per user")
+        log(f"plot: {args.plot}")
     return 1 if failures else 0
 
 

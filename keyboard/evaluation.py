@@ -229,9 +229,13 @@ def plot_reports(
     labels = list(rows)
     series = list(dict.fromkeys(name for reports in rows.values() for name in reports))
     metrics = [("top1", "next-word top-1"), ("top3", "next-word top-3"), ("ksr", "KSR")]
-    fig, axes = plt.subplots(1, 3, figsize=(max(9, 1.2 * len(labels) * 3), 4), squeeze=False)
+    if len(labels) <= 3:  # side by side
+        fig, grid = plt.subplots(1, 3, figsize=(max(9, 3.6 * len(labels)), 4), squeeze=False)
+    else:  # one metric per row, so many users stay readable
+        fig, grid = plt.subplots(3, 1, figsize=(max(8, 1.1 * len(labels)), 11), squeeze=False)
+    axes = list(grid.flat)
     width = 0.8 / max(1, len(series))
-    for ax, (key, name) in zip(axes[0], metrics, strict=True):
+    for ax, (key, name) in zip(axes, metrics, strict=True):
         for j, serie in enumerate(series):
             values = [
                 100 * getattr(rows[lab][serie], key) if serie in rows[lab] else 0.0
@@ -247,7 +251,7 @@ def plot_reports(
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
