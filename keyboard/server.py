@@ -616,6 +616,8 @@ class Daemon:
                 "version": predictor.adapter_version,
                 "metrics": self.adapter_metadata.get("metrics"),
                 "created": self.adapter_metadata.get("created"),
+                # the user's phrases served with it: words and n-grams counted (None: none)
+                "phrases": self.adapter_metadata.get("phrases") if predictor.phrases else None,
             },
             "typing_log": stats,
             "personalization": {

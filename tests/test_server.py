@@ -240,8 +240,10 @@ def test_reload_serves_the_active_adapter(
             # A version with the user's phrases: served with them; `forget` deletes them.
             phrases = PhraseModel.from_texts(["I would like to dayrit"] * 3)
             store = AdapterStore(artifacts=artifacts)
-            with_phrases = store.promote(tensors, {}, phrases.to_bytes())
+            counted = {"words": phrases.words, "ngrams": phrases.ngrams}
+            with_phrases = store.promote(tensors, {"phrases": counted}, phrases.to_bytes())
             assert call(c, "reload")["result"] == {"adapter": with_phrases, "loaded": True}
+            assert call(c, "status")["result"]["adapter"]["phrases"] == counted
             context = {"context": "I would like to "}
             assert call(c, "predict", context)["result"]["candidates"][0]["word"] == "dayrit"
             call(c, "observe", {"text": "I would like to dayrit", "source": "t3"})
