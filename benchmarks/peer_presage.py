@@ -457,6 +457,12 @@ def main(argv: list[str] | None = None) -> int:
         help="build the fair database lower-cased and run presage in lowercase mode",
     )
     parser.add_argument("--jobs", type=int, default=1, help="presage processes at a time")
+    parser.add_argument(
+        "--learning",
+        choices=("both", "learned", "none"),
+        default="both",
+        help="presage with an empty user model, after learning the history, or both",
+    )
     parser.add_argument("--no-keyboard", action="store_true", help="presage only")
     parser.add_argument("--model", type=Path, default=None, help="keyboard model directory")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
@@ -497,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(len(m) for m in test)
         for name, (db, lowercase) in databases.items():
             rows[path.name][name] = {}
-            for learn in (False, True):
+            modes = {"both": (False, True), "learned": (True,), "none": (False,)}[args.learning]
+            for learn in modes:
                 tasks.append((size, path.name, name, db, lowercase, history, test, learn))
     tasks.sort(key=lambda t: t[0])  # smallest files first: complete rows early in a long run
 
