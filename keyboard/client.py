@@ -206,6 +206,15 @@ def describe_status(status: dict[str, Any]) -> str:
         f"adapter      {adapter.get('version')}"
         + (f"  metrics {json.dumps(metrics, sort_keys=True)}" if metrics else "")
     )
+    phrases = adapter.get("phrases")
+    lines.append(
+        "phrases      "
+        + (
+            f"{phrases.get('words', 0):,} words, {phrases.get('ngrams', 0):,} word pairs/triples"
+            if phrases
+            else "none (the nightly job counts them)"
+        )
+    )
     lines.append(
         f"typing log   {log.get('entries', 0):,} entries, {log.get('words', 0):,} words"
         + (" (PAUSED)" if log.get("paused") else "")

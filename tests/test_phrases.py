@@ -132,3 +132,11 @@ def test_store_keeps_phrases_per_version_and_forget_deletes_them(tiny_llama: Pat
     assert forget_phrases() == 1
     assert store.phrases_path(version) is None
     assert store.active()[0] == version  # the adapter itself stays
+
+
+def test_status_says_which_phrases_are_served() -> None:
+    from keyboard.client import describe_status
+
+    served = {"adapter": {"version": "v0002", "phrases": {"words": 48210, "ngrams": 71344}}}
+    assert "phrases      48,210 words, 71,344 word pairs/triples" in describe_status(served)
+    assert "phrases      none" in describe_status({"adapter": {"version": "base"}})
