@@ -302,16 +302,6 @@ def _personalization_job() -> Callable[..., Any]:
     return personalize.run_job
 
 
-def _peak_rss_mb() -> float:
-    import resource
-
-    peak = max(
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
-    )
-    return peak / 1024  # Linux reports KiB
-
-
 def personalize_in_throwaway_home(history: Sequence[str], model_dir: Path, home: Path) -> Any:
     """Record `history` in a fresh typing log in `home` and run the nightly job there.
 
@@ -418,7 +408,6 @@ def evaluate_file(
             job = personalize_in_throwaway_home(history, model_dir, Path(home))
             result.job_status = job.status + (f": {job.reason}" if job.reason else "")
             result.job_seconds = job.seconds
-            result.peak_rss_mb = max(job.peak_rss_mb, _peak_rss_mb())
             if job.status == "failed":
                 raise KeyboardError(f"the personalization job failed: {job.reason}")
             if job.adapter_path is None:
@@ -432,6 +421,9 @@ def evaluate_file(
                 result.after = simulate(
                     predictor, test, history=history, k=k, progress=report("personalized")
                 )
+        from keyboard.personalize import peak_rss_mb
+
+        result.peak_rss_mb = peak_rss_mb()  # VmHWM: the job and both typings ran in here
     return result
 
 
