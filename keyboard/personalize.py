@@ -314,7 +314,8 @@ def next_word_hits(
     words as `word_spans` defines them, case-sensitive, each message typed after the ones
     before it), without the per-character typing that KSR needs: one prediction per word.
     """
-    from keyboard.protocol import MAX_PUNCT
+    from keyboard.protocol import MAX_K
+    from keyboard.shown import ShownInWord
     from keyboard.words import word_spans
 
     ranks: list[int] = []
@@ -323,9 +324,10 @@ def next_word_hits(
         lead = prior + "\n" if prior else ""
         for start, end in word_spans(message):
             context = (lead + message[:start])[-CONTEXT_CHARS:]
-            # Words only, as a client shows them (keyboard.shown): room for punctuation.
-            answer = predictor.predict(context, k=k + MAX_PUNCT).candidates
-            shown = [c.word for c in answer if c.kind == "word"][:k]
+            # What a client shows at a word start (keyboard.shown): the first k words.
+            client = ShownInWord()
+            answer = predictor.predict(context, k=client.ask(start, "", k, MAX_K)).candidates
+            shown = client.show([c.word for c in answer if c.kind == "word"], k)
             target = message[start:end]
             ranks.append(shown.index(target) if target in shown else -1)
         prior = (lead + message)[-CONTEXT_CHARS:]
@@ -535,6 +537,7 @@ def _train_and_gate(
     t0 = time.monotonic()
     ranks_before = _ranks(model_dir, config.threads, None if active is None else start_tensors,
                           current, typed, history, current_phrases)  # fmt: skip
+    del current_phrases  # not needed again: free it before the trainer loads
     trainer = LoraTrainer(artifacts, adapter=start_tensors, threads=config.threads)
     seq_len = int(artifacts.manifest["training"].get("seq_len", 64))
     train_batches = trainer.batches(text.new + text.replay, seq_len, config.batch_size)
@@ -610,6 +613,7 @@ def _train_and_gate(
         "start_adapter": current,
         "adapter_trained": ok,  # False: the start adapter's tensors, with new phrases
     }
+    del gate_phrases  # one phrase model in memory at a time
     phrases = PhraseModel.from_texts(phrase_texts[1])
     meta["phrases"] = {"words": phrases.words, "ngrams": phrases.ngrams}
     version = store.promote(candidate, meta, phrases.to_bytes())  # the last step, atomic

@@ -194,13 +194,12 @@ class PhraseModel:
         whole = at_start and len(before) <= CONTEXT_CHARS
         context = tuple(tokens(before[-CONTEXT_CHARS:], at_start=whole)[1 - ORDER :])
         user = self.candidates(context, prefix, max(CANDIDATES, k))
-        weight = self.weight
-        out = {w: (1.0 - weight) * p for w, p in lm.items()}
+        out = {w: (1.0 - self.weight) * p for w, p in lm.items()}
         for w in lm:
             if w not in user and w in self.unigrams:
                 user[w] = self.probability(w, context)
         for w, p in user.items():
-            out[w] = out.get(w, 0.0) + weight * p
+            out[w] = out.get(w, 0.0) + self.weight * p
         return out
 
     # --- files -----------------------------------------------------------------------------

@@ -706,8 +706,8 @@ class Predictor:
         evaluate = engine.evaluator(state, context)
         k = query.k
         phrases = engine.phrases
-        # With user phrases, a few more LM words compete with the user's (same beam, so the
-        # search costs about the same).
+        # With user phrases, a few more LM words compete with the user's (the same beam width,
+        # but a weaker k-th-best bound to prune with: a little more search per keystroke).
         k_lm = max(k, BEAM_WIDTH) if phrases is not None else k
         found = self._words(root, evaluate, query.lead, query.prefix, k_lm)
         if len(found) < k and query.prefix != query.prefix.lower():
