@@ -22,6 +22,7 @@ import numpy as np
 
 from keyboard import paths
 from keyboard.artifacts import Adapter, ArtifactError, ArtifactSet, load_adapter, write_atomic
+from keyboard.paths import Home
 from keyboard.types import KeyboardError
 
 log = logging.getLogger("keyboard.adapters")
@@ -67,13 +68,12 @@ def model_fingerprint(artifacts: ArtifactSet) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def forget_phrases(adapters_dir: Path | None = None) -> int:
-    """Delete the phrase files of every version of every model (after `keyboard forget`, so no
-    n-gram of forgotten text outlives it; the next job rebuilds them from what the log still
-    holds). Returns how many were deleted."""
-    root = adapters_dir or paths.adapters_dir()
+def forget_phrases(home: Home) -> int:
+    """Delete the phrase files of every version of every model in `home` (after `keyboard
+    forget`, so no n-gram of forgotten text outlives it; the next job rebuilds them from what
+    the log still holds). Returns how many were deleted."""
     removed = 0
-    for path in root.glob(f"*/v*/{PHRASES_FILE}"):
+    for path in home.adapters.glob(f"*/v*/{PHRASES_FILE}"):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             removed += 1
@@ -124,22 +124,28 @@ class AdapterStore:
     pointer. Every change is write-to-temp, fsync, rename, so a crash or kill -9 at any moment
     leaves the active adapter complete and loadable.
 
-    `root` defaults to `adapters_dir()/<model name>-<fingerprint>`: adapters of another model
-    (or another export of it) are kept apart, never loaded into a model they do not fit.
+    A home keeps one store per model (`in_home`): `adapters/<model name>-<fingerprint>`, so
+    adapters of another model (or another export of it) are kept apart, never loaded into a
+    model they do not fit.
     """
 
     def __init__(
-        self,
-        root: str | Path | None = None,
-        artifacts: ArtifactSet | str | Path | None = None,
+        self, root: str | Path, artifacts: ArtifactSet | str | Path, fingerprint: str = ""
     ) -> None:
         if not isinstance(artifacts, ArtifactSet):
-            artifacts = ArtifactSet.open(artifacts or paths.starter_model_dir())
+            artifacts = ArtifactSet.open(artifacts)
         self.artifacts = artifacts
-        self.fingerprint = model_fingerprint(artifacts)
-        if root is None:
-            root = paths.adapters_dir() / f"{artifacts.name}-{self.fingerprint[:12]}"
+        self.fingerprint = fingerprint or model_fingerprint(artifacts)
         self.root = paths.private_dir(Path(root))
+
+    @classmethod
+    def in_home(cls, home: Home, artifacts: ArtifactSet | str | Path) -> AdapterStore:
+        """The store of `artifacts`' adapters in `home`."""
+        if not isinstance(artifacts, ArtifactSet):
+            artifacts = ArtifactSet.open(artifacts)
+        fingerprint = model_fingerprint(artifacts)
+        root = home.adapters / f"{artifacts.name}-{fingerprint[:12]}"
+        return cls(root, artifacts, fingerprint)
 
     # --- locking ----------------------------------------------------------------------------
     @contextlib.contextmanager

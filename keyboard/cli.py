@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from keyboard.paths import Home
 from keyboard.types import KeyboardError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -65,7 +66,7 @@ def _add_log(sub: argparse._SubParsersAction) -> None:
         text: str | bytes = args.text
         if text is None or text == "-":
             text = sys.stdin.buffer.read(MAX_TEXT_BYTES + 1)  # one byte over: refused, not cut
-        with TypingLog() as log:
+        with TypingLog(Home.from_env().typing_log) as log:
             result = log.record(text, source=args.source, private=args.private)
         print(f"stored entry {result.id}" if result.stored else f"not stored: {result.reason}")
         return 0
@@ -86,10 +87,11 @@ def _add_log(sub: argparse._SubParsersAction) -> None:
         if n is None:
             from keyboard.adapter_store import forget_phrases
 
-            with TypingLog() as log:
+            home = Home.from_env()
+            with TypingLog(home.typing_log) as log:
                 n = log.forget(args.since, args.until, args.source, everything=args.all)
             if n:
-                forget_phrases()  # the daemon does the same when it does the forgetting
+                forget_phrases(home)  # the daemon does the same when it does the forgetting
         print(f"forgot {n} entr{'y' if n == 1 else 'ies'}; database vacuumed")
         return 0
 
@@ -104,7 +106,7 @@ def _add_log(sub: argparse._SubParsersAction) -> None:
 
         from keyboard.typing_log import TypingLog
 
-        with TypingLog() as log:
+        with TypingLog(Home.from_env().typing_log) as log:
             stats = log.stats()
             recent = log.recent(args.show) if args.show > 0 else []
             job = log.last_job()
@@ -136,7 +138,7 @@ def _add_log(sub: argparse._SubParsersAction) -> None:
         def run(args: argparse.Namespace) -> int:
             from keyboard.typing_log import TypingLog
 
-            with TypingLog() as log:
+            with TypingLog(Home.from_env().typing_log) as log:
                 if paused:
                     log.pause()
                 else:
@@ -171,7 +173,7 @@ def _add_log(sub: argparse._SubParsersAction) -> None:
         from keyboard.redaction import DEFAULT_EXCLUDED_SOURCES
         from keyboard.typing_log import TypingLog
 
-        with TypingLog() as log:
+        with TypingLog(Home.from_env().typing_log) as log:
             patterns = (
                 list(DEFAULT_EXCLUDED_SOURCES) if args.reset_excluded else log.excluded_sources
             )
@@ -297,9 +299,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         from keyboard import paths, server
 
         model = Path(args.model).expanduser() if args.model else paths.starter_model_dir()
+        config = server.ServeConfig(socket_path(args), model, Home.from_env(), threads=args.threads)
         if args.foreground:
-            return server.serve(socket_path(args), model, threads=args.threads)
-        status = server.start_background(socket_path(args), model, threads=args.threads)
+            return server.serve(config)
+        status = server.start_background(config)
         print(
             f"keyboard is serving {status['model']['name']} at {status['socket']} "
             f"(pid {status['pid']}, ready in {status['ready_s']:.1f} s)"
@@ -442,11 +445,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
         signal.signal(signal.SIGTERM, stop)
         try:
-            config = personalize.JobConfig.load()
+            home = Home.from_env()
+            config = personalize.JobConfig.load(home.job_config)
             if args.threads is not None:
                 config.threads = max(1, args.threads)
             personalize.lower_priority(config.nice)
             result = personalize.run_job(
+                home,
                 _model_dir(args),
                 config=config,
                 time_budget_s=args.time_budget,
@@ -490,7 +495,7 @@ def _add_adapters(sub: argparse._SubParsersAction) -> None:
 
         from keyboard.adapter_store import AdapterStore
 
-        store = AdapterStore(artifacts=_model_dir(args))
+        store = AdapterStore.in_home(Home.from_env(), _model_dir(args))
         if args.action == "list":
             active = store.active_version
             entries = store.list()
@@ -556,10 +561,12 @@ def _add_schedule(sub: argparse._SubParsersAction) -> None:
         from keyboard import schedule
 
         if args.action == "show":
-            print(json.dumps(schedule.show(), indent=2))
+            print(json.dumps(schedule.show(Home.from_env()), indent=2))
             return 0
         if args.action == "install":
-            result = schedule.install(args.at, mode=args.mode, enable=not args.no_enable)
+            result = schedule.install(
+                Home.from_env(), args.at, mode=args.mode, enable=not args.no_enable
+            )
         else:
             result = schedule.remove(mode=args.mode)
         for f in result.files:

@@ -221,16 +221,13 @@ def describe_status(status: dict[str, Any]) -> str:
     )
     running = person.get("running")
     last = person.get("last_job")
-    if not person.get("installed"):
-        lines.append("training     personalization is not installed")
-    else:
-        if running:
-            lines.append(f"training     job running since {running.get('started')}")
-        lines.append(
-            "last job     "
-            + (f"#{last.get('id')} {last.get('status')} {last.get('started')}" if last else "none")
-        )
-        lines.append(f"next job     {person.get('next_run') or 'not scheduled'}")
+    if running:
+        lines.append(f"training     job running since {running.get('started')}")
+    lines.append(
+        "last job     "
+        + (f"#{last.get('id')} {last.get('status')} {last.get('started')}" if last else "none")
+    )
+    lines.append(f"next job     {person.get('next_run') or 'not scheduled'}")
     lines.append(
         f"server       {server.get('connections')} connection(s), {server.get('served')} "
         f"requests served, RSS {server.get('rss_mb')} MB"

@@ -291,43 +291,23 @@ class FileEvaluation:
         return data
 
 
-def _personalization_job() -> Callable[..., Any]:
-    """`keyboard.personalize.run_job`, or a clear error while that module does not exist."""
-    import importlib.util
-
-    if importlib.util.find_spec("keyboard.personalize") is None:
-        raise KeyboardError("personalization is not available yet")
-    from keyboard import personalize
-
-    return personalize.run_job
-
-
 def personalize_in_throwaway_home(history: Sequence[str], model_dir: Path, home: Path) -> Any:
     """Record `history` in a fresh typing log in `home` and run the nightly job there.
 
-    Returns the job's `JobResult` (`adapter_path` is set when it promoted an adapter).
-    KEYBOARD_HOME points at `home` meanwhile, so nothing reads or writes the user's own home.
+    Returns the job's `JobResult` (`adapter_path` is set when it promoted an adapter). Nothing
+    reads or writes the user's own home.
     """
-    import os
-
-    from keyboard import paths
+    from keyboard.paths import Home
+    from keyboard.personalize import run_job
     from keyboard.typing_log import MAX_TEXT_BYTES, TypingLog
 
-    run_job = _personalization_job()
-    saved = os.environ.get("KEYBOARD_HOME")
-    os.environ["KEYBOARD_HOME"] = str(home)
-    try:
-        with TypingLog(paths.database_path()) as log:
-            for message in history:
-                for piece in _pieces(message, MAX_TEXT_BYTES):
-                    log.record(piece, source="keyboard-eval")
-        # force: the history is all there is, so skip the new-words minimum and battery check
-        return run_job(model_dir=model_dir, force=True)
-    finally:
-        if saved is None:
-            os.environ.pop("KEYBOARD_HOME", None)
-        else:
-            os.environ["KEYBOARD_HOME"] = saved
+    throwaway = Home.at(home)
+    with TypingLog(throwaway.typing_log) as log:
+        for message in history:
+            for piece in _pieces(message, MAX_TEXT_BYTES):
+                log.record(piece, source="keyboard-eval")
+    # force: the history is all there is, so skip the new-words minimum and battery check
+    return run_job(throwaway, model_dir, force=True)
 
 
 def _pieces(text: str, max_bytes: int) -> list[str]:
@@ -381,7 +361,6 @@ def evaluate_file(
         history, test = split_history(messages)
         if not history:
             raise KeyboardError(f"{path}: --personalize needs at least 2 messages")
-        _personalization_job()  # fail now, not after the first simulation
     else:
         history, test = [], list(messages)
     if max_lines is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 APP_NAME = "keyboard"
@@ -31,14 +32,52 @@ def home() -> Path:
     return private_dir(base)
 
 
-def database_path() -> Path:
-    """The typing log's SQLite file."""
-    return home() / "typing_log.db"
+@dataclass(frozen=True)
+class Home:
+    """One user's keyboard home and the files in it. Resolved once (`from_env`) where the
+    program starts, then passed to what keeps state there: nothing else reads the environment.
+    """
 
+    root: Path
 
-def adapters_dir() -> Path:
-    """Where adapter versions live."""
-    return private_dir(home() / "adapters")
+    @classmethod
+    def at(cls, root: str | Path) -> Home:
+        """The home at `root`, created 0700 if it does not exist."""
+        return cls(private_dir(Path(root).expanduser()))
+
+    @classmethod
+    def from_env(cls) -> Home:
+        return cls(home())
+
+    @property
+    def typing_log(self) -> Path:
+        """The typing log's SQLite file."""
+        return self.root / "typing_log.db"
+
+    @property
+    def adapters(self) -> Path:
+        """Where adapter versions live (a store per model inside)."""
+        return private_dir(self.root / "adapters")
+
+    @property
+    def job_config(self) -> Path:
+        """The personalization job's settings."""
+        return self.root / "personalize.json"
+
+    @property
+    def job_lock(self) -> Path:
+        """Held by the personalization job while it runs."""
+        return self.root / "personalize.lock"
+
+    @property
+    def daemon_lock(self) -> Path:
+        """Held by the daemon serving this home."""
+        return self.root / "daemon.lock"
+
+    @property
+    def daemon_log(self) -> Path:
+        """Where a daemon started in the background writes its log."""
+        return self.root / "daemon.log"
 
 
 def socket_path() -> Path:

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from keyboard import paths
+from keyboard.paths import Home
 from keyboard.progress import Progress
 from keyboard.types import KeyboardError
 
@@ -28,9 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("keyboard.personalize")
 
-CONFIG_FILE = "personalize.json"
-LOCK_FILE = "personalize.lock"
-
 # Exit codes of `keyboard train`: a job that reached a decision (promoted, rejected, skipped)
 # exits 0; EX_TEMPFAIL when another job holds the lock; 1 when it failed.
 EXIT_BUSY = 75
@@ -38,7 +35,7 @@ EXIT_BUSY = 75
 
 @dataclass
 class JobConfig:
-    """Settings of the job, from `<keyboard home>/personalize.json` (every key optional)."""
+    """Settings of the job, from the home's `personalize.json` (every key optional)."""
 
     at: str = "03:00"  # local time the daemon / timer runs the job
     min_new_words: int = 200  # fewer new words since the last job: skip
@@ -60,14 +57,10 @@ class JobConfig:
     keep_versions: int = 5
 
     @classmethod
-    def path(cls) -> Path:
-        return paths.home() / CONFIG_FILE
-
-    @classmethod
-    def load(cls, path: Path | None = None) -> JobConfig:
-        """Defaults, overridden by the file's keys. An unknown key or a wrong type is an error
-        that names the file, so a typo never silently leaves a default in place."""
-        path = path or cls.path()
+    def load(cls, path: Path) -> JobConfig:
+        """Defaults, overridden by the keys of the file at `path` (a home's `job_config`). An
+        unknown key or a wrong type is an error that names the file, so a typo never silently
+        leaves a default in place."""
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
@@ -93,12 +86,11 @@ class JobConfig:
         return config
 
     @classmethod
-    def update(cls, path: Path | None = None, **changes: Any) -> JobConfig:
+    def update(cls, path: Path, **changes: Any) -> JobConfig:
         """Set some settings in the file, keeping the others as they are there (settings left
         out of the file follow the defaults of future versions)."""
         from keyboard.artifacts import write_atomic
 
-        path = path or cls.path()
         cls.load(path)  # refuse to rewrite a file that is broken: the user must fix it
         known = {f.name for f in fields(cls)}
         if unknown := set(changes) - known:
@@ -151,19 +143,15 @@ def lower_priority(niceness: int) -> None:
             os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
-def lock_path() -> Path:
-    return paths.home() / LOCK_FILE
-
-
 class JobBusy(KeyboardError):
     """Another personalization job holds the lock."""
 
 
 @contextlib.contextmanager
-def job_lock() -> Iterator[None]:
+def job_lock(home: Home) -> Iterator[None]:
     """Hold the home's job lock, or raise JobBusy. flock: the kernel releases it when the
     holder exits or is killed, so a crashed job never leaves it stuck."""
-    fd = os.open(lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(home.job_lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -185,9 +173,9 @@ def _holder(fd: int) -> str:
         return "pid unknown"
 
 
-def job_running() -> str | None:
-    """Who holds the job lock ("pid N, started T"), or None when no job is running."""
-    path = lock_path()
+def job_running(home: Home) -> str | None:
+    """Who holds the home's job lock ("pid N, started T"), or None when no job is running."""
+    path = home.job_lock
     if not path.exists():
         return None
     fd = os.open(path, os.O_RDONLY)
@@ -357,7 +345,8 @@ def _eval_slice(texts: list[str], max_words: int) -> list[str]:
 
 
 def run_job(
-    model_dir: str | Path | None = None,
+    home: Home,
+    model_dir: str | Path,
     *,
     config: JobConfig | None = None,
     time_budget_s: float | None = None,
@@ -368,7 +357,7 @@ def run_job(
     progress: Progress | None = None,
     after_training: Callable[[Adapter], Adapter] | None = None,
 ) -> JobResult:
-    """Run the personalization job once in the current keyboard home.
+    """Run the personalization job once in `home` on the model at `model_dir`.
 
     Takes the job lock, reads the text logged since the last job (plus replay, minus the
     held-out slice), fine-tunes the active adapter within the time budget, measures held-out
@@ -379,12 +368,13 @@ def run_job(
     the gate a deliberately damaged candidate through it).
     """
     started = time.monotonic()
-    config = config or JobConfig.load()
+    config = config or JobConfig.load(home.job_config)
     progress = progress or Progress()
     try:
-        with job_lock():
+        with job_lock(home):
             result = _locked_job(
-                Path(model_dir) if model_dir else paths.starter_model_dir(),
+                home,
+                Path(model_dir),
                 config,
                 time_budget_s if time_budget_s is not None else config.time_budget_s,
                 max_steps if max_steps is not None else config.max_steps,
@@ -410,6 +400,7 @@ def run_job(
 
 
 def _locked_job(
+    home: Home,
     model_dir: Path,
     config: JobConfig,
     budget_s: float,
@@ -423,7 +414,7 @@ def _locked_job(
     from keyboard.typing_log import TypingLog
 
     started = time.monotonic()
-    with TypingLog() as typing_log:
+    with TypingLog(home.typing_log) as typing_log:
         if not force and not config.train_on_battery and on_battery():
             job_id = typing_log.start_job()
             reason = "on battery power (plug in, or set train_on_battery / use --force)"
@@ -465,7 +456,7 @@ def _locked_job(
         del logged
         try:
             result = _train_and_gate(
-                model_dir, config, text, data, budget_s, max_steps, lr, seed, progress, started,
+                home, model_dir, config, text, data, budget_s, max_steps, lr, seed, progress, started,
                 after_training, phrase_texts,
             )  # fmt: skip
         except KeyboardError as exc:
@@ -492,6 +483,7 @@ def _locked_job(
 
 
 def _train_and_gate(
+    home: Home,
     model_dir: Path,
     config: JobConfig,
     text: Any,
@@ -511,7 +503,7 @@ def _train_and_gate(
     from keyboard.trainer import LoraTrainer
 
     artifacts = ArtifactSet.open(model_dir)
-    store = AdapterStore(artifacts=artifacts)
+    store = AdapterStore.in_home(home, artifacts)
     active = store.active()
     current = "base" if active is None else active[0]
     start_tensors = store.load(current)

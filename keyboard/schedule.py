@@ -11,9 +11,13 @@ import sys
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from keyboard.paths import Home
 from keyboard.types import KeyboardError
+
+if TYPE_CHECKING:
+    from keyboard.typing_log import TypingLog
 
 UNIT = "keyboard-train"  # keyboard-train.service + keyboard-train.timer
 CRON_MARK = "# keyboard-train (added by `keyboard schedule install`)"
@@ -29,18 +33,18 @@ def parse_at(at: str) -> time:
     return time(int(m.group(1)), int(m.group(2)))
 
 
-def configured_at() -> str:
+def configured_at(home: Home) -> str:
     """The configured time of the nightly job (`at` in personalize.json; default 03:00)."""
     from keyboard.personalize import JobConfig
 
-    return JobConfig.load().at
+    return JobConfig.load(home.job_config).at
 
 
-def next_run(now: datetime, at: str | None = None) -> datetime:
-    """The first moment strictly after `now` when the local clock shows `at` (HH:MM; default
-    the configured time). An aware `now` gives an aware answer (in local time), a naive one
-    a naive local answer. Across a DST change the wall-clock time is kept."""
-    wanted = parse_at(at if at is not None else configured_at())
+def next_run(now: datetime, at: str) -> datetime:
+    """The first moment strictly after `now` when the local clock shows `at` (HH:MM). An
+    aware `now` gives an aware answer (in local time), a naive one a naive local answer.
+    Across a DST change the wall-clock time is kept."""
+    wanted = parse_at(at)
     aware = now.tzinfo is not None
     local = now.astimezone().replace(tzinfo=None) if aware else now
     day: date = local.date()
@@ -69,19 +73,19 @@ class Decision:
         return iter((self.run, self.reason))
 
 
-def should_run(log: Any, min_new_words: int | None = None) -> Decision:
+def should_run(log: TypingLog, home: Home, min_new_words: int | None = None) -> Decision:
     """The daemon's check at the scheduled time: enough new text since the last job, not on
-    battery (unless configured), no job running. `log` is an open TypingLog."""
+    battery (unless configured), no job running. `log` is `home`'s open TypingLog."""
     from keyboard import personalize
 
-    config = personalize.JobConfig.load()
+    config = personalize.JobConfig.load(home.job_config)
     threshold = config.min_new_words if min_new_words is None else min_new_words
     words = personalize.words_since_last_job(log)
     if words < threshold:
         return Decision(False, f"{words} new words since the last job; waiting for {threshold}")
     if not config.train_on_battery and personalize.on_battery():
         return Decision(False, "on battery power (set train_on_battery to train anyway)")
-    holder = personalize.job_running()
+    holder = personalize.job_running(home)
     if holder is not None:
         return Decision(False, f"a personalization job is already running ({holder})")
     return Decision(True, f"{words} new words since the last job")
@@ -205,6 +209,7 @@ class ScheduleResult:
 
 
 def install(
+    home: Home,
     at: str | None = None,
     mode: str = "auto",
     enable: bool = True,
@@ -218,11 +223,13 @@ def install(
     """
     from keyboard.personalize import JobConfig
 
-    config = JobConfig.load()
+    config = JobConfig.load(home.job_config)
     at = at or config.at
     parse_at(at)
     if at != config.at:
-        JobConfig.update(at=at)  # the daemon's own schedule follows the same setting
+        JobConfig.update(
+            home.job_config, at=at
+        )  # the daemon's own schedule follows the same setting
     battery_ok = config.train_on_battery if train_on_battery is None else train_on_battery
     if mode == "auto":
         mode = "systemd" if systemd_user_available() else "cron"
@@ -284,10 +291,10 @@ def remove(mode: str = "auto", enable: bool = True) -> ScheduleResult:
     return result
 
 
-def show() -> dict[str, Any]:
+def show(home: Home) -> dict[str, Any]:
     """What is scheduled: unit files, crontab line, the configured time and the next run."""
     directory = unit_dir()
-    at = configured_at()
+    at = configured_at(home)
     out: dict[str, Any] = {
         "at": at,
         "next_run": next_run(datetime.now().astimezone(), at).isoformat(timespec="minutes"),

@@ -190,7 +190,7 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 def _create_private_file(path: Path) -> None:
     """Create `path` 0600 from the first byte (O_EXCL: never follow or reuse someone's file)."""
     if not path.parent.exists():  # an existing directory is the caller's choice
-        paths.private_dir(path.parent)  # (the default home is made 0700 by paths.home())
+        paths.private_dir(path.parent)  # (a home is made 0700 by paths.Home.at)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
@@ -213,8 +213,9 @@ class TypingLog:
     CLI pauses and forgets.
     """
 
-    def __init__(self, path: Path | str | None = None) -> None:
-        self.path = Path(path) if path is not None else paths.database_path()
+    def __init__(self, path: Path | str) -> None:
+        """Open (or create) the log at `path`: a home's `Home.typing_log`."""
+        self.path = Path(path)
         self._lock = threading.RLock()
         self._retention_checked = -math.inf
         _create_private_file(self.path)

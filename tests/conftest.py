@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from keyboard.paths import Home
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -19,6 +21,12 @@ def _keyboard_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("KEYBOARD_SOCKET", raising=False)
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     return home
+
+
+@pytest.fixture
+def home(_keyboard_home: Path) -> Home:
+    """This test's keyboard home, as the code takes it."""
+    return Home.at(_keyboard_home)
 
 
 def _export(tmp_path_factory: pytest.TempPathFactory, family: str, layers: str = "all") -> Path:

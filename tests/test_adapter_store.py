@@ -10,6 +10,7 @@ import pytest
 
 from keyboard.adapter_store import BASE, AdapterStore, AdapterStoreError, tensors_sha256
 from keyboard.artifacts import ArtifactSet
+from keyboard.paths import Home
 
 
 def _shifted(store: AdapterStore, delta: float) -> dict[str, np.ndarray]:
@@ -17,8 +18,8 @@ def _shifted(store: AdapterStore, delta: float) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture
-def store(tiny_llama: Path) -> AdapterStore:
-    return AdapterStore(artifacts=ArtifactSet.open(tiny_llama))
+def store(home: Home, tiny_llama: Path) -> AdapterStore:
+    return AdapterStore.in_home(home, ArtifactSet.open(tiny_llama))
 
 
 def test_empty_store_serves_base(store: AdapterStore) -> None:

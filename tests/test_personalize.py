@@ -19,6 +19,7 @@ from keyboard import personalize
 from keyboard.adapter_store import AdapterStore
 from keyboard.artifacts import ArtifactSet
 from keyboard.cli import main
+from keyboard.paths import Home
 from keyboard.personalize import JobConfig, gate, run_job
 from keyboard.progress import Progress
 from keyboard.types import KeyboardError
@@ -45,8 +46,8 @@ def _fast(**overrides: object) -> JobConfig:
     return JobConfig(**values)
 
 
-def _log(lines: list[str]) -> None:
-    with TypingLog() as log:
+def _log(home: Home, lines: list[str]) -> None:
+    with TypingLog(home.typing_log) as log:
         for line in lines:
             log.add(line, source="test")
 
@@ -59,20 +60,20 @@ def _offers_word(words: list[str]) -> bool:
     return WORD in words
 
 
-def test_job_learns_the_users_word(tiny_llama: Path) -> None:
+def test_job_learns_the_users_word(home: Home, tiny_llama: Path) -> None:
     from keyboard.predictor import Predictor
 
     predictor = Predictor(tiny_llama, threads=1)
     assert not _offers_word(predictor.predict("I love ", k=3).words)
 
-    _log(_user_lines())
-    result = run_job(tiny_llama, config=_fast(), progress=_quiet())
+    _log(home, _user_lines())
+    result = run_job(home, tiny_llama, config=_fast(), progress=_quiet())
     assert result.status == "promoted", result.reason
     assert result.version == "v0001" and result.exit_code == 0
     before, after = result.metrics["before"], result.metrics["after"]
     assert after["loss"] < before["loss"] and after["top3"] >= before["top3"]
 
-    store = AdapterStore(artifacts=ArtifactSet.open(tiny_llama))
+    store = AdapterStore.in_home(home, ArtifactSet.open(tiny_llama))
     version, path, meta = store.active()
     assert version == "v0001" and path == result.adapter_path
     assert meta["metrics"]["after"]["loss"] == after["loss"]
@@ -88,13 +89,13 @@ def test_job_learns_the_users_word(tiny_llama: Path) -> None:
     assert predictor.load_adapter(None, phrases=result.phrases_path)
     assert predictor.predict("I love ", k=3).words[0] == WORD
 
-    with TypingLog() as log:
+    with TypingLog(home.typing_log) as log:
         job = log.last_job()
         assert job["status"] == "promoted" and job["adapter_version"] == "v0001"
         assert job["metrics"]["after"]["top3"] == after["top3"]
         assert log.watermark == log.recent(1)[0]["id"]  # the text is consumed
     # Nothing new since: the next job skips and says so; the adapter stays.
-    again = run_job(tiny_llama, config=_fast(), progress=_quiet())
+    again = run_job(home, tiny_llama, config=_fast(), progress=_quiet())
     assert again.status == "skipped" and "only 0 new words" in again.reason
     assert store.active()[0] == "v0001"
     # Forgetting the text deletes the phrases counted from it (no daemon: the CLI does it).
@@ -131,17 +132,19 @@ def _damage(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def test_gate_rejects_a_worse_adapter(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gate_rejects_a_worse_adapter(
+    home: Home, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from keyboard.phrases import PhraseModel
 
-    store = AdapterStore(artifacts=ArtifactSet.open(tiny_llama))
+    store = AdapterStore.in_home(home, ArtifactSet.open(tiny_llama))
     start = {n: v + 0.001 for n, v in store.artifacts.initial_adapter().items()}
     store.promote(start, {"source": "test"})
-    _log(_user_lines())
+    _log(home, _user_lines())
     # Phrases that know nothing: they cannot rescue the job either.
     monkeypatch.setattr(PhraseModel, "from_texts", classmethod(lambda cls, texts: cls()))
 
-    result = run_job(tiny_llama, config=_fast(), progress=_quiet(), after_training=_damage)
+    result = run_job(home, tiny_llama, config=_fast(), progress=_quiet(), after_training=_damage)
     assert result.status == "rejected", result.reason
     assert "kept adapter v0001" in result.reason and "did not improve" in result.reason
     assert "new phrases did not help either" in result.reason
@@ -149,19 +152,19 @@ def test_gate_rejects_a_worse_adapter(tiny_llama: Path, monkeypatch: pytest.Monk
     assert result.metrics["phrases_only"]["top3_gained"] == 0
     assert result.version == "v0001" and result.adapter_path is None and result.exit_code == 0
     assert store.active()[0] == "v0001" and [e.version for e in store.list()] == ["v0001"]
-    with TypingLog() as log:
+    with TypingLog(home.typing_log) as log:
         job = log.last_job()
         assert job["status"] == "rejected" and "did not improve" in job["reason"]
         assert job["metrics"]["after"]["loss"] == result.metrics["after"]["loss"]
 
 
-def test_new_phrases_are_promoted_when_the_adapter_is_not(tiny_llama: Path) -> None:
-    store = AdapterStore(artifacts=ArtifactSet.open(tiny_llama))
+def test_new_phrases_are_promoted_when_the_adapter_is_not(home: Home, tiny_llama: Path) -> None:
+    store = AdapterStore.in_home(home, ArtifactSet.open(tiny_llama))
     start = {n: v + 0.001 for n, v in store.artifacts.initial_adapter().items()}
     store.promote(start, {"source": "test"})
-    _log(_user_lines())
+    _log(home, _user_lines())
 
-    result = run_job(tiny_llama, config=_fast(), progress=_quiet(), after_training=_damage)
+    result = run_job(home, tiny_llama, config=_fast(), progress=_quiet(), after_training=_damage)
     assert result.status == "promoted", result.reason
     assert "adapter v0001 kept" in result.reason and "did not improve" in result.reason
     kept = result.metrics["phrases_only"]
@@ -173,25 +176,27 @@ def test_new_phrases_are_promoted_when_the_adapter_is_not(tiny_llama: Path) -> N
     assert result.phrases_path is not None and result.phrases_path.exists()
 
 
-def test_lock_refuses_a_second_job(tiny_llama: Path, capsys: pytest.CaptureFixture) -> None:
-    _log(_user_lines())
-    with personalize.job_lock():
-        assert (personalize.job_running() or "").startswith(f"pid {os.getpid()}, started ")
-        result = run_job(tiny_llama, config=_fast(), progress=_quiet())
+def test_lock_refuses_a_second_job(
+    home: Home, tiny_llama: Path, capsys: pytest.CaptureFixture
+) -> None:
+    _log(home, _user_lines())
+    with personalize.job_lock(home):
+        assert (personalize.job_running(home) or "").startswith(f"pid {os.getpid()}, started ")
+        result = run_job(home, tiny_llama, config=_fast(), progress=_quiet())
         assert result.status == "busy" and f"pid {os.getpid()}" in result.reason
         assert result.exit_code == personalize.EXIT_BUSY
         code = main(["train", "--json", "--model", str(tiny_llama)])
         assert code == personalize.EXIT_BUSY
         assert json.loads(capsys.readouterr().out.splitlines()[-1])["status"] == "busy"
-    assert personalize.job_running() is None
-    with TypingLog() as log:
+    assert personalize.job_running(home) is None
+    with TypingLog(home.typing_log) as log:
         assert log.jobs() == []  # a refused job records nothing and consumes nothing
 
 
 def test_too_little_text_or_battery_skips(
-    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    home: Home, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    _log(["just a few words today"])
+    _log(home, ["just a few words today"])
     assert main(["train", "--json", "--model", str(tiny_llama)]) == 0
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["status"] == "skipped" and "waiting for 200" in result["reason"]
@@ -203,20 +208,22 @@ def test_too_little_text_or_battery_skips(
         for key, value in files.items():
             (power / name / key).write_text(value + "\n")
     monkeypatch.setattr(personalize, "POWER_SUPPLY", power)
-    _log(_user_lines())
-    skipped = run_job(tiny_llama, config=_fast(), progress=_quiet())
+    _log(home, _user_lines())
+    skipped = run_job(home, tiny_llama, config=_fast(), progress=_quiet())
     assert skipped.status == "skipped" and "battery" in skipped.reason
-    with TypingLog() as log:
+    with TypingLog(home.typing_log) as log:
         assert [j["status"] for j in log.jobs()] == ["skipped", "skipped"]
         assert log.watermark == 0
 
 
-def test_kill_9_mid_job_leaves_the_previous_adapter(tiny_llama: Path, tmp_path: Path) -> None:
-    store = AdapterStore(artifacts=ArtifactSet.open(tiny_llama))
+def test_kill_9_mid_job_leaves_the_previous_adapter(
+    home: Home, tiny_llama: Path, tmp_path: Path
+) -> None:
+    store = AdapterStore.in_home(home, ArtifactSet.open(tiny_llama))
     start = {n: v + 0.01 for n, v in store.artifacts.initial_adapter().items()}
     store.promote(start, {"source": "test"})
-    _log(_user_lines(80))
-    JobConfig.update(lr=1e-3, eval_every=1000, patience=1000)  # train until killed
+    _log(home, _user_lines(80))
+    JobConfig.update(home.job_config, lr=1e-3, eval_every=1000, patience=1000)  # train until killed
     env = dict(os.environ, KEYBOARD_MODEL=str(tiny_llama))
     child = subprocess.Popen(
         [sys.executable, "-m", "keyboard", "train", "--json", "--max-steps", "1000000",
@@ -236,7 +243,7 @@ def test_kill_9_mid_job_leaves_the_previous_adapter(tiny_llama: Path, tmp_path: 
                 if events[-1] == "step":
                     break
         assert events and events[-1] == "step", f"never saw training start: {events}"
-        assert personalize.job_running() is not None  # the child holds the lock
+        assert personalize.job_running(home) is not None  # the child holds the lock
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
     finally:
@@ -248,27 +255,27 @@ def test_kill_9_mid_job_leaves_the_previous_adapter(tiny_llama: Path, tmp_path: 
     assert version == "v0001" and [e.version for e in store.list()] == ["v0001"]
     loaded = store.load(version)
     assert all(np.array_equal(loaded[n], start[n]) for n in start)
-    assert personalize.job_running() is None  # the kernel released the lock
-    with personalize.job_lock():
+    assert personalize.job_running(home) is None  # the kernel released the lock
+    with personalize.job_lock(home):
         pass
-    with TypingLog() as log:
+    with TypingLog(home.typing_log) as log:
         assert log.watermark == 0  # nothing consumed
         log.finish_job(log.start_job(), "skipped")  # the next job notices the dead one
         assert log.jobs()[1]["status"] == "interrupted"
 
 
-def test_job_config_file_errors_are_clear() -> None:
-    path = JobConfig.path()
+def test_job_config_file_errors_are_clear(home: Home) -> None:
+    path = home.job_config
     path.write_text('{"lr": "fast"}')
     with pytest.raises(KeyboardError, match="lr must be a float"):
-        JobConfig.load()
+        JobConfig.load(home.job_config)
     path.write_text('{"learning_rate": 0.1}')
     with pytest.raises(KeyboardError, match="unknown setting 'learning_rate'"):
-        JobConfig.load()
+        JobConfig.load(home.job_config)
     path.write_text('{"lr": 1, "train_on_battery": true}')
-    config = JobConfig.load()
+    config = JobConfig.load(home.job_config)
     assert config.lr == 1.0 and isinstance(config.lr, float) and config.train_on_battery
-    JobConfig.update(at="04:00")
+    JobConfig.update(home.job_config, at="04:00")
     assert json.loads(path.read_text()) == {"lr": 1, "train_on_battery": True, "at": "04:00"}
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from keyboard.adapter_store import AdapterStore, forget_phrases
 from keyboard.artifacts import ArtifactSet
+from keyboard.paths import Home
 from keyboard.phrases import START, PhraseError, PhraseModel, tokens
 
 TEXTS = [
@@ -119,8 +120,10 @@ def test_predictor_offers_the_users_phrase_and_survives_a_damaged_file(
     assert "dayrit" not in predictor.predict("see you at ", k=3).words
 
 
-def test_store_keeps_phrases_per_version_and_forget_deletes_them(tiny_llama: Path) -> None:
-    store = AdapterStore(artifacts=ArtifactSet.open(tiny_llama))
+def test_store_keeps_phrases_per_version_and_forget_deletes_them(
+    home: Home, tiny_llama: Path
+) -> None:
+    store = AdapterStore.in_home(home, ArtifactSet.open(tiny_llama))
     tensors = store.artifacts.initial_adapter()
     plain = store.promote(tensors, {"source": "test"})
     assert store.phrases_path(plain) is None and store.phrases_path("base") is None
@@ -129,7 +132,7 @@ def test_store_keeps_phrases_per_version_and_forget_deletes_them(tiny_llama: Pat
     path = store.phrases_path(version)
     assert path is not None and PhraseModel.load(path).unigrams == model.unigrams
     assert store.get(version).metadata["phrases_sha256"]
-    assert forget_phrases() == 1
+    assert forget_phrases(home) == 1
     assert store.phrases_path(version) is None
     assert store.active()[0] == version  # the adapter itself stays
 

@@ -11,6 +11,7 @@ import pytest
 
 from keyboard import personalize, schedule
 from keyboard.cli import main
+from keyboard.paths import Home
 from keyboard.types import KeyboardError
 from keyboard.typing_log import TypingLog
 
@@ -45,9 +46,10 @@ def test_next_run_aware_follows_local_clock_across_dst(berlin: None) -> None:
     assert nxt.astimezone(utc) == datetime(2024, 7, 1, 1, 0, tzinfo=utc)
 
 
-def test_next_run_uses_the_configured_time() -> None:
-    personalize.JobConfig.update(at="04:30")
-    assert schedule.next_run(datetime(2024, 5, 1, 12, 0)) == datetime(2024, 5, 2, 4, 30)
+def test_next_run_uses_the_configured_time(home: Home) -> None:
+    personalize.JobConfig.update(home.job_config, at="04:30")
+    at = schedule.configured_at(home)
+    assert schedule.next_run(datetime(2024, 5, 1, 12, 0), at) == datetime(2024, 5, 2, 4, 30)
 
 
 @pytest.mark.parametrize("bad", ["3", "24:00", "03:60", "3pm", "", "03:00:00"])
@@ -56,20 +58,20 @@ def test_bad_times_are_refused(bad: str) -> None:
         schedule.parse_at(bad)
 
 
-def test_should_run_needs_enough_new_words_and_a_free_lock() -> None:
-    with TypingLog() as log:
+def test_should_run_needs_enough_new_words_and_a_free_lock(home: Home) -> None:
+    with TypingLog(home.typing_log) as log:
         log.add("just a few words today")
-        decision = schedule.should_run(log)
+        decision = schedule.should_run(log, home)
         assert not decision and "waiting for 200" in decision.reason
         log.add(" ".join(["hello there my friend"] * 60))
-        run, reason = schedule.should_run(log)
+        run, reason = schedule.should_run(log, home)
         assert run and "new words" in reason
-        with personalize.job_lock():
-            decision = schedule.should_run(log)
+        with personalize.job_lock(home):
+            decision = schedule.should_run(log, home)
             assert not decision and "already running" in decision.reason
-        assert schedule.should_run(log)
+        assert schedule.should_run(log, home)
         log.set_watermark(log.recent(1)[0]["id"])  # a job consumed it all
-        assert not schedule.should_run(log)
+        assert not schedule.should_run(log, home)
 
 
 def _supply(root: Path, name: str, **files: str) -> None:
@@ -91,7 +93,7 @@ def test_on_battery_reads_sysfs(tmp_path: Path) -> None:
 
 
 def test_systemd_install_remove_round_trip(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     units = tmp_path / "config" / "systemd" / "user"
@@ -105,13 +107,15 @@ def test_systemd_install_remove_round_trip(
     assert "Type=oneshot" in service and "Nice=10" in service
     assert "ConditionACPower=true" in service  # train_on_battery is off by default
     assert "OnCalendar=*-*-* 05:15:00" in timer and "Persistent=true" in timer
-    assert personalize.JobConfig.load().at == "05:15"  # the daemon follows the same time
+    assert (
+        personalize.JobConfig.load(home.job_config).at == "05:15"
+    )  # the daemon follows the same time
     assert "05:15" in capsys.readouterr().out
     # Installing again replaces, never duplicates.
-    schedule.install("06:00", mode="systemd", enable=False, train_on_battery=True)
+    schedule.install(home, "06:00", mode="systemd", enable=False, train_on_battery=True)
     assert "OnCalendar=*-*-* 06:00:00" in (units / "keyboard-train.timer").read_text()
     assert "ConditionACPower" not in (units / "keyboard-train.service").read_text()
-    assert schedule.show()["systemd_units"] == [
+    assert schedule.show(home)["systemd_units"] == [
         str(units / "keyboard-train.service"),
         str(units / "keyboard-train.timer"),
     ]
@@ -120,7 +124,7 @@ def test_systemd_install_remove_round_trip(
     assert schedule.remove(mode="systemd", enable=False).messages == ["nothing was scheduled"]
 
 
-def test_cron_line_and_crontab_edit() -> None:
+def test_cron_line_and_crontab_edit(home: Home) -> None:
     line = schedule.cron_line("03:07")
     assert line.startswith("7 3 * * * ")
     assert f"nice -n 10 {sys.executable} -m keyboard train" in line
@@ -130,5 +134,5 @@ def test_cron_line_and_crontab_edit() -> None:
     assert added == mine + line + "\n"
     assert schedule.crontab_with(added, schedule.cron_line("04:00")).count(schedule.CRON_MARK) == 1
     assert schedule.crontab_with(added, None) == mine
-    result = schedule.install("03:07", mode="cron", enable=False)
+    result = schedule.install(home, "03:07", mode="cron", enable=False)
     assert result.cron_line == line and not result.enabled

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keyboard import protocol as rpc
+from keyboard.paths import Home
 from tests.daemon_process import Served, daemon_env, short_dir, start_daemon, wait_ready
 
 CONTEXTS = [
@@ -196,7 +197,7 @@ def test_status(conn: Conn, daemon: Served) -> None:
     assert status["model"]["dir"]
     assert status["adapter"]["version"] == "base"
     assert {"entries", "words", "paused", "by_source"} <= set(status["typing_log"])
-    assert {"installed", "running", "last_job", "next_run"} <= set(status["personalization"])
+    assert {"running", "last_job", "next_run"} <= set(status["personalization"])
     assert status["server"]["connections"] >= 1
 
 
@@ -209,9 +210,7 @@ def test_serving_process_never_imports_torch(conn: Conn, daemon: Served) -> None
         assert "libtorch" not in maps.read_text()
 
 
-def test_reload_serves_the_active_adapter(
-    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, root: Path
-) -> None:
+def test_reload_serves_the_active_adapter(tiny_llama: Path, root: Path) -> None:
     import numpy as np
 
     from keyboard.adapter_store import AdapterStore
@@ -224,13 +223,15 @@ def test_reload_serves_the_active_adapter(
             assert call(c, "reload")["result"] == {"adapter": "base", "loaded": True}
             base = call(c, "predict", {"context": "I would like to"})["result"]
             # A personalization job's outcome, promoted by another process.
-            monkeypatch.setenv("KEYBOARD_HOME", str(served.home))
+            home = Home.at(served.home)
             artifacts = ArtifactSet.open(tiny_llama)
             tensors = {
                 name: np.random.default_rng(0).normal(0, 0.5, t.shape).astype(np.float32)
                 for name, t in artifacts.initial_adapter().items()
             }
-            version = AdapterStore(artifacts=artifacts).promote(tensors, {"metrics": {"loss": 1}})
+            version = AdapterStore.in_home(home, artifacts).promote(
+                tensors, {"metrics": {"loss": 1}}
+            )
             assert call(c, "reload")["result"] == {"adapter": version, "loaded": True}
             tuned = call(c, "predict", {"context": "I would like to"})["result"]
             assert tuned["adapter"] == version
@@ -239,7 +240,7 @@ def test_reload_serves_the_active_adapter(
             assert status["version"] == version and status["metrics"] == {"loss": 1}
             # A version with the user's phrases: served with them; `forget` deletes them.
             phrases = PhraseModel.from_texts(["I would like to dayrit"] * 3)
-            store = AdapterStore(artifacts=artifacts)
+            store = AdapterStore.in_home(home, artifacts)
             counted = {"words": phrases.words, "ngrams": phrases.ngrams}
             with_phrases = store.promote(tensors, {"phrases": counted}, phrases.to_bytes())
             assert call(c, "reload")["result"] == {"adapter": with_phrases, "loaded": True}
@@ -335,7 +336,8 @@ def in_thread(tiny_llama: Path, root: Path) -> Iterator[Any]:
     """A daemon on a thread of this process, for failures that need reaching inside."""
     from keyboard import server
 
-    daemon, thread = server.run_in_thread(server.ServeConfig(root / "s.sock", tiny_llama))
+    config = server.ServeConfig(root / "s.sock", tiny_llama, Home.at(root / "home"))
+    daemon, thread = server.run_in_thread(config)
     try:
         yield daemon
     finally:
@@ -346,7 +348,7 @@ def in_thread(tiny_llama: Path, root: Path) -> Iterator[Any]:
 
 def test_server_error_codes(in_thread: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The server range: each failure gets its documented code, and serving goes on."""
-    from keyboard import server
+    from keyboard import connections
 
     sock = in_thread.config.socket_path
     with connect(sock) as c:
@@ -355,19 +357,19 @@ def test_server_error_codes(in_thread: Any, monkeypatch: pytest.MonkeyPatch) -> 
             raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION")
 
         with monkeypatch.context() as m:
-            m.setattr(in_thread.predictor, "predict", broken)
+            m.setattr(in_thread.methods.predictor, "predict", broken)
             assert error_code(call(c, "predict", {"context": "a"})) == rpc.MODEL_UNAVAILABLE
         # -32000: an unexpected failure inside the daemon.
         with monkeypatch.context() as m:
-            m.setattr(in_thread.typing_log, "stats", lambda: {}["missing"])
+            m.setattr(in_thread.methods.typing_log, "stats", lambda: {}["missing"])
             answer = call(c, "status")
             assert error_code(answer) == rpc.SERVER_ERROR
             assert "log" in answer["error"]["message"]
         # -32002: the typing log cannot write (another process holds SQLite's write lock).
         with monkeypatch.context() as m:
-            blocker = sqlite3.connect(in_thread.typing_log.path, timeout=0)
+            blocker = sqlite3.connect(in_thread.methods.typing_log.path, timeout=0)
             blocker.execute("BEGIN IMMEDIATE")
-            in_thread.typing_log.db.execute("PRAGMA busy_timeout=50")
+            in_thread.methods.typing_log.db.execute("PRAGMA busy_timeout=50")
             try:
                 answer = call(c, "observe", {"text": "blocked by another writer"})
                 assert error_code(answer) == rpc.TYPING_LOG_ERROR
@@ -375,21 +377,15 @@ def test_server_error_codes(in_thread: Any, monkeypatch: pytest.MonkeyPatch) -> 
             finally:
                 blocker.rollback()
                 blocker.close()
-                in_thread.typing_log.db.execute("PRAGMA busy_timeout=10000")
+                in_thread.methods.typing_log.db.execute("PRAGMA busy_timeout=10000")
         assert call(c, "observe", {"text": "written once the lock is gone"})["result"]["stored"]
-        # -32004: an installation without the personalization modules.
-        with monkeypatch.context() as m:
-            m.setattr(server, "_personalization_installed", lambda: False)
-            assert error_code(call(c, "train")) == rpc.PERSONALIZATION_UNAVAILABLE
-            m.setattr(in_thread, "adapter_store", None)
-            assert error_code(call(c, "reload")) == rpc.PERSONALIZATION_UNAVAILABLE
         assert_prediction(call(c, "predict", {"context": "still serving"})["result"], 3)
     # -32007: more connections than the daemon takes.
     deadline = time.monotonic() + 10
-    while in_thread.connections:  # the one above is closed: wait until the daemon saw it
+    while in_thread.connections.count:  # the one above is closed: wait until the daemon saw it
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    monkeypatch.setattr(server, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(connections, "MAX_CONNECTIONS", 2)
     with connect(sock) as a, connect(sock) as b, connect(sock) as extra:
         call(a, "status")
         call(b, "status")
@@ -410,7 +406,7 @@ def test_requests_after_shutdown_began_are_refused(in_thread: Any) -> None:
         ]  # fmt: skip
         c.send_json(batch)
         deadline = time.monotonic() + 10
-        while in_thread.in_flight == 0:
+        while in_thread.connections.in_flight == 0:
             assert time.monotonic() < deadline
             time.sleep(0.001)
         in_thread.stop()
@@ -692,7 +688,7 @@ def test_stale_socket_is_replaced_but_a_live_daemon_is_not(tiny_llama: Path, roo
         assert second.stop() == 0
 
 
-def test_cli_client(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+def test_cli_client(tiny_llama: Path, root: Path) -> None:
     sock = root / "s.sock"
     env = daemon_env(root / "home", tiny_llama, KEYBOARD_SOCKET=str(sock))
 
@@ -737,8 +733,7 @@ def test_cli_client(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, root: Pat
     # Without a daemon, forget works on the database directly.
     from keyboard.typing_log import TypingLog
 
-    monkeypatch.setenv("KEYBOARD_HOME", env["KEYBOARD_HOME"])
-    with TypingLog() as log:
+    with TypingLog(Home.at(env["KEYBOARD_HOME"]).typing_log) as log:
         log.add("written while the daemon was down", source="diary")
     forgot = keyboard("forget", "--source", "diary")
     assert forgot.returncode == 0 and "forgot 1 entry" in forgot.stdout

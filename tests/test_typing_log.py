@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from keyboard import cli
+from keyboard.paths import Home
 from keyboard.redaction import REDACTED
 from keyboard.types import KeyboardError
 from keyboard.typing_log import (
@@ -95,7 +96,7 @@ def test_home_and_permissions_from_the_first_byte(tmp_path: Path, monkeypatch) -
     monkeypatch.setenv("KEYBOARD_HOME", str(home))
     old = os.umask(0)  # the most permissive umask: nothing may rely on it
     try:
-        with TypingLog() as log:
+        with TypingLog(Home.from_env().typing_log) as log:
             assert log.path == home / "typing_log.db"
             log.add("private words")
             for p in (log.path, Path(f"{log.path}-wal"), Path(f"{log.path}-shm")):
