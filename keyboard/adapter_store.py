@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 
 from keyboard import paths
-from keyboard.artifacts import Adapter, ArtifactError, ArtifactSet, load_adapter, write_atomic
+from keyboard.artifacts import (
+    Adapter,
+    ArtifactError,
+    ArtifactSet,
+    check_adapter,
+    load_adapter,
+    write_atomic,
+)
 from keyboard.paths import Home
 from keyboard.types import KeyboardError
 
@@ -90,7 +97,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
+    """A new file only the user can read (0600 whatever the umask: phrases are their words)."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -169,7 +177,7 @@ class AdapterStore:
     def _read_meta(self, version: str) -> dict[str, Any]:
         try:
             meta = json.loads((self.root / version / META_FILE).read_text())
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any damage (deep nesting: RecursionError)
             raise AdapterStoreError(f"adapter {version}: cannot read its metadata ({exc})") from exc
         if not isinstance(meta, dict):
             raise AdapterStoreError(f"adapter {version}: metadata is not a JSON object")
@@ -225,10 +233,13 @@ class AdapterStore:
         try:
             data = json.loads(path.read_text())
             version = self._normalise(str(data["version"]))
-            previous = [self._normalise(str(v)) for v in data.get("previous", [])]
+            previous = data.get("previous", [])
+            if not isinstance(previous, list):
+                raise TypeError(f"previous is {type(previous).__name__}, not a list")
+            previous = [self._normalise(str(v)) for v in previous]
         except FileNotFoundError:
             return {"version": BASE, "previous": []}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the damage, fall back
             log.warning(
                 "adapter pointer %s is unreadable (%s); using the newest good version", path, exc
             )
@@ -312,15 +323,10 @@ class AdapterStore:
             return self._add(tensors, metadata or {}, phrases)
 
     def _add(self, tensors: Adapter, metadata: dict[str, Any], phrases: bytes = b"") -> str:
-        expected = self.artifacts.lora_shapes
-        if set(tensors) != set(expected):
-            raise AdapterStoreError("adapter tensors do not match the model's LoRA tensors")
-        arrays = {n: np.ascontiguousarray(tensors[n], dtype=np.float32) for n in expected}
-        for name, shape in expected.items():
-            if arrays[name].shape != shape:
-                raise AdapterStoreError(f"{name} has shape {arrays[name].shape}, not {shape}")
-            if not np.isfinite(arrays[name]).all():
-                raise AdapterStoreError(f"{name} holds NaN or infinite values; not stored")
+        try:
+            arrays = check_adapter(tensors, self.artifacts, "the new adapter")
+        except ArtifactError as exc:
+            raise AdapterStoreError(f"{exc}; not stored") from None
         self._clean_temp()
         existing = self._version_dirs()
         number = (int(existing[-1].name[1:]) + 1) if existing else 1
@@ -459,7 +465,7 @@ class AdapterStore:
         try:
             with np.load(str(path), allow_pickle=False) as data:
                 arrays = {k: np.asarray(data[k]) for k in data.files}
-        except (OSError, ValueError, EOFError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a damaged file raises many types
             raise AdapterStoreError(f"cannot read adapter diff {path}: {exc}") from exc
         if DIFF_HEADER not in arrays:
             raise AdapterStoreError(f"{path} is not a keyboard adapter diff (no header)")

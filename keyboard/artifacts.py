@@ -84,25 +84,91 @@ class ArtifactSet:
         return load_adapter(self.root / self.manifest["initial_adapter"], self)
 
 
+MAX_ADAPTER_BYTES = 1 << 30  # far above any LoRA adapter; a damaged size field never allocates more
+MAX_ADAPTER_TENSORS = 10_000
+
+
 def load_adapter(path: str | Path, artifacts: ArtifactSet | None = None) -> Adapter:
-    """Read LoRA tensors from an .npz file; with `artifacts`, check names and shapes match."""
+    """Read LoRA tensors from an .npz file; with `artifacts`, check names and shapes match.
+
+    Any damage to the file (zip structure, array headers, data, checksums) is an ArtifactError:
+    every header is checked before any data is read, so a corrupt size never allocates memory,
+    and no failure of the format escapes as another exception type.
+    """
     try:
-        with np.load(str(path), allow_pickle=False) as data:
-            tensors = {k: np.ascontiguousarray(data[k], dtype=np.float32) for k in data.files}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise ArtifactError(f"cannot read adapter {path}: {exc}") from exc
+        tensors = _read_npz(Path(path), artifacts.lora_shapes if artifacts else None)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zipfile/numpy raise many types on damaged input
+        raise ArtifactError(f"cannot read adapter {path}: {type(exc).__name__}: {exc}") from exc
     if artifacts is not None:
-        expected = artifacts.lora_shapes
-        if set(tensors) != set(expected):
-            raise ArtifactError(
-                f"adapter {path} does not fit model {artifacts.root}: "
-                f"{len(set(tensors) ^ set(expected))} tensor names differ"
-            )
-        for name, shape in expected.items():
-            if tensors[name].shape != shape:
-                raise ArtifactError(f"adapter {path}: {name} has shape {tensors[name].shape}")
-        if not all(np.isfinite(v).all() for v in tensors.values()):
-            raise ArtifactError(f"adapter {path} holds NaN or infinite values")
+        check_adapter(tensors, artifacts, f"adapter {path}")
+    return tensors
+
+
+def check_adapter(
+    tensors: dict[str, Any], artifacts: ArtifactSet, what: str = "adapter"
+) -> Adapter:
+    """`tensors` as float32 LoRA tensors of `artifacts`' model: the same names and shapes, and
+    only finite values; else an ArtifactError naming `what`."""
+    expected = artifacts.lora_shapes
+    if set(tensors) != set(expected):
+        raise ArtifactError(
+            f"{what} does not fit model {artifacts.root}: "
+            f"{len(set(tensors) ^ set(expected))} tensor names differ"
+        )
+    out = {}
+    for name, shape in expected.items():
+        value = np.ascontiguousarray(tensors[name], dtype=np.float32)
+        if value.shape != shape:
+            raise ArtifactError(f"{what}: {name} has shape {value.shape}, not {shape}")
+        if not np.isfinite(value).all():
+            raise ArtifactError(f"{what}: {name} holds NaN or infinite values")
+        out[name] = value
+    return out
+
+
+def _read_npz(path: Path, shapes: dict[str, tuple[int, ...]] | None) -> Adapter:
+    """The float arrays of an .npz file, every member's header checked before its data is read."""
+    from numpy.lib import format as npy
+
+    size = path.stat().st_size
+    if size > MAX_ADAPTER_BYTES:
+        raise ArtifactError(f"adapter {path} is {size:,} bytes, too large for an adapter")
+    tensors: Adapter = {}
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+        if len(members) > MAX_ADAPTER_TENSORS:
+            raise ArtifactError(f"adapter {path} has {len(members):,} members")
+        for info in members:
+            name = info.filename.removesuffix(".npy")
+            if name == info.filename or name in tensors:
+                raise ArtifactError(f"adapter {path}: unexpected member {info.filename!r}")
+            if info.file_size > MAX_ADAPTER_BYTES:
+                raise ArtifactError(f"adapter {path}: {name} claims {info.file_size:,} bytes")
+            with archive.open(info) as member:
+                version = npy.read_magic(member)
+                if version == (1, 0):
+                    shape, fortran, dtype = npy.read_array_header_1_0(member)
+                elif version == (2, 0):
+                    shape, fortran, dtype = npy.read_array_header_2_0(member)
+                else:
+                    raise ArtifactError(f"adapter {path}: {name} has array format {version}")
+                if dtype.kind != "f" or dtype.hasobject:
+                    raise ArtifactError(f"adapter {path}: {name} holds {dtype}, not floats")
+                if shapes is not None and shapes.get(name) != tuple(shape):
+                    raise ArtifactError(
+                        f"adapter {path}: {name} has shape {tuple(shape)}"
+                        + (f", not {shapes[name]}" if name in shapes else " (not in the model)")
+                    )
+                nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                if nbytes > info.file_size:
+                    raise ArtifactError(f"adapter {path}: {name} is truncated")
+                data = member.read()  # to the end: zipfile checks the member's CRC-32
+            if len(data) != nbytes:
+                raise ArtifactError(f"adapter {path}: {name} holds {len(data)} bytes, not {nbytes}")
+            array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+            tensors[name] = np.ascontiguousarray(array, dtype=np.float32)
     return tensors
 
 

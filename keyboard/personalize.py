@@ -65,7 +65,7 @@ class JobConfig:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             return cls()
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - unreadable, not JSON, nested too deep
             raise KeyboardError(f"cannot read {path}: {exc}") from exc
         if not isinstance(data, dict):
             raise KeyboardError(f"{path} must hold a JSON object of settings")
@@ -80,10 +80,20 @@ class JobConfig:
             else:  # an int is fine where a float is expected; a bool is never a number
                 numeric = (int, float) if expected is float else expected
                 ok = isinstance(value, numeric) and not isinstance(value, bool)
-            if not ok:
+            if not ok or (expected is float and not math.isfinite(value)):
                 raise KeyboardError(f"{path}: {key} must be a {expected.__name__}, got {value!r}")
             setattr(config, key, expected(value))
         return config
+
+    @classmethod
+    def load_or_defaults(cls, path: Path) -> JobConfig:
+        """The settings for what runs in the background (the daemon's schedule): a damaged
+        file is logged and the defaults are used; `keyboard train` reports it instead."""
+        try:
+            return cls.load(path)
+        except KeyboardError as exc:
+            log.warning("%s; using the default settings", exc)
+            return cls()
 
     @classmethod
     def update(cls, path: Path, **changes: Any) -> JobConfig:

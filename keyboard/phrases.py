@@ -41,6 +41,7 @@ CANDIDATES = 12  # user-model words considered per prediction
 _SCAN_LIMIT = 4000  # 1-gram candidates scanned for a prefix (sorted vocabulary range)
 _TOKEN_RE = re.compile(rf"{WORD_RE.pattern}|\n|[^\w\s]")
 _SEP = "\t"
+MAX_FILE_BYTES = 256 * 2**20  # inflated; MAX_NGRAMS of them take about 20 MB
 
 
 class PhraseError(KeyboardError):
@@ -218,8 +219,25 @@ class PhraseModel:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> PhraseModel:
+        """The model stored in `raw`; PhraseError for anything damaged, whatever the damage."""
         try:
-            data = json.loads(zlib.decompress(raw).decode("utf-8"))
+            return cls._decode(raw)
+        except PhraseError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - deep nesting, huge numbers, odd types
+            raise PhraseError(f"damaged phrase file ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def _decode(cls, raw: bytes) -> PhraseModel:
+        inflate = zlib.decompressobj()
+        try:
+            # Bounded: a damaged (or hostile) file never inflates past MAX_FILE_BYTES.
+            text = inflate.decompress(raw, MAX_FILE_BYTES)
+            if inflate.unconsumed_tail:
+                raise PhraseError(f"phrase file inflates past {MAX_FILE_BYTES:,} bytes")
+            if not inflate.eof:
+                raise PhraseError("phrase file is truncated")
+            data = json.loads(text.decode("utf-8"))
         except (zlib.error, UnicodeDecodeError, ValueError) as exc:
             raise PhraseError(f"not a phrase file ({exc})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:

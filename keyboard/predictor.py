@@ -49,6 +49,7 @@ from keyboard.artifacts import (
     Adapter,
     ArtifactError,
     ArtifactSet,
+    check_adapter,
     graph_with_adapter,
     load_adapter,
 )
@@ -639,21 +640,7 @@ class Predictor:
 
     def _check_adapter(self, adapter: str | Path | dict) -> Adapter:
         if isinstance(adapter, dict):
-            expected = self.artifacts.lora_shapes
-            if set(adapter) != set(expected):
-                raise ArtifactError(
-                    f"adapter does not fit model {self.artifacts.name}: "
-                    f"{len(set(adapter) ^ set(expected))} tensor names differ"
-                )
-            tensors = {}
-            for name, shape in expected.items():
-                value = np.ascontiguousarray(adapter[name], dtype=np.float32)
-                if value.shape != shape:
-                    raise ArtifactError(f"adapter tensor {name} has shape {value.shape}")
-                if not np.isfinite(value).all():
-                    raise ArtifactError(f"adapter tensor {name} holds NaN or infinite values")
-                tensors[name] = value
-            return tensors
+            return check_adapter(adapter, self.artifacts)
         path = Path(adapter)
         if not path.is_file():
             raise ArtifactError(f"adapter file {path} does not exist")

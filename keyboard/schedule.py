@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from keyboard.typing_log import TypingLog
 
 UNIT = "keyboard-train"  # keyboard-train.service + keyboard-train.timer
+log = logging.getLogger("keyboard.schedule")
 CRON_MARK = "# keyboard-train (added by `keyboard schedule install`)"
 _TIME_RE = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
 _SYSTEMCTL_TIMEOUT_S = 20
@@ -34,10 +36,17 @@ def parse_at(at: str) -> time:
 
 
 def configured_at(home: Home) -> str:
-    """The configured time of the nightly job (`at` in personalize.json; default 03:00)."""
+    """The configured time of the nightly job (`at` in personalize.json; default 03:00; a bad
+    value is logged and the default used, so the daemon's schedule never stops)."""
     from keyboard.personalize import JobConfig
 
-    return JobConfig.load(home.job_config).at
+    at = JobConfig.load_or_defaults(home.job_config).at
+    try:
+        parse_at(at)
+    except KeyboardError as exc:
+        log.warning("%s: %s; the job runs at %s", home.job_config, exc, JobConfig.at)
+        return JobConfig.at
+    return at
 
 
 def next_run(now: datetime, at: str) -> datetime:
@@ -78,7 +87,7 @@ def should_run(log: TypingLog, home: Home, min_new_words: int | None = None) -> 
     battery (unless configured), no job running. `log` is `home`'s open TypingLog."""
     from keyboard import personalize
 
-    config = personalize.JobConfig.load(home.job_config)
+    config = personalize.JobConfig.load_or_defaults(home.job_config)
     threshold = config.min_new_words if min_new_words is None else min_new_words
     words = personalize.words_since_last_job(log)
     if words < threshold:

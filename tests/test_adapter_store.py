@@ -67,7 +67,7 @@ def test_promote_refuses_bad_tensors(store: AdapterStore) -> None:
         store.promote(bad)
     wrong = _shifted(store, 0.0)
     wrong.pop(name)
-    with pytest.raises(AdapterStoreError, match="do not match"):
+    with pytest.raises(AdapterStoreError, match="tensor names differ"):
         store.promote(wrong)
     assert store.list() == [] and store.active() is None
 
