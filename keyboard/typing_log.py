@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import functools
+import inspect
 import json
 import math
 import os
@@ -28,11 +31,17 @@ MAX_SOURCE_CHARS = 512
 DEFAULT_RETENTION_DAYS = 90
 RETENTION_CHECK_SECONDS = 3600.0  # the writer re-applies retention at most this often
 BUSY_TIMEOUT_MS = 10_000
+INTERRUPTED = "the process running it stopped (killed, or the machine went down)"
 
 _TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # UTC, fixed width: string order is time order
 _WORD = re.compile(r"\w+(?:['’]\w+)*")
 # C0/C1 controls except tab and newline, DEL, lone surrogates (unencodable), BOM.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\ufeff]")
+
+
+class TypingLogError(KeyboardError):
+    """The database failed: a full disk, an I/O error, damage, a lock held elsewhere. The
+    message says which, and what to do; it advises moving the file only when it is damaged."""
 
 
 class InvalidText(KeyboardError):
@@ -205,6 +214,112 @@ def _create_private_file(path: Path) -> None:
             pass
 
 
+FULL_DISK_BYTES = 1 << 20  # below this much free space, an I/O error is a full disk
+_DAMAGED = {"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CORRUPT_INDEX", "SQLITE_CORRUPT_SEQUENCE"}
+_LOCKED = ("SQLITE_BUSY", "SQLITE_LOCKED")
+_NO_ACCESS = ("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def full_disk_message(path: Path) -> str | None:
+    """What to tell a person when `path`'s disk has (almost) no space left: how much is free
+    and keyboard's own files in that directory, largest first; None when there is room."""
+    directory = path if path.is_dir() else path.parent
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    if free >= FULL_DISK_BYTES:
+        return None
+    own: list[tuple[int, str]] = []
+    try:
+        for entry in directory.iterdir():
+            try:
+                own.append((_size(entry), entry.name))
+            except OSError:
+                continue
+    except OSError:
+        pass
+    own.sort(reverse=True)
+    listed = ", ".join(f"{name} {_human(size)}" for size, name in own[:5] if size)
+    return (
+        f"the disk holding {directory} is full ({_human(free)} free). The typing log is "
+        "intact: free some space on that disk, then retry"
+        + (
+            f" (keyboard's largest files there: {listed}; daemon.log and old adapter "
+            "versions can go, typing_log.db holds your text)"
+            if listed
+            else ""
+        )
+    )
+
+
+def describe_database_error(exc: BaseException, path: Path) -> str:
+    """A message a person can act on for a failure of the SQLite file at `path`. SQLite reports
+    a full disk as SQLITE_FULL or, when the shared-memory file cannot grow, as a plain
+    "disk I/O error": the free space decides."""
+    name = str(getattr(exc, "sqlite_errorname", "") or "")
+    io_error = name.startswith("SQLITE_IOERR") or isinstance(exc, OSError)
+    if name == "SQLITE_FULL" or getattr(exc, "errno", None) == errno.ENOSPC or io_error:
+        full = full_disk_message(path)
+        if full or not io_error:
+            return f"the typing log {path} cannot be written: " + (
+                full or "the disk is full. The typing log is intact: free some space, then retry"
+            )
+    if name in _DAMAGED or "malformed" in str(exc) or "not a database" in str(exc):
+        return (
+            f"{path} is damaged ({exc}). Keep a copy of it; `sqlite3 {path} .recover` may "
+            "save its text. To start afresh, move it away (keyboard then creates a new one)"
+        )
+    if name.startswith(_LOCKED):
+        return f"the typing log {path} is locked by another process ({exc}); close it and retry"
+    if name.startswith(_NO_ACCESS) or isinstance(exc, PermissionError):
+        return f"cannot open or write the typing log {path} ({exc}): check its owner and mode"
+    if io_error:
+        return (
+            f"reading or writing the typing log {path} failed ({exc}): an I/O error of the "
+            "disk or file system. The file was left as it is"
+        )
+    return f"the typing log {path} failed: {exc}"
+
+
+def _guarded(method: Any) -> Any:
+    """Database failures of a TypingLog method become TypingLogError with a clear message."""
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def generator(self: TypingLog, *args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from method(self, *args, **kwargs)
+            except (sqlite3.Error, OSError) as exc:
+                raise TypingLogError(describe_database_error(exc, self.path)) from exc
+
+        return generator
+
+    @functools.wraps(method)
+    def guarded(self: TypingLog, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.Error, OSError) as exc:
+            raise TypingLogError(describe_database_error(exc, self.path)) from exc
+
+    return guarded
+
+
 class TypingLog:
     """The user's typed text, redacted, in a private SQLite file (WAL; one writer, many readers).
 
@@ -218,22 +333,20 @@ class TypingLog:
         self.path = Path(path)
         self._lock = threading.RLock()
         self._retention_checked = -math.inf
-        _create_private_file(self.path)
         try:
+            _create_private_file(self.path)
             conn = sqlite3.connect(
                 str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
             )
-        except sqlite3.Error as exc:
-            raise KeyboardError(f"cannot open the typing log at {self.path}: {exc}") from exc
+        except (sqlite3.Error, OSError) as exc:
+            raise TypingLogError(describe_database_error(exc, self.path)) from exc
         try:
             self.db = sqlite_utils.Database(conn, execute_plugins=False)
             self._configure()
             self._migrate()
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.Error, OSError) as exc:
             conn.close()
-            raise KeyboardError(
-                f"{self.path} is not a usable typing log ({exc}); move it away to start afresh"
-            ) from exc
+            raise TypingLogError(describe_database_error(exc, self.path)) from exc
         except BaseException:
             conn.close()
             raise
@@ -290,13 +403,16 @@ class TypingLog:
             return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     # --- settings -------------------------------------------------------------------------
+    @_guarded
     def _settings(self) -> dict[str, Any]:
         return {r["key"]: json.loads(r["value"]) for r in self.db.query("SELECT * FROM settings")}
 
+    @_guarded
     def _set(self, key: str, value: Any) -> None:
         with self._lock, self.db.atomic():
             self.db["settings"].upsert({"key": key, "value": json.dumps(value)}, pk="key")
 
+    @_guarded
     def _get(self, key: str, default: Any) -> Any:
         with self._lock:
             row = self.db.execute("SELECT value FROM settings WHERE key = ?", [key]).fetchone()
@@ -341,6 +457,7 @@ class TypingLog:
         self._set("watermark", entry_id)
 
     # --- writing --------------------------------------------------------------------------
+    @_guarded
     def record(
         self,
         text: str | bytes,
@@ -411,6 +528,7 @@ class TypingLog:
         return self.record(join_accepted(tail, word), source=source, ts=ts, accepted=word).id
 
     # --- deleting -------------------------------------------------------------------------
+    @_guarded
     def forget(
         self,
         since: str | datetime | None = None,
@@ -444,6 +562,7 @@ class TypingLog:
             self._scrub()
         return int(deleted)
 
+    @_guarded
     def apply_retention(self, days: int | None = None) -> int:
         """Delete entries older than `days` (default: the retention setting, 90)."""
         with self._lock:
@@ -475,6 +594,7 @@ class TypingLog:
         )
 
     # --- reading --------------------------------------------------------------------------
+    @_guarded
     def stats(self) -> dict[str, Any]:
         """Counts and sizes for a person to inspect: nothing here contains the text itself."""
         with self._lock:
@@ -509,6 +629,7 @@ class TypingLog:
             "watermark": int(settings.get("watermark", 0)),
         }
 
+    @_guarded
     def recent(self, limit: int = 20) -> list[dict[str, Any]]:
         """The newest entries, newest first, as stored (what the user can inspect)."""
         with self._lock:
@@ -520,6 +641,7 @@ class TypingLog:
                 )
             )
 
+    @_guarded
     def iter_text(self, after: int = 0) -> Iterator[tuple[int, str, int]]:
         """(id, text, words) of entries with id > `after`, oldest first, fetched in pages."""
         last = after
@@ -534,6 +656,7 @@ class TypingLog:
             yield from page
             last = page[-1][0]
 
+    @_guarded
     def training_text(
         self,
         replay_fraction: float = 0.25,
@@ -595,17 +718,12 @@ class TypingLog:
         )
 
     # --- personalization jobs ---------------------------------------------------------------
+    @_guarded
     def start_job(self, watermark: int | None = None) -> int:
         """Record a job as running; jobs left running by a dead process become 'interrupted'."""
         now = utc_iso(datetime.now(timezone.utc))
         with self._lock, self.db.atomic():
-            for row in self.db.query("SELECT id, pid FROM jobs WHERE status = 'running'"):
-                if not _alive(row["pid"]):
-                    self.db.execute(
-                        "UPDATE jobs SET status = 'interrupted', ended = ?, "
-                        "reason = 'the process running it stopped' WHERE id = ?",
-                        [now, row["id"]],
-                    )
+            self._mark_interrupted(self._dead_jobs(), now)
             table = self.db.table("jobs")
             table.insert(
                 {
@@ -619,6 +737,7 @@ class TypingLog:
             assert table.last_rowid is not None
             return int(table.last_rowid)
 
+    @_guarded
     def finish_job(
         self,
         job_id: int,
@@ -647,20 +766,49 @@ class TypingLog:
         if not updated:
             raise KeyboardError(f"no personalization job with id {job_id}")
 
+    @_guarded
     def jobs(self, limit: int = 10) -> list[dict[str, Any]]:
-        """The newest jobs first, metrics decoded."""
+        """The newest jobs first, metrics decoded. A job whose process died (kill -9, power
+        cut) is 'interrupted', not 'running', even when the log cannot be written."""
         with self._lock:
+            dead = self._dead_jobs()
+            if dead:
+                try:
+                    with self.db.atomic():
+                        self._mark_interrupted(dead, utc_iso(datetime.now(timezone.utc)))
+                except sqlite3.Error:
+                    pass  # a full disk or a read-only log: reported as interrupted below
             rows = list(self.db.query("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", [limit]))
         for row in rows:
-            row["metrics"] = json.loads(row["metrics"])
+            try:
+                row["metrics"] = json.loads(row["metrics"])
+            except (TypeError, ValueError, RecursionError):
+                row["metrics"] = {}
+            if row["id"] in dead and row["status"] == "running":
+                row.update(status="interrupted", reason=INTERRUPTED)
         return rows
+
+    def _dead_jobs(self) -> list[int]:
+        """Jobs recorded as running whose process is gone."""
+        rows = self.db.query("SELECT id, pid, started FROM jobs WHERE status = 'running'")
+        return [r["id"] for r in rows if not _alive(r["pid"], r["started"])]
+
+    def _mark_interrupted(self, job_ids: list[int], now: str) -> None:
+        for job_id in job_ids:
+            self.db.execute(
+                "UPDATE jobs SET status = 'interrupted', ended = ?, reason = ? "
+                "WHERE id = ? AND status = 'running'",
+                [now, INTERRUPTED, job_id],
+            )
 
     def last_job(self) -> dict[str, Any] | None:
         found = self.jobs(limit=1)
         return found[0] if found else None
 
 
-def _alive(pid: int | None) -> bool:
+def _alive(pid: int | None, started: str | None = None) -> bool:
+    """Whether process `pid` still runs and (where /proc tells) began before `started`: a
+    pid reused by a later process, after a reboot say, is not the job's."""
     if not pid:
         return False
     try:
@@ -668,8 +816,28 @@ def _alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    if started:
+        begun = _process_start(pid)
+        try:
+            recorded = datetime.strptime(started, _TS_FORMAT).replace(tzinfo=timezone.utc)
+        except ValueError:
+            return True
+        if begun is not None and begun > recorded.timestamp() + 5.0:  # clock-tick slack
+            return False
     return True
+
+
+def _process_start(pid: int) -> float | None:
+    """When `pid` started (Unix time), from /proc; None where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(ln.split()[1]) for ln in f if ln.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _jsonable(value: Any) -> Any:

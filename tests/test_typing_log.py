@@ -87,7 +87,7 @@ def test_not_a_database_gives_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "log.db"
     path.write_bytes(b"this is not sqlite" * 100)
     os.chmod(path, 0o600)
-    with pytest.raises(KeyboardError, match="not a usable typing log"):
+    with pytest.raises(KeyboardError, match="is damaged .*move it away"):
         TypingLog(path)
 
 
@@ -470,3 +470,123 @@ def test_cli_log_stats_pause_forget(tmp_path: Path, monkeypatch, capsys) -> None
     assert "forgot 1 entry" in capsys.readouterr().out
     assert cli.main(["stats", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["entries"] == 0
+
+
+# --- failures that must tell the truth and lose nothing ------------------------------------------
+def test_a_full_disk_is_named_and_nothing_advises_moving_the_log(monkeypatch) -> None:
+    """Failure 2: on a full disk, an intact database was called "not a usable typing log ...
+    move it away to start afresh". A real tmpfs where the runner may mount one (root)."""
+    from keyboard.typing_log import TypingLogError
+    from tests.full_disk import fill, small_disk
+
+    with small_disk() as disk:
+        if disk is None:  # simulated ENOSPC: SQLite's report of a full disk, and statvfs's
+            pytest.skip("cannot mount a tmpfs here; test_full_disk_simulated covers it")
+        path = disk / "home" / "typing_log.db"
+        with TypingLog(path) as log:
+            for i in range(30):
+                log.record(f"entry number {i} of what the user typed", source="notes")
+        filler = fill(disk)
+        with pytest.raises(TypingLogError) as opening:  # a restart on the full disk
+            TypingLog(path)
+        filler.unlink()
+        with TypingLog(path) as log:
+            filler = fill(disk)
+            with pytest.raises(TypingLogError) as writing:
+                for i in range(200):  # the WAL may have some room left in its pages
+                    log.record(f"more text {i} " * 20, source="notes")
+        for err in (writing, opening):
+            message = str(err.value)
+            assert "is full" in message and "is intact" in message, message
+            assert "move it away" not in message and "typing_log.db" in message
+        filler.unlink()
+        with TypingLog(path) as log:
+            assert log.stats()["entries"] >= 30
+
+
+def test_full_disk_simulated(tmp_path: Path, monkeypatch) -> None:
+    """The same without a mount: SQLite reports a full disk as SQLITE_FULL, or as a disk I/O
+    error when its shared-memory file cannot grow; statvfs says no space is left."""
+    from keyboard import typing_log
+    from keyboard.typing_log import TypingLogError
+
+    path = tmp_path / "typing_log.db"
+    with TypingLog(path) as log:
+        log.record("what the user typed", source="notes")
+    real = os.statvfs(tmp_path)
+
+    class Full:
+        f_bavail, f_frsize = 0, real.f_frsize
+
+    def no_room(*args: object) -> None:
+        error = sqlite3.OperationalError("disk I/O error")
+        error.sqlite_errorname = "SQLITE_IOERR_SHMSIZE"  # what a real full tmpfs gives
+        raise error
+
+    monkeypatch.setattr(typing_log.os, "statvfs", lambda _: Full)
+    monkeypatch.setattr(TypingLog, "_configure", no_room)
+    with pytest.raises(TypingLogError, match="is full .*is intact") as err:
+        TypingLog(path)
+    assert "move it away" not in str(err.value)
+    monkeypatch.undo()
+    with TypingLog(path) as log:
+        assert log.stats()["entries"] == 1
+
+
+def _damage_pages(path: Path, pages: range) -> None:
+    with open(path, "r+b") as f:
+        for page in pages:
+            f.seek(page * 4096)
+            f.write(os.urandom(4096))
+
+
+def test_stats_on_a_partly_corrupt_database_says_so_without_a_traceback(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Failure 3: `keyboard stats` printed a raw traceback."""
+    monkeypatch.setenv("KEYBOARD_HOME", str(tmp_path))
+    with TypingLog() as log:
+        for i in range(400):
+            log.record(f"entry {i}: " + "some words the user typed " * 10, source=f"s{i % 7}")
+    path = tmp_path / "typing_log.db"
+    assert path.stat().st_size > 20 * 4096
+    _damage_pages(path, range(3, 12))
+    assert cli.main(["stats"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("keyboard: ") and "Traceback" not in err
+    assert "damaged" in err and ".recover" in err
+    done = subprocess.run(
+        [sys.executable, "-m", "keyboard", "stats"],
+        env={**os.environ, "KEYBOARD_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_job_killed_with_sigkill_is_not_left_running(tmp_path: Path) -> None:
+    """Failure 7: a job killed with -9 stayed `running` until the next job ran."""
+    path = tmp_path / "log.db"
+    TypingLog(path).close()
+    child = _child(
+        """
+        import sys, time
+        from keyboard.typing_log import TypingLog
+        log = TypingLog(sys.argv[1])
+        print(log.start_job(), flush=True)
+        time.sleep(60)
+        """,
+        str(path),
+    )
+    job = int(child.stdout.readline())
+    with TypingLog(path) as log:
+        assert log.last_job()["status"] == "running"
+        child.kill()
+        child.wait()
+        last = log.last_job()
+        assert last["id"] == job and last["status"] == "interrupted"
+        assert "killed" in last["reason"]
+    with sqlite3.connect(path) as db:  # recorded, not just shown
+        assert db.execute("SELECT status FROM jobs WHERE id = ?", [job]).fetchone()[0] == (
+            "interrupted"
+        )
