@@ -545,7 +545,7 @@ def test_stats_on_a_partly_corrupt_database_says_so_without_a_traceback(
 ) -> None:
     """Failure 3: `keyboard stats` printed a raw traceback."""
     monkeypatch.setenv("KEYBOARD_HOME", str(tmp_path))
-    with TypingLog() as log:
+    with TypingLog(tmp_path / "typing_log.db") as log:
         for i in range(400):
             log.record(f"entry {i}: " + "some words the user typed " * 10, source=f"s{i % 7}")
     path = tmp_path / "typing_log.db"
