@@ -66,7 +66,6 @@ MAX_DEPTH = 12  # hard limit on search depth (long odd prefixes)
 LRU_SIZE = 1024  # finished results
 HYPOTHESIS_CACHE_SIZE = 384  # token distributions (one float32 vector of the vocabulary each)
 TOP_TOKENS = 24  # likeliest tokens of a kind memoised per distribution (>= MAX_K)
-MAX_GAP = 0  # tokens a scored sequence may extend the cached key/values by before they move
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _SPACE = re.compile(r"\s")
 _NON_SPACE = re.compile(r"\S")
@@ -411,8 +410,8 @@ def _next_tokens(
 class _State:
     """Key/values of a base token sequence, and next-token distributions by token sequence.
 
-    Any sequence that extends the base by at most MAX_GAP tokens is scored by running only its
-    extra tokens on top of the base's key/values; the base moves when a context leaves it.
+    Hypotheses after the base are scored by running only their tokens on top of the base's
+    key/values; the base moves to each new context.
     """
 
     def __init__(self) -> None:
@@ -432,9 +431,9 @@ class _State:
         while len(self.nexts) > HYPOTHESIS_CACHE_SIZE:
             self.nexts.popitem(last=False)
 
-    def covers(self, seq: tuple[int, ...]) -> bool:
-        n = len(self.base)
-        return bool(self.kv) and len(seq) - n <= MAX_GAP and seq[:n] == self.base
+    def holds(self, context: tuple[int, ...]) -> bool:
+        """True when the key/values are those of `context`."""
+        return bool(self.kv) and context == self.base
 
 
 class Engine:
@@ -522,7 +521,7 @@ class Engine:
             out = [state.get(s) for s in seqs]
             todo = [i for i, hit in enumerate(out) if hit is None]
             if todo:
-                if not state.covers(context):
+                if not state.holds(context):
                     self.rebase(state, context)
                 n = len(state.base)
                 if not state.repeated or state.repeated[0].shape[0] < len(todo):

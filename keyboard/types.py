@@ -1,8 +1,8 @@
-"""Small shared types that cross module boundaries (predictions, metrics)."""
+"""Small shared types that cross module boundaries (predictions, the error type)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 
@@ -38,20 +38,6 @@ class Prediction:
             "adapter": self.adapter,
             "latency_ms": round(self.latency_ms, 3),
         }
-
-
-@dataclass
-class EvalMetrics:
-    """Held-out quality of a model/adapter: loss and next-word accuracy."""
-
-    loss: float
-    top1: float = 0.0
-    top3: float = 0.0
-    words: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class KeyboardError(Exception):

@@ -25,6 +25,7 @@ import sqlite_utils
 from keyboard import paths
 from keyboard.redaction import DEFAULT_EXCLUDED_SOURCES, excluded_by, redact
 from keyboard.types import KeyboardError
+from keyboard.words import partial_word, words
 
 MAX_TEXT_BYTES = 64 * 1024  # per call; a bigger paste is split by the caller or refused
 MAX_SOURCE_CHARS = 512
@@ -34,7 +35,6 @@ BUSY_TIMEOUT_MS = 10_000
 INTERRUPTED = "the process running it stopped (killed, or the machine went down)"
 
 _TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # UTC, fixed width: string order is time order
-_WORD = re.compile(r"\w+(?:['’]\w+)*")
 # C0/C1 controls except tab and newline, DEL, lone surrogates (unencodable), BOM.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\ufeff]")
 
@@ -152,14 +152,14 @@ def _clean_source(source: object) -> str:
 
 
 def word_count(text: str) -> int:
-    return len(_WORD.findall(text))
+    return len(words(text))
 
 
 def join_accepted(context: str, accepted: str) -> str:
     """The text the user ended up with: `context` whose partial last word `accepted` completes."""
-    m = re.search(r"\w+$", context)
-    if m and accepted.lower().startswith(m.group().lower()):
-        return context[: m.start()] + accepted
+    prefix = partial_word(context)
+    if prefix and accepted.lower().startswith(prefix.lower()):
+        return context[: len(context) - len(prefix)] + accepted
     return context + accepted
 
 
@@ -503,16 +503,6 @@ class TypingLog:
                 rowid = table.last_rowid
             assert rowid is not None
             return Recorded(int(rowid))
-
-    def add(
-        self,
-        text: str | bytes,
-        source: str = "",
-        private: bool = False,
-        ts: datetime | None = None,
-    ) -> int | None:
-        """Store `text`; the new entry id, or None when not stored (paused, private, excluded)."""
-        return self.record(text, source=source, private=private, ts=ts).id
 
     def add_feedback(
         self, context: str, accepted: str, source: str = "", ts: datetime | None = None

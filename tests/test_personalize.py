@@ -49,7 +49,7 @@ def _fast(**overrides: object) -> JobConfig:
 def _log(home: Home, lines: list[str]) -> None:
     with TypingLog(home.typing_log) as log:
         for line in lines:
-            log.add(line, source="test")
+            log.record(line, source="test")
 
 
 def _quiet() -> Progress:

@@ -60,10 +60,10 @@ def test_bad_times_are_refused(bad: str) -> None:
 
 def test_should_run_needs_enough_new_words_and_a_free_lock(home: Home) -> None:
     with TypingLog(home.typing_log) as log:
-        log.add("just a few words today")
+        log.record("just a few words today")
         decision = schedule.should_run(log, home)
         assert not decision and "waiting for 200" in decision.reason
-        log.add(" ".join(["hello there my friend"] * 60))
+        log.record(" ".join(["hello there my friend"] * 60))
         run, reason = schedule.should_run(log, home)
         assert run and "new words" in reason
         with personalize.job_lock(home):

@@ -734,6 +734,6 @@ def test_cli_client(tiny_llama: Path, root: Path) -> None:
     from keyboard.typing_log import TypingLog
 
     with TypingLog(Home.at(env["KEYBOARD_HOME"]).typing_log) as log:
-        log.add("written while the daemon was down", source="diary")
+        log.record("written while the daemon was down", source="diary")
     forgot = keyboard("forget", "--source", "diary")
     assert forgot.returncode == 0 and "forgot 1 entry" in forgot.stdout

@@ -75,7 +75,7 @@ def test_schema_version_tables_and_indexes(log: TypingLog) -> None:
 def test_reopening_keeps_data_and_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "log.db"
     with TypingLog(path) as log:
-        entry = log.add("kept across opens")
+        entry = log.record("kept across opens").id
     with TypingLog(path) as log:
         assert log.recent(1)[0]["id"] == entry
         log.db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
@@ -98,14 +98,14 @@ def test_home_and_permissions_from_the_first_byte(tmp_path: Path, monkeypatch) -
     try:
         with TypingLog(Home.from_env().typing_log) as log:
             assert log.path == home / "typing_log.db"
-            log.add("private words")
+            log.record("private words")
             for p in (log.path, Path(f"{log.path}-wal"), Path(f"{log.path}-shm")):
                 assert p.exists()
                 assert os.stat(p).st_mode & 0o777 == 0o600, p
         assert os.stat(home).st_mode & 0o777 == 0o700
         # An explicit path in a missing directory: created 0700 too.
         with TypingLog(tmp_path / "new" / "dir" / "log.db") as log:
-            log.add("more")
+            log.record("more")
         assert os.stat(tmp_path / "new" / "dir").st_mode & 0o777 == 0o700
         assert os.stat(tmp_path / "new" / "dir" / "log.db").st_mode & 0o777 == 0o600
     finally:
@@ -128,7 +128,7 @@ WRITER = """
     limit = int(sys.argv[2])
     i = 0
     while limit < 0 or i < limit:
-        entry = log.add(f"acknowledged sentence number {i}", source="kill-test")
+        entry = log.record(f"acknowledged sentence number {i}", source="kill-test").id
         print(entry, i, flush=True)  # the acknowledgement: only after add() returned
         i += 1
 """
@@ -157,7 +157,7 @@ def test_sigkill_loses_no_acknowledged_entry(tmp_path: Path) -> None:
     # No half-written rows: everything present is a complete sentence.
     assert all(t.startswith("acknowledged sentence number ") for t in rows.values())
     with TypingLog(path) as log:  # and the log opens and writes normally afterwards
-        assert log.add("after the crash") is not None
+        assert log.record("after the crash").id is not None
 
 
 def test_concurrent_writer_process_and_reader(tmp_path: Path) -> None:
@@ -185,14 +185,14 @@ def test_concurrent_writer_process_and_reader(tmp_path: Path) -> None:
 
 def test_threads_share_one_log(log: TypingLog) -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
-        ids = list(pool.map(lambda i: log.add(f"thread text {i}", source="t"), range(80)))
+        ids = list(pool.map(lambda i: log.record(f"thread text {i}", source="t").id, range(80)))
     assert len(set(ids)) == 80
     assert log.stats()["entries"] == 80
 
 
 # --- privacy ------------------------------------------------------------------------------------
 def test_text_is_redacted_before_it_is_stored(log: TypingLog) -> None:
-    log.add("my password: hunter2 and card 4111 1111 1111 1111")
+    log.record("my password: hunter2 and card 4111 1111 1111 1111")
     log.add_feedback("the key is sk_live_4eC39HqLyjWDarjtT1zdp7dc and the wea", "weather")
     texts = _texts(log.path)
     assert texts == [
@@ -207,15 +207,15 @@ def test_excluded_sources_private_flag_and_pause(tmp_path: Path) -> None:
     path = tmp_path / "log.db"
     with TypingLog(path) as log, TypingLog(path) as other_process:
         assert log.record("API_TOKEN stuff", source="/app/.env").reason == "excluded source (*.env)"
-        assert log.add("x", source=os.path.expanduser("~/.ssh/config")) is None
-        assert log.add("my diary", source="notes/secret-diary.md") is None
+        assert log.record("x", source=os.path.expanduser("~/.ssh/config")).id is None
+        assert log.record("my diary", source="notes/secret-diary.md").id is None
         assert log.record("hidden", private=True).to_json() == {
             "stored": False,
             "reason": "private",
         }
         log.set_excluded_sources(["*.docx"])
-        assert log.add("now allowed", source="/app/.env") is not None
-        assert log.add("report", source="/w/Report.DOCX") is None
+        assert log.record("now allowed", source="/app/.env").id is not None
+        assert log.record("report", source="/w/Report.DOCX").id is None
         # Pausing is visible to every process that has the log open.
         other_process.pause()
         assert log.paused
@@ -232,9 +232,9 @@ def test_excluded_sources_private_flag_and_pause(tmp_path: Path) -> None:
 
 def test_retention_deletes_old_entries(log: TypingLog) -> None:
     now = datetime.now(timezone.utc)
-    log.add("ancient history", ts=now - timedelta(days=120))
-    log.add("last month", ts=now - timedelta(days=30))
-    log.add("today")
+    log.record("ancient history", ts=now - timedelta(days=120))
+    log.record("last month", ts=now - timedelta(days=30))
+    log.record("today")
     assert log.retention_days == 90
     assert log.apply_retention() == 1
     assert _texts(log.path) == ["last month", "today"]
@@ -248,9 +248,9 @@ def test_retention_deletes_old_entries(log: TypingLog) -> None:
 def test_the_writer_applies_retention_by_itself(tmp_path: Path) -> None:
     path = tmp_path / "log.db"
     with TypingLog(path) as log:
-        log.add("too old to keep", ts=datetime.now(timezone.utc) - timedelta(days=91))
+        log.record("too old to keep", ts=datetime.now(timezone.utc) - timedelta(days=91))
     with TypingLog(path) as daemon:  # a fresh writer checks retention on its first write
-        daemon.add("fresh")
+        daemon.record("fresh")
     assert _texts(path) == ["fresh"]
 
 
@@ -260,10 +260,10 @@ SENTENCE = "the quokka borrowed my umbrella on a sunday"
 def _fill(log: TypingLog, marker_source: str = "diary.md") -> None:
     base = datetime(2024, 5, 1, tzinfo=timezone.utc)
     for i in range(60):
-        log.add(f"ordinary line {i} about nothing much", source="code.py", ts=base)
+        log.record(f"ordinary line {i} about nothing much", source="code.py", ts=base)
     for i in range(3):
-        log.add(f"{SENTENCE} {i}", source=marker_source, ts=base + timedelta(days=1, hours=i))
-    log.add("later text", source="code.py", ts=base + timedelta(days=5))
+        log.record(f"{SENTENCE} {i}", source=marker_source, ts=base + timedelta(days=1, hours=i))
+    log.record("later text", source="code.py", ts=base + timedelta(days=5))
 
 
 @pytest.mark.parametrize(
@@ -319,35 +319,35 @@ def test_forget_needs_a_criterion_and_rejects_bad_dates(log: TypingLog) -> None:
     ],
 )
 def test_bad_input_is_refused_clearly_and_stores_nothing(log: TypingLog, bad, message) -> None:
-    log.add("before")
+    log.record("before")
     with pytest.raises(InvalidText, match=message):
-        log.add(bad)
+        log.record(bad)
     assert log.stats()["entries"] == 1
 
 
 def test_bad_source_or_timestamp_is_refused(log: TypingLog) -> None:
     with pytest.raises(InvalidText):
-        log.add("text", source=123)  # type: ignore[arg-type]
+        log.record("text", source=123)  # type: ignore[arg-type]
     with pytest.raises(InvalidText):
-        log.add("text", ts="yesterday")  # type: ignore[arg-type]
+        log.record("text", ts="yesterday")  # type: ignore[arg-type]
     with pytest.raises(TextTooLarge):
-        log.add("z" * (MAX_TEXT_BYTES + 10))
+        log.record("z" * (MAX_TEXT_BYTES + 10))
     assert log.stats()["entries"] == 0
 
 
 def test_odd_text_is_normalised(log: TypingLog) -> None:
-    log.add("a\x00b\r\nc\rd\x1b[0m\ufeff")
-    log.add("bad surrogate \ud800 gone")
-    log.add("cafe\u0301".encode())  # decomposed é -> NFC
-    log.add(b"max " + b"m" * (MAX_TEXT_BYTES - 4))  # exactly at the limit is fine
+    log.record("a\x00b\r\nc\rd\x1b[0m\ufeff")
+    log.record("bad surrogate \ud800 gone")
+    log.record("cafe\u0301".encode())  # decomposed é -> NFC
+    log.record(b"max " + b"m" * (MAX_TEXT_BYTES - 4))  # exactly at the limit is fine
     texts = _texts(log.path)
     assert texts[:3] == ["ab\nc\nd[0m", "bad surrogate  gone", "caf\u00e9"]
     assert len(texts[3]) == MAX_TEXT_BYTES
 
 
 def test_word_counts_and_stats(log: TypingLog) -> None:
-    log.add("one two three", source="a.md", ts=datetime(2024, 1, 1, tzinfo=timezone.utc))
-    log.add("don't stop", source="a.md")
+    log.record("one two three", source="a.md", ts=datetime(2024, 1, 1, tzinfo=timezone.utc))
+    log.record("don't stop", source="a.md")
     log.add_feedback("see you tomor", "tomorrow", source="chat")
     s = log.stats()
     assert s["entries"] == 3 and s["words"] == 3 + 2 + 3 and s["accepted"] == 1
@@ -363,7 +363,7 @@ def test_word_counts_and_stats(log: TypingLog) -> None:
 # --- training reads and jobs ----------------------------------------------------------------
 def test_training_text_watermark_holdout_and_replay(log: TypingLog) -> None:
     assert log.training_text().empty
-    first = [log.add(f"first batch sentence {i} has six words") for i in range(20)]
+    first = [log.record(f"first batch sentence {i} has six words").id for i in range(20)]
     tt = log.training_text(holdout_fraction=0.1)
     assert tt.watermark == first[-1]
     assert tt.replay == []  # nothing consumed yet
@@ -380,7 +380,7 @@ def test_training_text_watermark_holdout_and_replay(log: TypingLog) -> None:
     assert log.training_text().empty
 
     for i in range(10):
-        log.add(f"second batch {i}")
+        log.record(f"second batch {i}")
     tt2 = log.training_text(replay_fraction=0.5, holdout_fraction=0.1, seed=3)
     assert len(tt2.new) == 9 and tt2.heldout == ["second batch 9"]
     assert len(tt2.replay) == round(0.5 * 9)
@@ -393,10 +393,10 @@ def test_training_text_watermark_holdout_and_replay(log: TypingLog) -> None:
 
 
 def test_forgotten_text_never_reaches_training(log: TypingLog) -> None:
-    log.add("keep this", source="a")
-    log.add("forget this", source="b")
+    log.record("keep this", source="a")
+    log.record("forget this", source="b")
     log.forget(source="b")
-    log.add("new after forget", source="a")
+    log.record("new after forget", source="a")
     tt = log.training_text(holdout_fraction=0.0)
     assert tt.new == ["keep this", "new after forget"]
 
