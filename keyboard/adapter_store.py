@@ -27,6 +27,7 @@ from keyboard.artifacts import (
     ArtifactSet,
     check_adapter,
     load_adapter,
+    tensors_sha256,
     write_atomic,
 )
 from keyboard.paths import Home
@@ -47,17 +48,6 @@ _VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 class AdapterStoreError(KeyboardError):
     """An adapter version that is missing, corrupt, or does not fit the model."""
-
-
-def tensors_sha256(tensors: Adapter) -> str:
-    """A content hash of LoRA tensors (names, shapes and float32 values, in name order)."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        value = np.ascontiguousarray(tensors[name], dtype=np.float32)
-        digest.update(name.encode())
-        digest.update(repr(value.shape).encode())
-        digest.update(value.tobytes())
-    return digest.hexdigest()
 
 
 def model_fingerprint(artifacts: ArtifactSet) -> str:
@@ -488,11 +478,10 @@ class AdapterStore:
         expected = {n: list(s) for n, s in self.artifacts.lora_shapes.items()}
         if header.get("tensors") != expected:
             raise AdapterStoreError(f"{path}: the header's tensors do not match the model")
-        if set(arrays) != set(expected):
-            raise AdapterStoreError(f"{path}: the diff's tensors do not match its header")
-        for name, shape in expected.items():
-            if list(arrays[name].shape) != shape:
-                raise AdapterStoreError(f"{path}: {name} has shape {arrays[name].shape}")
+        try:
+            diff = check_adapter(arrays, self.artifacts, f"the diff {path}")
+        except ArtifactError as exc:
+            raise AdapterStoreError(str(exc)) from exc
         base_sha = (header.get("base") or {}).get("tensors_sha256")
         base = self._find_by_content(base_sha)
         if base is None:
@@ -500,7 +489,6 @@ class AdapterStore:
                 f"{path} is a difference to adapter {header['base'].get('version')} of another "
                 "machine, which this store does not have; export it against the base instead"
             )
-        diff = {n: np.ascontiguousarray(arrays[n], dtype=np.float32) for n in expected}
         if tensors_sha256(diff) != header.get("diff_sha256"):
             raise AdapterStoreError(f"{path}: the diff is damaged (its content hash differs)")
         base_tensors = self.load(base)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -170,6 +172,17 @@ def _read_npz(path: Path, shapes: dict[str, tuple[int, ...]] | None) -> Adapter:
             array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
             tensors[name] = np.ascontiguousarray(array, dtype=np.float32)
     return tensors
+
+
+def tensors_sha256(tensors: Mapping[str, np.ndarray]) -> str:
+    """A content hash of LoRA tensors (names, shapes and float32 values, in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = np.ascontiguousarray(tensors[name], dtype=np.float32)
+        digest.update(name.encode())
+        digest.update(repr(value.shape).encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def write_atomic(path: Path, write: Any) -> None:

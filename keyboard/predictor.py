@@ -30,7 +30,6 @@ swapped in by replacing one reference; predictions in flight finish on the old e
 from __future__ import annotations
 
 import bisect
-import hashlib
 import logging
 import re
 import threading
@@ -52,6 +51,7 @@ from keyboard.artifacts import (
     check_adapter,
     graph_with_adapter,
     load_adapter,
+    tensors_sha256,
 )
 from keyboard.phrases import PhraseError, PhraseModel
 from keyboard.protocol import MAX_K, MAX_PUNCT
@@ -755,9 +755,5 @@ def _describe(adapter: str | Path | dict) -> str:
 
 def _version_name(adapter: str | Path | dict, tensors: Adapter) -> str:
     if isinstance(adapter, dict):
-        digest = hashlib.sha256()
-        for name in sorted(tensors):
-            digest.update(name.encode())
-            digest.update(tensors[name].tobytes())
-        return f"tensors-{digest.hexdigest()[:12]}"
+        return f"tensors-{tensors_sha256(tensors)[:12]}"
     return Path(adapter).stem
