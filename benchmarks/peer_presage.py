@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         files = [f for f in files if f.name in wanted]
     if not files:
         parser.error(f"no user files in {args.users}")
-    model_dir = args.model or paths.starter_model_dir()
+    model_dir = args.model or paths.default_model_dir()
     why_not = "--no-keyboard" if args.no_keyboard else keyboard_available(model_dir)
 
     started = time.perf_counter()

@@ -83,7 +83,7 @@ def take_words(messages: list[str], words: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=paths.starter_model_dir())
+    parser.add_argument("--model", type=Path, default=paths.default_model_dir())
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="a user's JSONL file")
     parser.add_argument("--chars", type=int, default=1000, help="keystrokes replayed per setting")
     parser.add_argument("--accuracy-words", type=int, default=1500)

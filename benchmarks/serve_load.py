@@ -179,7 +179,7 @@ def main() -> None:
     if args.socket:
         sock = args.socket
     else:
-        model = Path(args.model) if args.model else paths.starter_model_dir()
+        model = Path(args.model) if args.model else paths.default_model_dir()
         root = Path(tempfile.mkdtemp(prefix="kb-bench", dir="/tmp"))
         process, sock, ready = start_daemon(model, args.threads, root)
         out["ready_s"] = round(ready, 3)

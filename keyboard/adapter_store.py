@@ -205,7 +205,7 @@ class AdapterStore:
         path = self.root / version / PHRASES_FILE
         return path if version != BASE and path.is_file() else None
 
-    def list(self) -> list[AdapterVersion]:
+    def versions(self) -> list[AdapterVersion]:
         """All stored versions, oldest first (metadata {"error": ...} where it is unreadable)."""
         out = []
         for d in self._version_dirs():
@@ -508,7 +508,7 @@ class AdapterStore:
             return None
         if tensors_sha256(self.artifacts.initial_adapter()) == sha:
             return BASE
-        for entry in reversed(self.list()):
+        for entry in reversed(self.versions()):
             if entry.metadata.get("tensors_sha256") == sha:
                 return entry.version
         return None

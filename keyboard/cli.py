@@ -13,7 +13,14 @@ from keyboard.types import KeyboardError
 Handler = Callable[[argparse.Namespace], int]
 
 
-# --- export (issue: Foundation) -------------------------------------------------------------
+def _model_dir(args: argparse.Namespace) -> Path:
+    """The model a command works on: --model, else $KEYBOARD_MODEL, else the starter model."""
+    from keyboard import paths
+
+    return Path(args.model).expanduser() if args.model else paths.default_model_dir()
+
+
+# --- export ---------------------------------------------------------------------------------------
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a causal LM with LoRA adapters to ORT artifacts")
     p.add_argument("--base-model", required=True, help="local Hugging Face model dir or hub id")
@@ -53,7 +60,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-# --- typing log (issue 3) -------------------------------------------------------------------
+# --- typing log -----------------------------------------------------------------------------------
 def _add_log(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("log", help="store text in the typing log (redacted; from stdin if no TEXT)")
     p.add_argument("text", nargs="?", help="the text; omit or '-' to read stdin")
@@ -66,8 +73,8 @@ def _add_log(sub: argparse._SubParsersAction) -> None:
         text: str | bytes = args.text
         if text is None or text == "-":
             text = sys.stdin.buffer.read(MAX_TEXT_BYTES + 1)  # one byte over: refused, not cut
-        with TypingLog(Home.from_env().typing_log) as log:
-            result = log.record(text, source=args.source, private=args.private)
+        with TypingLog(Home.from_env().typing_log) as typing_log:
+            result = typing_log.record(text, source=args.source, private=args.private)
         print(f"stored entry {result.id}" if result.stored else f"not stored: {result.reason}")
         return 0
 
@@ -88,8 +95,8 @@ def _add_log(sub: argparse._SubParsersAction) -> None:
             from keyboard.adapter_store import forget_phrases
 
             home = Home.from_env()
-            with TypingLog(home.typing_log) as log:
-                n = log.forget(args.since, args.until, args.source, everything=args.all)
+            with TypingLog(home.typing_log) as typing_log:
+                n = typing_log.forget(args.since, args.until, args.source, everything=args.all)
             if n:
                 forget_phrases(home)  # the daemon does the same when it does the forgetting
         print(f"forgot {n} entr{'y' if n == 1 else 'ies'}; database vacuumed")
@@ -106,10 +113,10 @@ def _add_log(sub: argparse._SubParsersAction) -> None:
 
         from keyboard.typing_log import TypingLog
 
-        with TypingLog(Home.from_env().typing_log) as log:
-            stats = log.stats()
-            recent = log.recent(args.show) if args.show > 0 else []
-            job = log.last_job()
+        with TypingLog(Home.from_env().typing_log) as typing_log:
+            stats = typing_log.stats()
+            recent = typing_log.recent(args.show) if args.show > 0 else []
+            job = typing_log.last_job()
         if args.json:
             print(json.dumps({**stats, "recent": recent, "last_job": job}, indent=2))
             return 0
@@ -138,11 +145,11 @@ def _add_log(sub: argparse._SubParsersAction) -> None:
         def run(args: argparse.Namespace) -> int:
             from keyboard.typing_log import TypingLog
 
-            with TypingLog(Home.from_env().typing_log) as log:
+            with TypingLog(Home.from_env().typing_log) as typing_log:
                 if paused:
-                    log.pause()
+                    typing_log.pause()
                 else:
-                    log.resume()
+                    typing_log.resume()
             print("logging paused: nothing is stored" if paused else "logging resumed")
             return 0
 
@@ -173,26 +180,28 @@ def _add_log(sub: argparse._SubParsersAction) -> None:
         from keyboard.redaction import DEFAULT_EXCLUDED_SOURCES
         from keyboard.typing_log import TypingLog
 
-        with TypingLog(Home.from_env().typing_log) as log:
+        with TypingLog(Home.from_env().typing_log) as typing_log:
             patterns = (
-                list(DEFAULT_EXCLUDED_SOURCES) if args.reset_excluded else log.excluded_sources
+                list(DEFAULT_EXCLUDED_SOURCES)
+                if args.reset_excluded
+                else typing_log.excluded_sources
             )
             patterns = [g for g in patterns if g not in args.allow]
             patterns += [g for g in args.exclude if g not in patterns]
             if args.reset_excluded or args.exclude or args.allow:
-                log.set_excluded_sources(patterns)
+                typing_log.set_excluded_sources(patterns)
             if args.retention_days is not None:
-                log.set_retention_days(args.retention_days)
-                log.apply_retention()
-            print(f"logging: {'paused' if log.paused else 'on'}")
-            print(f"retention: {log.retention_days} days")
-            print("excluded sources: " + (", ".join(log.excluded_sources) or "(none)"))
+                typing_log.set_retention_days(args.retention_days)
+                typing_log.apply_retention()
+            print(f"logging: {'paused' if typing_log.paused else 'on'}")
+            print(f"retention: {typing_log.retention_days} days")
+            print("excluded sources: " + (", ".join(typing_log.excluded_sources) or "(none)"))
         return 0
 
     p.set_defaults(func=run_privacy)
 
 
-# --- eval (issue 9) ---------------------------------------------------------------------------
+# --- eval -----------------------------------------------------------------------------------------
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
@@ -227,9 +236,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         import json
         from pathlib import Path
 
-        from keyboard import evaluation, paths
+        from keyboard import evaluation
 
-        model_dir = Path(args.model) if args.model else paths.starter_model_dir()
+        model_dir = _model_dir(args)
 
         def progress(stage: str, done: int, total: int) -> None:
             if sys.stderr.isatty():
@@ -272,7 +281,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-# --- daemon (issue 6) -----------------------------------------------------------------------
+# --- daemon ---------------------------------------------------------------------------------------
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     socket_opt = argparse.ArgumentParser(add_help=False)
     socket_opt.add_argument(
@@ -296,10 +305,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
 
     def run_serve(args: argparse.Namespace) -> int:
-        from keyboard import paths, server
+        from keyboard import server
 
-        model = Path(args.model).expanduser() if args.model else paths.starter_model_dir()
-        config = server.ServeConfig(socket_path(args), model, Home.from_env(), threads=args.threads)
+        config = server.ServeConfig(
+            socket_path(args), _model_dir(args), Home.from_env(), threads=args.threads
+        )
         if args.foreground:
             return server.serve(config)
         status = server.start_background(config)
@@ -381,7 +391,7 @@ def _train_via_daemon(args: argparse.Namespace) -> int:
     return 0 if done.get("exit_code") == 0 else 1
 
 
-# --- editors (issue 8) ----------------------------------------------------------------------
+# --- editors --------------------------------------------------------------------------------------
 def _add_lsp(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "lsp",
@@ -403,11 +413,7 @@ def _add_lsp(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-# --- personalization (issue 7) --------------------------------------------------------------
-def _model_dir(args: argparse.Namespace) -> Path:
-    from keyboard import paths
-
-    return Path(args.model).expanduser() if args.model else paths.starter_model_dir()
+# --- personalization ------------------------------------------------------------------------------
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -498,7 +504,7 @@ def _add_adapters(sub: argparse._SubParsersAction) -> None:
         store = AdapterStore.in_home(Home.from_env(), _model_dir(args))
         if args.action == "list":
             active = store.active_version
-            entries = store.list()
+            entries = store.versions()
             if args.json:
                 rows = [{**e.metadata, "version": e.version, "active": e.version == active}
                         for e in entries]  # fmt: skip

@@ -193,7 +193,7 @@ def describe_status(status: dict[str, Any]) -> str:
     """`status` for a person to read."""
     model = status.get("model") or {}
     adapter = status.get("adapter") or {}
-    log = status.get("typing_log") or {}
+    typing_log = status.get("typing_log") or {}
     person = status.get("personalization") or {}
     server = status.get("server") or {}
     lines = [
@@ -216,8 +216,8 @@ def describe_status(status: dict[str, Any]) -> str:
         )
     )
     lines.append(
-        f"typing log   {log.get('entries', 0):,} entries, {log.get('words', 0):,} words"
-        + (" (PAUSED)" if log.get("paused") else "")
+        f"typing log   {typing_log.get('entries', 0):,} entries, "
+        f"{typing_log.get('words', 0):,} words" + (" (PAUSED)" if typing_log.get("paused") else "")
     )
     running = person.get("running")
     last = person.get("last_job")

@@ -302,10 +302,10 @@ def personalize_in_throwaway_home(history: Sequence[str], model_dir: Path, home:
     from keyboard.typing_log import MAX_TEXT_BYTES, TypingLog
 
     throwaway = Home.at(home)
-    with TypingLog(throwaway.typing_log) as log:
+    with TypingLog(throwaway.typing_log) as typing_log:
         for message in history:
             for piece in _pieces(message, MAX_TEXT_BYTES):
-                log.record(piece, source="keyboard-eval")
+                typing_log.record(piece, source="keyboard-eval")
     # force: the history is all there is, so skip the new-words minimum and battery check
     return run_job(throwaway, model_dir, force=True)
 

@@ -96,9 +96,15 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def starter_model_dir() -> Path:
-    """The shipped starter model: `$KEYBOARD_MODEL` overrides it."""
+def default_model_dir() -> Path:
+    """The model to serve and train when none is named: `$KEYBOARD_MODEL`, else the shipped
+    starter model."""
     override = os.environ.get("KEYBOARD_MODEL")
     if override:
         return Path(override).expanduser()
+    return starter_model_dir()
+
+
+def starter_model_dir() -> Path:
+    """The starter model shipped in `models/starter`."""
     return repo_root() / "models" / "starter"

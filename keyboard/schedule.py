@@ -78,18 +78,18 @@ class Decision:
     def __bool__(self) -> bool:
         return self.run
 
-    def __iter__(self):  # `run, reason = should_run(log)`
+    def __iter__(self):  # `run, reason = should_run(typing_log, home)`
         return iter((self.run, self.reason))
 
 
-def should_run(log: TypingLog, home: Home, min_new_words: int | None = None) -> Decision:
+def should_run(typing_log: TypingLog, home: Home, min_new_words: int | None = None) -> Decision:
     """The daemon's check at the scheduled time: enough new text since the last job, not on
-    battery (unless configured), no job running. `log` is `home`'s open TypingLog."""
+    battery (unless configured), no job running. `typing_log` is `home`'s, open."""
     from keyboard import personalize
 
     config = personalize.JobConfig.load_or_defaults(home.job_config)
     threshold = config.min_new_words if min_new_words is None else min_new_words
-    words = personalize.words_since_last_job(log)
+    words = personalize.words_since_last_job(typing_log)
     if words < threshold:
         return Decision(False, f"{words} new words since the last job; waiting for {threshold}")
     if not config.train_on_battery and personalize.on_battery():

@@ -25,7 +25,7 @@ def store(home: Home, tiny_llama: Path) -> AdapterStore:
 def test_empty_store_serves_base(store: AdapterStore) -> None:
     assert store.active() is None
     assert store.active_version == BASE
-    assert store.list() == []
+    assert store.versions() == []
 
 
 def test_default_root_is_per_model_under_the_home(store: AdapterStore, tmp_path: Path) -> None:
@@ -42,7 +42,7 @@ def test_promote_use_rollback(store: AdapterStore) -> None:
     assert version == v2 and path.name == "adapter.npz"
     assert meta["steps"] == 7 and meta["parent"] == v1
     assert meta["tensors_sha256"] == tensors_sha256(_shifted(store, 0.02))
-    assert [e.version for e in store.list()] == [v1, v2]
+    assert [e.version for e in store.versions()] == [v1, v2]
     loaded, expected = store.load(v1), _shifted(store, 0.01)
     assert all(np.array_equal(loaded[n], expected[n]) for n in expected)
     assert store.rollback() == v1
@@ -69,7 +69,7 @@ def test_promote_refuses_bad_tensors(store: AdapterStore) -> None:
     wrong.pop(name)
     with pytest.raises(AdapterStoreError, match="tensor names differ"):
         store.promote(wrong)
-    assert store.list() == [] and store.active() is None
+    assert store.versions() == [] and store.active() is None
 
 
 def test_damaged_active_falls_back_to_previous_good(store: AdapterStore) -> None:
@@ -106,7 +106,7 @@ def test_interrupted_write_is_invisible_and_cleaned(store: AdapterStore) -> None
     partial = store.root / ".tmp-v0002-abc"
     partial.mkdir()
     (partial / "adapter.npz").write_bytes(b"half")
-    assert [e.version for e in store.list()] == [v1]
+    assert [e.version for e in store.versions()] == [v1]
     assert store.active()[0] == v1
     assert store.promote(_shifted(store, 0.02)) == "v0002"
     assert not partial.exists()
@@ -118,7 +118,7 @@ def test_prune_keeps_newest_and_active(store: AdapterStore) -> None:
     store.use("v0001")
     removed = store.prune(keep=3)
     assert removed == ["v0002", "v0003"]
-    assert [e.version for e in store.list()] == ["v0001", "v0004", "v0005", "v0006"]
+    assert [e.version for e in store.versions()] == ["v0001", "v0004", "v0005", "v0006"]
     assert store.promote(_shifted(store, 0.5)) == "v0007"  # numbers are never reused
 
 
@@ -160,7 +160,7 @@ def test_export_import_roundtrip(store: AdapterStore, tiny_llama: Path, tmp_path
     np.savez(tmp_path / "plain.npz", **_shifted(store, 0.0))
     with pytest.raises(AdapterStoreError, match="not a keyboard adapter diff"):
         other.import_diff(tmp_path / "plain.npz")
-    assert [e.version for e in other.list()] == ["v0001"]
+    assert [e.version for e in other.versions()] == ["v0001"]
 
 
 _PROMOTE_FOREVER = """
@@ -204,4 +204,4 @@ def test_kill_9_during_promotions_never_breaks_the_active_adapter(
         active = store.active()
         assert active is not None and "fallback" not in active[2]
         assert store.load(active[0])  # complete and loadable
-        assert all("error" not in e.metadata for e in store.list())
+        assert all("error" not in e.metadata for e in store.versions())

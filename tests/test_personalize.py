@@ -151,7 +151,7 @@ def test_gate_rejects_a_worse_adapter(
     assert result.metrics["after"]["loss"] > result.metrics["before"]["loss"]
     assert result.metrics["phrases_only"]["top3_gained"] == 0
     assert result.version == "v0001" and result.adapter_path is None and result.exit_code == 0
-    assert store.active()[0] == "v0001" and [e.version for e in store.list()] == ["v0001"]
+    assert store.active()[0] == "v0001" and [e.version for e in store.versions()] == ["v0001"]
     with TypingLog(home.typing_log) as log:
         job = log.last_job()
         assert job["status"] == "rejected" and "did not improve" in job["reason"]
@@ -252,7 +252,7 @@ def test_kill_9_mid_job_leaves_the_previous_adapter(
             child.wait()
     assert child.returncode == -signal.SIGKILL
     version, path, _ = store.active()
-    assert version == "v0001" and [e.version for e in store.list()] == ["v0001"]
+    assert version == "v0001" and [e.version for e in store.versions()] == ["v0001"]
     loaded = store.load(version)
     assert all(np.array_equal(loaded[n], start[n]) for n in start)
     assert personalize.job_running(home) is None  # the kernel released the lock
