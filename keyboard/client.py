@@ -20,20 +20,10 @@ class DaemonNotRunning(KeyboardError):
     """Nothing answers on the daemon's socket."""
 
 
-class DaemonError(KeyboardError):
-    """The daemon answered with a JSON-RPC error (`code`, `message`, `data`)."""
-
-    def __init__(self, code: int, message: str, data: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.data = data
-
-
 class DaemonClient:
     """One connection to the daemon, opened on first use and reused; calls are serialised.
 
-    `call("predict", context="I would like", k=3)` returns the result, raises DaemonError for
+    `call("predict", context="I would like", k=3)` returns the result, raises RpcError for
     an error answer and DaemonNotRunning when nothing listens on the socket.
     """
 
@@ -126,7 +116,7 @@ class DaemonClient:
                 break
         if "error" in answer:
             error = answer["error"] or {}
-            raise DaemonError(
+            raise rpc.RpcError(
                 int(error.get("code", rpc.SERVER_ERROR)),
                 str(error.get("message", "the daemon reported an error")),
                 error.get("data"),

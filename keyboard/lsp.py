@@ -17,7 +17,7 @@ from pygls.lsp.server import LanguageServer
 from pygls.workspace import TextDocument
 
 from keyboard import __version__
-from keyboard.client import DaemonClient, DaemonError, DaemonNotRunning
+from keyboard.client import DaemonClient, DaemonNotRunning
 from keyboard.editor_text import (
     Piece,
     TypedRun,
@@ -26,7 +26,7 @@ from keyboard.editor_text import (
     insertion,
     language_kind,
 )
-from keyboard.protocol import MAX_K
+from keyboard.protocol import MAX_K, RpcError
 from keyboard.redaction import excluded_by
 from keyboard.shown import ShownInWord
 from keyboard.types import KeyboardError
@@ -325,213 +325,226 @@ def _words(prediction: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for c in prediction.get("candidates") or [] if c.get("kind", "word") == "word"]
 
 
+# --- handlers: plain functions, registered in build_server ----------------------------------------
+def initialize(ls: KeyboardServer, params: lsp.InitializeParams) -> None:
+    try:
+        ls.config = EditorConfig.from_options(params.initialization_options)
+    except KeyboardError as exc:
+        raise JsonRpcInvalidParams(f"keyboard: {exc}") from exc
+
+
+async def shutdown(ls: KeyboardServer, *args: Any) -> None:
+    await ls.drain()
+    ls.daemon.close()
+
+
+def did_open(ls: KeyboardServer, params: lsp.DidOpenTextDocumentParams) -> None:
+    item = params.text_document
+    text_doc = ls.workspace.get_text_document(item.uri)
+    units = text_doc.position_codec.client_num_units
+    ls.documents[item.uri] = OpenDocument(
+        uri=item.uri,
+        language_id=item.language_id,
+        source=f"{item.language_id}:{text_doc.path or item.uri}",
+        run=TypedRun(units=units),
+    )
+
+
+def did_change(ls: KeyboardServer, params: lsp.DidChangeTextDocumentParams) -> None:
+    doc = ls.documents.get(params.text_document.uri)
+    if doc is None or ls.config.kind(doc.language_id) is None:
+        return
+    text_doc = ls.workspace.get_text_document(doc.uri)
+
+    def head_at(line: int, character: int) -> str:
+        lines = text_doc.lines
+        if line >= len(lines):
+            return ""
+        at = text_doc.position_from_client_units(lsp.Position(line, character))
+        return lines[line][: at.character]
+
+    pieces = []
+    for change in params.content_changes:
+        if isinstance(change, lsp.TextDocumentContentChangePartial):
+            r = change.range
+            pieces += doc.run.change(
+                (r.start.line, r.start.character),
+                (r.end.line, r.end.character),
+                change.text,
+                head_at,
+            )
+        else:  # the whole text replaced: not typing
+            pieces += doc.run.flush()
+    ls.observe_pieces(doc, pieces)
+
+
+def did_save(ls: KeyboardServer, params: lsp.DidSaveTextDocumentParams) -> None:
+    doc = ls.documents.get(params.text_document.uri)
+    if doc is not None:
+        ls.observe_pieces(doc, doc.run.flush())
+
+
+def did_close(ls: KeyboardServer, params: lsp.DidCloseTextDocumentParams) -> None:
+    doc = ls.documents.pop(params.text_document.uri, None)
+    ls.shown.pop(params.text_document.uri, None)
+    if doc is not None:
+        ls.observe_pieces(doc, doc.run.flush())
+
+
+async def completion(ls: KeyboardServer, params: lsp.CompletionParams) -> lsp.CompletionList | None:
+    uri, position = params.text_document.uri, params.position
+    found = ls.context_at(uri, position)
+    if found is None:
+        return None
+    doc, context = found
+    version = ls.workspace.get_text_document(uri).version
+    if not await ls.settled(uri, "completion", version):
+        return lsp.CompletionList(is_incomplete=True, items=[])
+    # Words the user typed past in this word are not offered again (docs/evaluation.md).
+    before, typed = split_prefix(context)
+    shown = ls.shown.setdefault(uri, ShownInWord())
+    ask = shown.ask(before[-WORD_KEY_CHARS:], typed, ls.config.items, MAX_K)
+    prediction = await ls.predict(context, ask)
+    if prediction is None:
+        return lsp.CompletionList(is_incomplete=True, items=[])
+    prefix = prediction.get("prefix") or ""
+    start = _prefix_start(ls.workspace.get_text_document(uri), position, context, prefix)
+    replace = lsp.Range(start=start, end=position)
+    candidates = {c["word"]: c for c in _words(prediction)}
+    items = []
+    for rank, word in enumerate(shown.show(list(candidates), ls.config.items)):
+        cand = candidates[word]
+        text = insertion(context, prefix if start != position else "", word)
+        items.append(
+            lsp.CompletionItem(
+                label=word,
+                kind=lsp.CompletionItemKind.Text,
+                detail=f"{cand.get('score', 0.0):.0%} keyboard",
+                sort_text=f"{rank:03d}",
+                filter_text=word,
+                preselect=rank == 0,
+                text_edit=lsp.TextEdit(range=replace, new_text=text),
+                command=ls.accept_command(doc, context, word),
+            )
+        )
+    # Incomplete: the next keystroke changes the prediction, so the editor asks again.
+    return lsp.CompletionList(is_incomplete=True, items=items)
+
+
+async def inline_completion(
+    ls: KeyboardServer, params: lsp.InlineCompletionParams
+) -> lsp.InlineCompletionList | None:
+    uri, position = params.text_document.uri, params.position
+    found = ls.context_at(uri, position)
+    if found is None or ls.config.inline_words == 0:
+        return None
+    doc, context = found
+    version = ls.workspace.get_text_document(uri).version
+    if not await ls.settled(uri, "inline", version):
+        return lsp.InlineCompletionList(items=[])
+    prediction = await ls.predict(context)
+    if prediction is None:
+        return lsp.InlineCompletionList(items=[])
+    candidates = prediction.get("candidates") or []
+    if not candidates or candidates[0].get("kind", "word") != "word":
+        return lsp.InlineCompletionList(items=[])  # punctuation comes next, not a word
+    prefix = prediction.get("prefix") or ""
+    start = _prefix_start(ls.workspace.get_text_document(uri), position, context, prefix)
+    first = candidates[0]["word"]
+    ghost = insertion(context, prefix if start != position else "", first)
+    # More words while the model is confident: each next word is predicted after the last.
+    typed = context[: len(context) - len(prefix)] if start != position else context
+    for _ in range(ls.config.inline_words - 1):
+        more = await ls.predict(typed + ghost + " ")
+        top = (more or {}).get("candidates") or []
+        if (
+            not top
+            or top[0].get("kind", "word") != "word"  # punctuation ends the phrase
+            or top[0].get("score", 0.0) < ls.config.inline_min_score
+        ):
+            break
+        ghost += " " + top[0]["word"]
+    item = lsp.InlineCompletionItem(
+        insert_text=ghost,
+        range=lsp.Range(start=start, end=position),
+        command=ls.accept_command(doc, context, first),
+    )
+    return lsp.InlineCompletionList(items=[item])
+
+
+def accept(ls: KeyboardServer, *arguments: Any) -> None:
+    for arg in arguments:
+        if not (
+            isinstance(arg, dict)
+            and isinstance(arg.get("context"), str)
+            and isinstance(arg.get("accepted"), str)
+            and isinstance(arg.get("source"), str)
+        ):
+            raise JsonRpcInvalidParams(
+                f"{ACCEPT_COMMAND} takes objects {{source, context, accepted}}, got {arg!r}"
+            )
+        # An editor that runs the item's command and a plugin that reports CompleteDone
+        # may both tell us about one acceptance: count it once.
+        key = (arg["source"], arg["context"], arg["accepted"])
+        now = time.monotonic()
+        if ls.last_accept is not None and ls.last_accept[0] == key:
+            if now - ls.last_accept[1] < DUPLICATE_ACCEPT_S:
+                continue
+        ls.last_accept = (key, now)
+        params = {"context": arg["context"], "accepted": arg["accepted"]}
+        ls.send_later("feedback", {**params, "source": arg["source"]})
+
+
+async def _toggle(ls: KeyboardServer, paused: bool) -> dict[str, Any]:
+    # This editor stops sending at once; the daemon's flag pauses every other writer too.
+    ls.paused = paused
+    ls.daemon.forget_privacy()
+    method = "pause" if paused else "resume"
+    try:
+        await ls.daemon.call(method)
+    except RpcError as exc:
+        return {"paused": paused, "daemon": f"not changed: {exc.message}"}
+    except KeyboardError as exc:
+        return {"paused": paused, "daemon": f"not changed: {exc}"}
+    return {"paused": paused, "daemon": "paused" if paused else "resumed"}
+
+
+async def pause(ls: KeyboardServer, *arguments: Any) -> dict[str, Any]:
+    return await _toggle(ls, True)
+
+
+async def resume(ls: KeyboardServer, *arguments: Any) -> dict[str, Any]:
+    return await _toggle(ls, False)
+
+
+async def status(ls: KeyboardServer, *arguments: Any) -> Any:
+    try:
+        result = await ls.daemon.call("status")
+    except KeyboardError as exc:
+        raise JsonRpcInvalidParams(f"keyboard: {exc}") from exc
+    return {**result, "editor": {"paused": ls.paused, "logging": ls.config.logging}}
+
+
 def build_server(socket_path: str | Path | None = None) -> KeyboardServer:
     """The server with every feature registered; `start_io()` runs it on stdio."""
     server = KeyboardServer(socket_path)
-
-    @server.feature(lsp.INITIALIZE)
-    def initialize(ls: KeyboardServer, params: lsp.InitializeParams) -> None:
-        try:
-            ls.config = EditorConfig.from_options(params.initialization_options)
-        except KeyboardError as exc:
-            raise JsonRpcInvalidParams(f"keyboard: {exc}") from exc
-
-    @server.feature(lsp.SHUTDOWN)
-    async def shutdown(ls: KeyboardServer, *args: Any) -> None:
-        await ls.drain()
-        ls.daemon.close()
-
-    @server.feature(lsp.TEXT_DOCUMENT_DID_OPEN)
-    def did_open(ls: KeyboardServer, params: lsp.DidOpenTextDocumentParams) -> None:
-        item = params.text_document
-        text_doc = ls.workspace.get_text_document(item.uri)
-        units = text_doc.position_codec.client_num_units
-        ls.documents[item.uri] = OpenDocument(
-            uri=item.uri,
-            language_id=item.language_id,
-            source=f"{item.language_id}:{text_doc.path or item.uri}",
-            run=TypedRun(units=units),
-        )
-
-    @server.feature(lsp.TEXT_DOCUMENT_DID_CHANGE)
-    def did_change(ls: KeyboardServer, params: lsp.DidChangeTextDocumentParams) -> None:
-        doc = ls.documents.get(params.text_document.uri)
-        if doc is None or ls.config.kind(doc.language_id) is None:
-            return
-        text_doc = ls.workspace.get_text_document(doc.uri)
-
-        def head_at(line: int, character: int) -> str:
-            lines = text_doc.lines
-            if line >= len(lines):
-                return ""
-            at = text_doc.position_from_client_units(lsp.Position(line, character))
-            return lines[line][: at.character]
-
-        pieces = []
-        for change in params.content_changes:
-            if isinstance(change, lsp.TextDocumentContentChangePartial):
-                r = change.range
-                pieces += doc.run.change(
-                    (r.start.line, r.start.character),
-                    (r.end.line, r.end.character),
-                    change.text,
-                    head_at,
-                )
-            else:  # the whole text replaced: not typing
-                pieces += doc.run.flush()
-        ls.observe_pieces(doc, pieces)
-
-    @server.feature(lsp.TEXT_DOCUMENT_DID_SAVE)
-    def did_save(ls: KeyboardServer, params: lsp.DidSaveTextDocumentParams) -> None:
-        doc = ls.documents.get(params.text_document.uri)
-        if doc is not None:
-            ls.observe_pieces(doc, doc.run.flush())
-
-    @server.feature(lsp.TEXT_DOCUMENT_DID_CLOSE)
-    def did_close(ls: KeyboardServer, params: lsp.DidCloseTextDocumentParams) -> None:
-        doc = ls.documents.pop(params.text_document.uri, None)
-        ls.shown.pop(params.text_document.uri, None)
-        if doc is not None:
-            ls.observe_pieces(doc, doc.run.flush())
-
-    @server.feature(
+    server.feature(lsp.INITIALIZE)(initialize)
+    server.feature(lsp.SHUTDOWN)(shutdown)
+    server.feature(lsp.TEXT_DOCUMENT_DID_OPEN)(did_open)
+    server.feature(lsp.TEXT_DOCUMENT_DID_CHANGE)(did_change)
+    server.feature(lsp.TEXT_DOCUMENT_DID_SAVE)(did_save)
+    server.feature(lsp.TEXT_DOCUMENT_DID_CLOSE)(did_close)
+    server.feature(
         lsp.TEXT_DOCUMENT_COMPLETION,
         lsp.CompletionOptions(trigger_characters=[" "], resolve_provider=False),
+    )(completion)
+    server.feature(lsp.TEXT_DOCUMENT_INLINE_COMPLETION, lsp.InlineCompletionOptions())(
+        inline_completion
     )
-    async def completion(
-        ls: KeyboardServer, params: lsp.CompletionParams
-    ) -> lsp.CompletionList | None:
-        uri, position = params.text_document.uri, params.position
-        found = ls.context_at(uri, position)
-        if found is None:
-            return None
-        doc, context = found
-        version = ls.workspace.get_text_document(uri).version
-        if not await ls.settled(uri, "completion", version):
-            return lsp.CompletionList(is_incomplete=True, items=[])
-        # Words the user typed past in this word are not offered again (docs/evaluation.md).
-        before, typed = split_prefix(context)
-        shown = ls.shown.setdefault(uri, ShownInWord())
-        ask = shown.ask(before[-WORD_KEY_CHARS:], typed, ls.config.items, MAX_K)
-        prediction = await ls.predict(context, ask)
-        if prediction is None:
-            return lsp.CompletionList(is_incomplete=True, items=[])
-        prefix = prediction.get("prefix") or ""
-        start = _prefix_start(ls.workspace.get_text_document(uri), position, context, prefix)
-        replace = lsp.Range(start=start, end=position)
-        candidates = {c["word"]: c for c in _words(prediction)}
-        items = []
-        for rank, word in enumerate(shown.show(list(candidates), ls.config.items)):
-            cand = candidates[word]
-            text = insertion(context, prefix if start != position else "", word)
-            items.append(
-                lsp.CompletionItem(
-                    label=word,
-                    kind=lsp.CompletionItemKind.Text,
-                    detail=f"{cand.get('score', 0.0):.0%} keyboard",
-                    sort_text=f"{rank:03d}",
-                    filter_text=word,
-                    preselect=rank == 0,
-                    text_edit=lsp.TextEdit(range=replace, new_text=text),
-                    command=ls.accept_command(doc, context, word),
-                )
-            )
-        # Incomplete: the next keystroke changes the prediction, so the editor asks again.
-        return lsp.CompletionList(is_incomplete=True, items=items)
-
-    @server.feature(lsp.TEXT_DOCUMENT_INLINE_COMPLETION, lsp.InlineCompletionOptions())
-    async def inline_completion(
-        ls: KeyboardServer, params: lsp.InlineCompletionParams
-    ) -> lsp.InlineCompletionList | None:
-        uri, position = params.text_document.uri, params.position
-        found = ls.context_at(uri, position)
-        if found is None or ls.config.inline_words == 0:
-            return None
-        doc, context = found
-        version = ls.workspace.get_text_document(uri).version
-        if not await ls.settled(uri, "inline", version):
-            return lsp.InlineCompletionList(items=[])
-        prediction = await ls.predict(context)
-        if prediction is None:
-            return lsp.InlineCompletionList(items=[])
-        candidates = prediction.get("candidates") or []
-        if not candidates or candidates[0].get("kind", "word") != "word":
-            return lsp.InlineCompletionList(items=[])  # punctuation comes next, not a word
-        prefix = prediction.get("prefix") or ""
-        start = _prefix_start(ls.workspace.get_text_document(uri), position, context, prefix)
-        first = candidates[0]["word"]
-        ghost = insertion(context, prefix if start != position else "", first)
-        # More words while the model is confident: each next word is predicted after the last.
-        typed = context[: len(context) - len(prefix)] if start != position else context
-        for _ in range(ls.config.inline_words - 1):
-            more = await ls.predict(typed + ghost + " ")
-            top = (more or {}).get("candidates") or []
-            if (
-                not top
-                or top[0].get("kind", "word") != "word"  # punctuation ends the phrase
-                or top[0].get("score", 0.0) < ls.config.inline_min_score
-            ):
-                break
-            ghost += " " + top[0]["word"]
-        item = lsp.InlineCompletionItem(
-            insert_text=ghost,
-            range=lsp.Range(start=start, end=position),
-            command=ls.accept_command(doc, context, first),
-        )
-        return lsp.InlineCompletionList(items=[item])
-
-    @server.command(ACCEPT_COMMAND)
-    def accept(ls: KeyboardServer, *arguments: Any) -> None:
-        for arg in arguments:
-            if not (
-                isinstance(arg, dict)
-                and isinstance(arg.get("context"), str)
-                and isinstance(arg.get("accepted"), str)
-                and isinstance(arg.get("source"), str)
-            ):
-                raise JsonRpcInvalidParams(
-                    f"{ACCEPT_COMMAND} takes objects {{source, context, accepted}}, got {arg!r}"
-                )
-            # An editor that runs the item's command and a plugin that reports CompleteDone
-            # may both tell us about one acceptance: count it once.
-            key = (arg["source"], arg["context"], arg["accepted"])
-            now = time.monotonic()
-            if ls.last_accept is not None and ls.last_accept[0] == key:
-                if now - ls.last_accept[1] < DUPLICATE_ACCEPT_S:
-                    continue
-            ls.last_accept = (key, now)
-            params = {"context": arg["context"], "accepted": arg["accepted"]}
-            ls.send_later("feedback", {**params, "source": arg["source"]})
-
-    async def toggle(ls: KeyboardServer, paused: bool) -> dict[str, Any]:
-        # This editor stops sending at once; the daemon's flag pauses every other writer too.
-        ls.paused = paused
-        ls.daemon.forget_privacy()
-        method = "pause" if paused else "resume"
-        try:
-            await ls.daemon.call(method)
-        except DaemonError as exc:
-            return {"paused": paused, "daemon": f"not changed: {exc.message}"}
-        except KeyboardError as exc:
-            return {"paused": paused, "daemon": f"not changed: {exc}"}
-        return {"paused": paused, "daemon": "paused" if paused else "resumed"}
-
-    @server.command(PAUSE_COMMAND)
-    async def pause(ls: KeyboardServer, *arguments: Any) -> dict[str, Any]:
-        return await toggle(ls, True)
-
-    @server.command(RESUME_COMMAND)
-    async def resume(ls: KeyboardServer, *arguments: Any) -> dict[str, Any]:
-        return await toggle(ls, False)
-
-    @server.command(STATUS_COMMAND)
-    async def status(ls: KeyboardServer, *arguments: Any) -> Any:
-        try:
-            result = await ls.daemon.call("status")
-        except KeyboardError as exc:
-            raise JsonRpcInvalidParams(f"keyboard: {exc}") from exc
-        return {**result, "editor": {"paused": ls.paused, "logging": ls.config.logging}}
-
+    server.command(ACCEPT_COMMAND)(accept)
+    server.command(PAUSE_COMMAND)(pause)
+    server.command(RESUME_COMMAND)(resume)
+    server.command(STATUS_COMMAND)(status)
     return server
 
 

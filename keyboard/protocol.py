@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from keyboard.types import KeyboardError
+
 MAX_LINE_BYTES = 1024 * 1024  # a request line longer than this is refused, connection closed
 MAX_BATCH = 1000  # requests in one batch
 MAX_K = 20  # candidates one predict may ask for (the predictor's limit too)
@@ -34,8 +36,9 @@ OVERLOADED = -32007  # too many connections; try again shortly
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
-class RpcError(Exception):
-    """A JSON-RPC error: a code from the table above and a message a person can act on."""
+class RpcError(KeyboardError):
+    """A JSON-RPC error: a code from the table above and a message a person can act on. The
+    daemon raises it to answer with an error; the client raises it when the answer is one."""
 
     def __init__(self, code: int, message: str, data: Any = None) -> None:
         super().__init__(message)

@@ -37,6 +37,8 @@ class TypingLogThread:
         """`fn(*args)` on the typing log's thread."""
         try:
             return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        except RpcError:
+            raise
         except InvalidText as exc:
             raise RpcError(rpc.INVALID_PARAMS, str(exc)) from exc
         except (KeyboardError, sqlite3.Error, OSError) as exc:
@@ -160,6 +162,8 @@ class RpcMethods:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._adapter_pool, self.reload_adapter)
+        except RpcError:
+            raise
         except KeyboardError as exc:
             raise RpcError(rpc.MODEL_UNAVAILABLE, f"reload failed: {exc}") from exc
 
