@@ -25,6 +25,7 @@ from keyboard.types import KeyboardError
 if TYPE_CHECKING:
     from keyboard.artifacts import Adapter
     from keyboard.phrases import PhraseModel
+    from keyboard.typing_log import TypingLog
 
 log = logging.getLogger("keyboard.personalize")
 
@@ -199,9 +200,22 @@ def job_running(home: Home) -> str | None:
         os.close(fd)
 
 
-def words_since_last_job(typing_log: Any) -> int:
+def words_since_last_job(typing_log: TypingLog) -> int:
     """Words logged after the text the last completed job consumed (the watermark)."""
     return sum(row[2] for row in typing_log.iter_text(after=typing_log.watermark))
+
+
+def skip_reason(config: JobConfig, new_words: int, force: bool = False) -> str | None:
+    """Why the job should not train now, or None. The one rule, for the job itself and for
+    the daemon's schedule: too few new words since the last job, or running on battery
+    (unless `train_on_battery`). `force` overrides both."""
+    if force:
+        return None
+    if new_words < config.min_new_words:
+        return f"only {new_words} new words since the last job; waiting for {config.min_new_words}"
+    if not config.train_on_battery and on_battery():
+        return "on battery power (plug in, or set train_on_battery / use --force)"
+    return None
 
 
 # --- the gate ---------------------------------------------------------------------------------
@@ -425,11 +439,6 @@ def _locked_job(
 
     started = time.monotonic()
     with TypingLog(home.typing_log) as typing_log:
-        if not force and not config.train_on_battery and on_battery():
-            job_id = typing_log.start_job()
-            reason = "on battery power (plug in, or set train_on_battery / use --force)"
-            typing_log.finish_job(job_id, "skipped", reason=reason)
-            return JobResult("skipped", reason, job_id)
         text = typing_log.training_text(
             replay_fraction=config.replay_fraction,
             holdout_fraction=config.holdout_fraction,
@@ -444,12 +453,8 @@ def _locked_job(
             "heldout_words": text.heldout_words,
             "entries": [min(text.entry_ids), max(text.entry_ids)] if text.entry_ids else [],
         }
-        skip = None
-        if total_new < config.min_new_words and not force:
-            skip = (
-                f"only {total_new} new words since the last job; waiting for {config.min_new_words}"
-            )
-        elif not text.new or not text.heldout:
+        skip = skip_reason(config, total_new, force)
+        if skip is None and (not text.new or not text.heldout):
             skip = (
                 f"not enough text to train and check ({len(text.new)} training and "
                 f"{len(text.heldout)} held-out entries; need at least one of each)"

@@ -82,18 +82,16 @@ class Decision:
         return iter((self.run, self.reason))
 
 
-def should_run(typing_log: TypingLog, home: Home, min_new_words: int | None = None) -> Decision:
-    """The daemon's check at the scheduled time: enough new text since the last job, not on
-    battery (unless configured), no job running. `typing_log` is `home`'s, open."""
+def should_run(typing_log: TypingLog, home: Home) -> Decision:
+    """The daemon's check at the scheduled time: the job's own skip rule (enough new text, not
+    on battery unless configured) and no job running. `typing_log` is `home`'s, open."""
     from keyboard import personalize
 
     config = personalize.JobConfig.load_or_defaults(home.job_config)
-    threshold = config.min_new_words if min_new_words is None else min_new_words
     words = personalize.words_since_last_job(typing_log)
-    if words < threshold:
-        return Decision(False, f"{words} new words since the last job; waiting for {threshold}")
-    if not config.train_on_battery and personalize.on_battery():
-        return Decision(False, "on battery power (set train_on_battery to train anyway)")
+    reason = personalize.skip_reason(config, words)
+    if reason is not None:
+        return Decision(False, reason)
     holder = personalize.job_running(home)
     if holder is not None:
         return Decision(False, f"a personalization job is already running ({holder})")
