@@ -172,22 +172,16 @@ def simulate(
             cost = end - start  # typed in full unless a suggestion is accepted
             client = ShownInWord()
             for i in range(end - start):
-                pos = start + i
-                context = _bounded(lead + message[max(0, pos - context_chars) : pos], context_chars)
                 want = max(k, 3) if i == 0 else k
-                typed = message[start:pos]
-                ask = client.ask((index, start), typed, want, MAX_K) if client_filter else want
-                t0 = time.perf_counter()
-                prediction = predictor.predict(context, k=ask)
-                latencies.append((time.perf_counter() - t0) * 1000.0)
-                shown = [
-                    completed_word(typed, prediction.prefix, c.word)
-                    for c in prediction.candidates[:ask]
-                    if c.kind == "word" or not client_filter
-                ]
+                shown, ms = _suggested(
+                    predictor, lead, message, start, start + i, want, client, client_filter,
+                    context_chars,
+                )  # fmt: skip
+                latencies.append(ms)
                 if i == 0:  # next-word accuracy: the model's own top 3 (words), nothing hidden
-                    top1_hits += bool(shown) and shown[0] == target
-                    top3_hits += target in shown[:3]
+                    rank = _rank(shown, target, 3)
+                    top1_hits += rank == 0
+                    top3_hits += rank >= 0
                 shown = client.show(shown, k) if client_filter else shown[:k]
                 if target in shown:
                     cost = i + 1  # the characters typed, plus one to accept
@@ -213,6 +207,65 @@ def simulate(
         latency_p99_ms=percentile(latencies, 99),
         seconds=time.perf_counter() - started,
     )
+
+
+def next_word_ranks(
+    predictor: TypingPredictor,
+    messages: Sequence[str],
+    *,
+    history: Sequence[str] = (),
+    k: int = 3,
+    context_chars: int = DEFAULT_CONTEXT_CHARS,
+) -> list[int]:
+    """For each word of `messages`, its rank (0-based) among the first `k` words suggested at
+    the word's start, or -1: the measurement behind `simulate`'s next-word top-1/top-3 (the
+    same contexts and client rule), without the per-character typing KSR needs."""
+    ranks: list[int] = []
+    prior = _bounded("\n".join(history), context_chars)
+    for message in messages:
+        lead = prior + "\n" if prior else ""
+        for start, end in word_spans(message):
+            shown, _ = _suggested(
+                predictor, lead, message, start, start, max(k, 3), ShownInWord(), True,
+                context_chars,
+            )  # fmt: skip
+            ranks.append(_rank(shown, message[start:end], k))
+        prior = _bounded(lead + message, context_chars)
+    return ranks
+
+
+def _suggested(
+    predictor: TypingPredictor,
+    lead: str,
+    message: str,
+    start: int,
+    pos: int,
+    want: int,
+    client: ShownInWord,
+    client_filter: bool,
+    context_chars: int,
+) -> tuple[list[str], float]:
+    """The words a client may show at `pos` of the word of `message` that begins at `start`
+    (after `lead`, the text before the message), most likely first, and the predict latency
+    in ms. Asks for `want` plus what the client hides (keyboard.shown)."""
+    context = _bounded(lead + message[max(0, pos - context_chars) : pos], context_chars)
+    typed = message[start:pos]
+    ask = client.ask(start, typed, want, MAX_K) if client_filter else want
+    t0 = time.perf_counter()
+    prediction = predictor.predict(context, k=ask)
+    ms = (time.perf_counter() - t0) * 1000.0
+    suggested = [
+        completed_word(typed, prediction.prefix, c.word)
+        for c in prediction.candidates[:ask]
+        if c.kind == "word" or not client_filter
+    ]
+    return suggested, ms
+
+
+def _rank(shown: list[str], target: str, k: int) -> int:
+    """The place of `target` among the first `k` of `shown`, or -1."""
+    top = shown[:k]
+    return top.index(target) if target in top else -1
 
 
 def plot_reports(

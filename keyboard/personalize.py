@@ -313,39 +313,6 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-CONTEXT_CHARS = 1000  # text before the cursor given to the predictor (as `keyboard eval`)
-
-
-def next_word_hits(
-    predictor: Any, messages: list[str], history: list[str], k: int = 3
-) -> list[int]:
-    """For each word of `messages`, the rank (0-based) of the word among the predictor's
-    suggestions at the word's start, or -1 when it is not among the first `k`.
-
-    The same measurement as next-word top-k of `keyboard eval` (keyboard/evaluation.py:
-    words as `word_spans` defines them, case-sensitive, each message typed after the ones
-    before it), without the per-character typing that KSR needs: one prediction per word.
-    """
-    from keyboard.protocol import MAX_K
-    from keyboard.shown import ShownInWord
-    from keyboard.words import word_spans
-
-    ranks: list[int] = []
-    prior = "\n".join(history)[-CONTEXT_CHARS:]
-    for message in messages:
-        lead = prior + "\n" if prior else ""
-        for start, end in word_spans(message):
-            context = (lead + message[:start])[-CONTEXT_CHARS:]
-            # What a client shows at a word start (keyboard.shown): the first k words.
-            client = ShownInWord()
-            answer = predictor.predict(context, k=client.ask(start, "", k, MAX_K)).candidates
-            shown = client.show([c.word for c in answer if c.kind == "word"], k)
-            target = message[start:end]
-            ranks.append(shown.index(target) if target in shown else -1)
-        prior = (lead + message)[-CONTEXT_CHARS:]
-    return ranks
-
-
 def _accuracy(ranks: list[int]) -> dict[str, Any]:
     n = len(ranks)
     return {
@@ -645,8 +612,9 @@ def _ranks(
     history: list[str],
     phrases: PhraseModel | None = None,
 ) -> list[int]:
-    """next_word_hits with a predictor that serves `tensors` (None: the base model) and the
+    """next_word_ranks with a predictor that serves `tensors` (None: the base model) and the
     user's `phrases`."""
+    from keyboard.evaluation import next_word_ranks
     from keyboard.predictor import Predictor
 
     predictor = Predictor(model_dir, threads=threads)
@@ -654,7 +622,7 @@ def _ranks(
         tensors, version, phrases
     ):
         raise KeyboardError(f"the predictor could not load adapter {version}")
-    ranks = next_word_hits(predictor, typed, history)
+    ranks = next_word_ranks(predictor, typed, history=history)
     del predictor
     gc.collect()
     return ranks

@@ -18,6 +18,7 @@ from keyboard import cli
 from keyboard.evaluation import (
     TypingReport,
     completed_word,
+    next_word_ranks,
     percentile,
     read_messages,
     simulate,
@@ -233,6 +234,37 @@ def test_keystrokes_never_exceed_characters(messages, vocabulary, k):
     assert r.words == sum(len(words(m)) for m in messages)
     assert 0.0 <= r.top1 <= r.top3 <= 1.0
     assert r.predictions >= r.words
+
+
+class BigramPredictor:
+    """Suggests, at a word start, the words seen after the previous word (a fixed table), so
+    what is right depends on the context, as with a model."""
+
+    TABLE = {"": ["a", "b", "ab"], "a": ["b", "ab", "a", "ba"], "b": ["a", "ba"], "ab": ["ab"]}
+
+    def predict(self, context: str, k: int = 3) -> Prediction:
+        prefix = partial_word(context)
+        before = words(context[: len(context) - len(prefix)])
+        found = [
+            w for w in self.TABLE.get(before[-1] if before else "", []) if w.startswith(prefix)
+        ]
+        return Prediction(prefix, [Candidate(w, 0.5, "word") for w in found[:k]], adapter="test")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.text(alphabet="ab .\n", max_size=25), max_size=4),
+    st.lists(st.text(alphabet="ab ", max_size=10), max_size=2),
+)
+def test_next_word_ranks_is_the_simulations_top_k(messages, history):
+    """The personalization gate's measurement (next_word_ranks) and `keyboard eval`'s
+    next-word top-1/top-3 are one measurement: the same words, contexts and answers."""
+    ranks = next_word_ranks(BigramPredictor(), messages, history=history)
+    report = simulate(BigramPredictor(), messages, history=history, k=3)
+    assert len(ranks) == report.words
+    n = max(1, len(ranks))
+    assert math.isclose(report.top1, sum(r == 0 for r in ranks) / n)
+    assert math.isclose(report.top3, sum(0 <= r < 3 for r in ranks) / n)
 
 
 # --- reports -------------------------------------------------------------------------------
