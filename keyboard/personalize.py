@@ -23,9 +23,11 @@ from keyboard.progress import Progress
 from keyboard.types import KeyboardError
 
 if TYPE_CHECKING:
-    from keyboard.artifacts import Adapter
+    from keyboard.adapter_store import AdapterStore
+    from keyboard.artifacts import Adapter, ArtifactSet
     from keyboard.phrases import PhraseModel
-    from keyboard.typing_log import TypingLog
+    from keyboard.trainer import FitResult
+    from keyboard.typing_log import TrainingText, TypingLog
 
 log = logging.getLogger("keyboard.personalize")
 
@@ -335,6 +337,24 @@ def _eval_slice(texts: list[str], max_words: int) -> list[str]:
     return out
 
 
+@dataclass
+class JobRun:
+    """One run of the job: where, on what model, with which settings (the configured ones
+    with this run's overrides)."""
+
+    home: Home
+    model_dir: Path
+    config: JobConfig
+    budget_s: float  # the whole job, evaluations included
+    max_steps: int
+    lr: float
+    force: bool = False
+    seed: int = 0
+    progress: Progress = field(default_factory=Progress)
+    started: float = field(default_factory=time.monotonic)  # the budget counts from here
+    after_training: Callable[[Adapter], Adapter] | None = None
+
+
 def run_job(
     home: Home,
     model_dir: str | Path,
@@ -358,31 +378,30 @@ def run_job(
     `after_training` transforms the trained adapter before it is measured (the tests hand
     the gate a deliberately damaged candidate through it).
     """
-    started = time.monotonic()
     config = config or JobConfig.load(home.job_config)
-    progress = progress or Progress()
+    run = JobRun(
+        home,
+        Path(model_dir),
+        config,
+        budget_s=time_budget_s if time_budget_s is not None else config.time_budget_s,
+        max_steps=max_steps if max_steps is not None else config.max_steps,
+        lr=lr if lr is not None else config.lr,
+        force=force,
+        seed=seed,
+        progress=progress or Progress(),
+        after_training=after_training,
+    )
     try:
         with job_lock(home):
-            result = _locked_job(
-                home,
-                Path(model_dir),
-                config,
-                time_budget_s if time_budget_s is not None else config.time_budget_s,
-                max_steps if max_steps is not None else config.max_steps,
-                lr if lr is not None else config.lr,
-                force,
-                seed,
-                progress,
-                after_training,
-            )
+            result = _locked_job(run)
     except JobBusy as exc:
         result = JobResult("busy", str(exc))
     finally:
-        progress.close()
-    result.seconds = time.monotonic() - started
+        run.progress.close()
+    result.seconds = time.monotonic() - run.started
     result.peak_rss_mb = peak_rss_mb()
-    if not progress.tty:  # on a terminal the caller shows the result itself
-        progress.event(
+    if not run.progress.tty:  # on a terminal the caller shows the result itself
+        run.progress.event(
             result.status,
             result.reason,
             **{k: v for k, v in result.to_json().items() if k in ("version", "job_id", "seconds")},
@@ -390,26 +409,16 @@ def run_job(
     return result
 
 
-def _locked_job(
-    home: Home,
-    model_dir: Path,
-    config: JobConfig,
-    budget_s: float,
-    max_steps: int,
-    lr: float,
-    force: bool,
-    seed: int,
-    progress: Progress,
-    after_training: Callable[[Adapter], Adapter] | None,
-) -> JobResult:
+def _locked_job(run: JobRun) -> JobResult:
+    """The job once it holds the lock: read the text, skip or train, record the outcome."""
     from keyboard.typing_log import TypingLog
 
-    started = time.monotonic()
-    with TypingLog(home.typing_log) as typing_log:
+    config = run.config
+    with TypingLog(run.home.typing_log) as typing_log:
         text = typing_log.training_text(
             replay_fraction=config.replay_fraction,
             holdout_fraction=config.holdout_fraction,
-            seed=seed + typing_log.watermark,  # a different replay sample each job
+            seed=run.seed + typing_log.watermark,  # a different replay sample each job
             max_new_words=config.max_new_words,
         )
         job_id = typing_log.start_job(watermark=text.watermark)
@@ -420,7 +429,7 @@ def _locked_job(
             "heldout_words": text.heldout_words,
             "entries": [min(text.entry_ids), max(text.entry_ids)] if text.entry_ids else [],
         }
-        skip = skip_reason(config, total_new, force)
+        skip = skip_reason(config, total_new, run.force)
         if skip is None and (not text.new or not text.heldout):
             skip = (
                 f"not enough text to train and check ({len(text.new)} training and "
@@ -437,10 +446,7 @@ def _locked_job(
         phrase_texts = ([t for i, t in logged if i not in held], [t for _, t in logged])
         del logged
         try:
-            result = _train_and_gate(
-                home, model_dir, config, text, data, budget_s, max_steps, lr, seed, progress, started,
-                after_training, phrase_texts,
-            )  # fmt: skip
+            result = _train_and_gate(run, text, data, phrase_texts)
         except KeyboardError as exc:
             typing_log.finish_job(job_id, "failed", {"data": data}, reason=str(exc))
             return JobResult("failed", str(exc), job_id, metrics={"data": data})
@@ -464,142 +470,196 @@ def _locked_job(
         return result
 
 
+@dataclass
+class _Start:
+    """What the job starts from: the model, its adapter store and the active version."""
+
+    artifacts: ArtifactSet
+    store: AdapterStore
+    version: str  # "base" when no adapter is active
+    tensors: Adapter  # the active version's (the initial adapter for "base")
+    served: Adapter | None  # what a predictor loads for it (None: the base model)
+    phrases: PhraseModel | None  # the active version's user phrases
+
+
+@dataclass
+class _Trained:
+    """The candidate adapter and what training it measured."""
+
+    candidate: Adapter
+    fit: FitResult
+    loss_before: float
+    loss_after: float
+
+
 def _train_and_gate(
-    home: Home,
-    model_dir: Path,
-    config: JobConfig,
-    text: Any,
-    data: dict[str, Any],
-    budget_s: float,
-    max_steps: int,
-    lr: float,
-    seed: int,
-    progress: Progress,
-    started: float,
-    after_training: Callable[[Adapter], Adapter] | None,
-    phrase_texts: tuple[list[str], list[str]],
+    run: JobRun, text: TrainingText, data: dict[str, Any], phrase_texts: tuple[list[str], list[str]]
 ) -> JobResult:
-    from keyboard.adapter_store import AdapterStore
-    from keyboard.artifacts import ArtifactSet
-    from keyboard.phrases import PhraseError, PhraseModel
-    from keyboard.trainer import LoraTrainer
+    """Measure the active adapter, train a candidate, measure it, decide, promote."""
+    from keyboard.phrases import PhraseModel
 
-    artifacts = ArtifactSet.open(model_dir)
-    store = AdapterStore.in_home(home, artifacts)
-    active = store.active()
-    current = "base" if active is None else active[0]
-    start_tensors = store.load(current)
-    progress.event(
+    start = _starting_point(run)
+    run.progress.event(
         "start",
-        f"personalizing {artifacts.name} from adapter {current}: {text.new_words} new words, "
-        f"{text.replay_words} replayed, {text.heldout_words} held out",
-        model=artifacts.name, adapter=current, **data,
+        f"personalizing {start.artifacts.name} from adapter {start.version}: {text.new_words} "
+        f"new words, {text.replay_words} replayed, {text.heldout_words} held out",
+        model=start.artifacts.name, adapter=start.version, **data,
     )  # fmt: skip
-
-    typed = _eval_slice(text.heldout, config.max_eval_words)
+    typed = _eval_slice(text.heldout, run.config.max_eval_words)
     history = text.new[-20:]  # context before the first held-out message
 
-    current_phrases = None
-    if (phrases_file := store.phrases_path(current)) is not None:
-        try:
-            current_phrases = PhraseModel.load(phrases_file)
-        except PhraseError as exc:
-            log.warning("the active version's phrases are left out: %s", exc)
-    gate_phrases = PhraseModel.from_texts(phrase_texts[0])
+    def measure(tensors: Adapter | None, version: str, phrases: PhraseModel | None) -> list[int]:
+        return _ranks(run.model_dir, run.config.threads, tensors, version, typed, history, phrases)
 
     # The predictor and the trainer are never alive together: that halves the peak memory.
-    t0 = time.monotonic()
-    ranks_before = _ranks(model_dir, config.threads, None if active is None else start_tensors,
-                          current, typed, history, current_phrases)  # fmt: skip
-    del current_phrases  # not needed again: free it before the trainer loads
-    trainer = LoraTrainer(artifacts, adapter=start_tensors, threads=config.threads)
-    seq_len = int(artifacts.manifest["training"].get("seq_len", 64))
-    train_batches = trainer.batches(text.new + text.replay, seq_len, config.batch_size)
-    heldout_batches = trainer.batches(text.heldout, seq_len, config.batch_size)
-    before = {"loss": trainer.evaluate(heldout_batches), **_accuracy(ranks_before)}
-    eval_s = time.monotonic() - t0
-    progress.event("evaluated", f"before: {_describe(before)}", stage="before", **before)
+    measured_at = time.monotonic()
+    ranks_before = measure(start.served, start.version, start.phrases)
+    start.phrases = None  # not needed again: free it before the trainer loads
+    trained = _train(run, start, text, measured_at, _accuracy(ranks_before))
+    before = {"loss": trained.loss_before, **_accuracy(ranks_before)}
 
-    # What is left of the budget, minus a second evaluation as long as the first.
-    fit_budget = max(1.0, budget_s - (time.monotonic() - started) - eval_s)
-    progress.start_training(fit_budget)
-    fit = trainer.fit(
-        train_batches,
-        heldout_batches,
-        max_steps=max_steps,
-        lr=lr,
-        warmup=min(config.warmup, max(1, max_steps // 10)),
-        time_budget_s=fit_budget,
-        eval_every=config.eval_every,
-        patience=config.patience,
-        seed=seed,
-        on_step=progress.step,
-    )
-    progress.close()
-    candidate = trainer.adapter()  # fit restored the best adapter on held-out loss
-    if after_training is not None:
-        candidate = after_training(candidate)
-        trainer.set_adapter(candidate)
-    after: dict[str, Any] = {"loss": trainer.evaluate(heldout_batches)}
-    del trainer, train_batches, heldout_batches
-    gc.collect()
-    ranks_after = _ranks(
-        model_dir, config.threads, candidate, "candidate", typed, history, gate_phrases
-    )
-    after.update(_accuracy(ranks_after), **_paired(ranks_before, ranks_after))
-    progress.event("evaluated", f"after: {_describe(after)}", stage="after", **after)
-
+    gate_phrases = PhraseModel.from_texts(phrase_texts[0])
+    ranks_after = measure(trained.candidate, "candidate", gate_phrases)
+    after = {
+        "loss": trained.loss_after,
+        **_accuracy(ranks_after),
+        **_paired(ranks_before, ranks_after),
+    }
+    run.progress.event("evaluated", f"after: {_describe(after)}", stage="after", **after)
     metrics = {
         "before": before,
         "after": after,
-        "steps": fit.steps,
-        "tokens": fit.tokens,
-        "stopped": fit.stopped,
-        "train_seconds": round(fit.seconds, 3),
-        "train_loss": fit.train_loss,
-        "lr": lr,
+        "steps": trained.fit.steps,
+        "tokens": trained.fit.tokens,
+        "stopped": trained.fit.stopped,
+        "train_seconds": round(trained.fit.seconds, 3),
+        "train_loss": trained.fit.train_loss,
+        "lr": run.lr,
         "data": data,
         "phrases": {"words": gate_phrases.words, "ngrams": gate_phrases.ngrams},
     }
-    ok, why = gate(before, after, config.min_loss_gain)
-    if not ok:
+
+    adapter_ok, why = gate(before, after, run.config.min_loss_gain)
+    candidate = trained.candidate
+    if not adapter_ok:
         # The new adapter failed; the user's new phrases may still help on their own (they
         # carry most of what a job gains: docs/results.md). Without this, someone whose
         # adapter stopped improving would never get the phrases of their newer text.
-        keep = None if active is None else start_tensors
-        ranks_kept = _ranks(model_dir, config.threads, keep, current, typed, history,
-                            gate_phrases)  # fmt: skip
+        ranks_kept = measure(start.served, start.version, gate_phrases)
         kept = {**_accuracy(ranks_kept), **_paired(ranks_before, ranks_kept)}
         metrics["phrases_only"] = kept
         better, why_phrases = phrases_gate(before, kept)
         if not better:
-            return JobResult("rejected", f"kept adapter {current}: {why}; {why_phrases}",
-                             version=current, metrics=metrics)  # fmt: skip
-        candidate, after = start_tensors, {"loss": before["loss"], **kept}
-        why = f"adapter {current} kept ({why}), new phrases: {why_phrases}"
+            reason = f"kept adapter {start.version}: {why}; {why_phrases}"
+            return JobResult("rejected", reason, version=start.version, metrics=metrics)
+        candidate, after = start.tensors, {"loss": before["loss"], **kept}
+        why = f"adapter {start.version} kept ({why}), new phrases: {why_phrases}"
+    del gate_phrases  # one phrase model in memory at a time
     meta = {
         "source": "job",
         "trained": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "data": data,
-        "steps": fit.steps,
-        "stopped": fit.stopped,
+        "steps": trained.fit.steps,
+        "stopped": trained.fit.stopped,
         "metrics": {"before": before, "after": after},
-        "start_adapter": current,
-        "adapter_trained": ok,  # False: the start adapter's tensors, with new phrases
+        "start_adapter": start.version,
+        "adapter_trained": adapter_ok,  # False: the start adapter's tensors, with new phrases
     }
-    del gate_phrases  # one phrase model in memory at a time
-    phrases = PhraseModel.from_texts(phrase_texts[1])
+    result = _promote(run, start.store, candidate, meta, phrase_texts[1])
+    result.reason = f"{result.version} replaces {start.version}: {why}"
+    result.metrics = metrics
+    return result
+
+
+def _starting_point(run: JobRun) -> _Start:
+    """The active adapter (and its phrases) the job measures and trains from."""
+    from keyboard.adapter_store import AdapterStore
+    from keyboard.artifacts import ArtifactSet
+    from keyboard.phrases import PhraseError, PhraseModel
+
+    artifacts = ArtifactSet.open(run.model_dir)
+    store = AdapterStore.in_home(run.home, artifacts)
+    active = store.active()
+    version = "base" if active is None else active[0]
+    tensors = store.load(version)
+    phrases = None
+    if (phrases_file := store.phrases_path(version)) is not None:
+        try:
+            phrases = PhraseModel.load(phrases_file)
+        except PhraseError as exc:
+            log.warning("the active version's phrases are left out: %s", exc)
+    served = None if active is None else tensors
+    return _Start(artifacts, store, version, tensors, served, phrases)
+
+
+def _train(
+    run: JobRun,
+    start: _Start,
+    text: TrainingText,
+    measured_at: float,
+    accuracy_before: dict[str, Any],
+) -> _Trained:
+    """Fine-tune the start adapter on the new text and replay, within what is left of the
+    budget (the first measurement began at `measured_at`); held-out loss before and after
+    (the best adapter on it is kept)."""
+    from keyboard.trainer import LoraTrainer
+
+    config = run.config
+    trainer = LoraTrainer(start.artifacts, adapter=start.tensors, threads=config.threads)
+    seq_len = int(start.artifacts.manifest["training"].get("seq_len", 64))
+    train_batches = trainer.batches(text.new + text.replay, seq_len, config.batch_size)
+    heldout_batches = trainer.batches(text.heldout, seq_len, config.batch_size)
+    loss_before = trainer.evaluate(heldout_batches)
+    eval_s = time.monotonic() - measured_at
+    before = {"loss": loss_before, **accuracy_before}
+    run.progress.event("evaluated", f"before: {_describe(before)}", stage="before", **before)
+    # What is left of the budget, minus a second evaluation as long as the first.
+    fit_budget = max(1.0, run.budget_s - (time.monotonic() - run.started) - eval_s)
+    run.progress.start_training(fit_budget)
+    fit = trainer.fit(
+        train_batches,
+        heldout_batches,
+        max_steps=run.max_steps,
+        lr=run.lr,
+        warmup=min(config.warmup, max(1, run.max_steps // 10)),
+        time_budget_s=fit_budget,
+        eval_every=config.eval_every,
+        patience=config.patience,
+        seed=run.seed,
+        on_step=run.progress.step,
+    )
+    run.progress.close()
+    candidate = trainer.adapter()  # fit restored the best adapter on held-out loss
+    if run.after_training is not None:
+        candidate = run.after_training(candidate)
+        trainer.set_adapter(candidate)
+    loss_after = trainer.evaluate(heldout_batches)
+    del trainer, train_batches, heldout_batches
+    gc.collect()
+    return _Trained(candidate, fit, loss_before, loss_after)
+
+
+def _promote(
+    run: JobRun,
+    store: AdapterStore,
+    tensors: Adapter,
+    meta: dict[str, Any],
+    phrase_texts: list[str],
+) -> JobResult:
+    """Store `tensors` with the phrases of all the text as the new active version (the last,
+    atomic step of the job) and prune old versions."""
+    from keyboard.phrases import PhraseModel
+
+    phrases = PhraseModel.from_texts(phrase_texts)
     meta["phrases"] = {"words": phrases.words, "ngrams": phrases.ngrams}
-    version = store.promote(candidate, meta, phrases.to_bytes())  # the last step, atomic
+    version = store.promote(tensors, meta, phrases.to_bytes())
     with contextlib.suppress(KeyboardError, OSError):
-        store.prune(config.keep_versions)
+        store.prune(run.config.keep_versions)
     return JobResult(
         "promoted",
-        f"{version} replaces {current}: {why}",
         version=version,
         adapter_path=store.get(version).path,
         phrases_path=store.phrases_path(version),
-        metrics=metrics,
     )
 
 
