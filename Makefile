@@ -35,6 +35,7 @@ run: venv-device
 
 test: venv
 	$(BIN)/ruff check keyboard tests scripts benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -ra
 
 lint: venv

@@ -29,6 +29,7 @@ from keyboard.artifacts import (
     load_adapter,
     tensors_sha256,
     write_atomic,
+    write_npz,
 )
 from keyboard.paths import Home
 from keyboard.types import KeyboardError
@@ -96,7 +97,7 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    write_npz(buffer, arrays)
     return buffer.getvalue()
 
 
@@ -442,7 +443,7 @@ class AdapterStore:
         }
         arrays = dict(diff)
         arrays[DIFF_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-        write_atomic(Path(out), lambda f: np.savez(f, **arrays))
+        write_atomic(Path(out), lambda f: write_npz(f, arrays))
         return header
 
     def import_diff(self, path: str | Path) -> str:

@@ -207,7 +207,12 @@ def write_atomic(path: Path, write: Any) -> None:
 
 def save_adapter(path: str | Path, tensors: Adapter) -> None:
     """Write LoRA tensors to an .npz file atomically (a crash leaves the old file intact)."""
-    write_atomic(Path(path), lambda f: np.savez(f, **tensors))
+    write_atomic(Path(path), lambda f: write_npz(f, tensors))
+
+
+def write_npz(file: Any, arrays: Mapping[str, np.ndarray]) -> None:
+    """`arrays` as an .npz archive into `file` (a path or a binary file), one entry each."""
+    np.savez(file, **arrays)  # type: ignore[arg-type]  # the stub types ** as allow_pickle
 
 
 def graph_with_adapter(model_path: str | Path, adapter: Adapter) -> bytes:

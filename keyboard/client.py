@@ -94,7 +94,7 @@ class DaemonClient:
                 reused = self._sock is not None
                 sock = self._connect()
                 if timeout is not False:
-                    sock.settimeout(timeout)  # type: ignore[arg-type]
+                    sock.settimeout(timeout)
                 try:
                     sock.sendall(line)
                     answer = self._read_answer(sock, request_id)

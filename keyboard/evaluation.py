@@ -367,7 +367,9 @@ def _pieces(text: str, max_bytes: int) -> list[str]:
     """`text` cut at spaces into pieces of at most `max_bytes` UTF-8 bytes (the log's limit)."""
     if len(text.encode("utf-8")) <= max_bytes:
         return [text]
-    pieces, current, size = [], [], 0
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
     for token in re.split(r"(?<=\s)", text):
         n = len(token.encode("utf-8"))
         if current and size + n > max_bytes:

@@ -66,7 +66,7 @@ class EditorConfig:
             return cls()
         if not isinstance(options, Mapping):
             raise KeyboardError("initializationOptions must be an object")
-        known = {
+        known: dict[str, type | tuple[type, ...]] = {
             "filetypes": (list, type(None)),
             "logging": bool,
             "debounce_ms": int,

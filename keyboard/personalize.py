@@ -328,7 +328,8 @@ def _eval_slice(texts: list[str], max_words: int) -> list[str]:
     """The first held-out messages, up to about `max_words` words (predicting is the slow part)."""
     from keyboard.words import words
 
-    out, n = [], 0
+    out: list[str] = []
+    n = 0
     for text in texts:
         if out and n >= max_words:
             break

@@ -150,8 +150,10 @@ class PhraseModel:
             return 0.0
         p = self.unigrams.get(word, 0) / n_words
         for n in range(1, ORDER):
-            ctx = tuple(context[-n:]) if len(context) >= n else None
-            nxt = self.follow.get(ctx) if ctx else None
+            if len(context) < n:
+                break
+            ctx = tuple(context[-n:])
+            nxt = self.follow.get(ctx)
             if not nxt:
                 break  # an unseen context: back off to what the shorter one says
             types, total = len(nxt), self._total(ctx)
@@ -161,7 +163,7 @@ class PhraseModel:
     def candidates(self, context: tuple[str, ...], prefix: str, limit: int = CANDIDATES) -> dict:
         """Up to `limit` words starting with `prefix` the user model finds most likely after
         `context`, with P_user."""
-        self._index()
+        sorted_words, top = self._index()
         pool: set[str] = set()
         for n in range(ORDER - 1, 0, -1):
             if len(context) >= n:
@@ -169,21 +171,23 @@ class PhraseModel:
                 if nxt:
                     pool.update(w for w in nxt if w.startswith(prefix))
         if prefix:
-            lo = bisect.bisect_left(self._sorted, prefix)
-            hi = bisect.bisect_left(self._sorted, prefix + "\U0010ffff", lo)
-            span = self._sorted[lo : min(hi, lo + _SCAN_LIMIT)]
+            lo = bisect.bisect_left(sorted_words, prefix)
+            hi = bisect.bisect_left(sorted_words, prefix + "\U0010ffff", lo)
+            span = sorted_words[lo : min(hi, lo + _SCAN_LIMIT)]
             pool.update(heapq.nlargest(limit, span, key=self.unigrams.__getitem__))
         else:
-            pool.update(self._top)
+            pool.update(top)
         scored = {w: self.probability(w, context) for w in pool}
         best = heapq.nlargest(limit, scored, key=scored.__getitem__)
         return {w: scored[w] for w in best}
 
-    def _index(self) -> None:
-        if self._sorted is None:
+    def _index(self) -> tuple[list[str], list[str]]:
+        """The words in order, and the likeliest ones (built on first use)."""
+        if self._sorted is None or self._top is None:
             self._sorted = sorted(self.unigrams)
             self._top = heapq.nlargest(CANDIDATES, self.unigrams, key=self.unigrams.__getitem__)
             self._n = self.words
+        return self._sorted, self._top
 
     def blend(
         self, lm: dict[str, float], before: str, at_start: bool, prefix: str, k: int

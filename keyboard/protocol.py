@@ -175,7 +175,7 @@ class Param:
     """One named parameter: its JSON type, whether it is required, its default."""
 
     name: str
-    kind: type | tuple[type, ...]
+    kind: type
     required: bool = False
     default: Any = None
 

@@ -36,7 +36,7 @@ def _install_bare_package(name: str) -> None:
         )
     root = list(spec.submodule_search_locations)[0]
     bare = types.ModuleType(name)
-    bare.__path__ = [os.path.join(root, name.rsplit(".", 1)[1])]  # type: ignore[attr-defined]
+    bare.__path__ = [os.path.join(root, name.rsplit(".", 1)[1])]
     bare.__package__ = name
     sys.modules[name] = bare
 

@@ -410,7 +410,7 @@ class TypingLog:
     @_guarded
     def _set(self, key: str, value: Any) -> None:
         with self._lock, self.db.atomic():
-            self.db["settings"].upsert({"key": key, "value": json.dumps(value)}, pk="key")
+            self.db.table("settings").upsert({"key": key, "value": json.dumps(value)}, pk="key")
 
     @_guarded
     def _get(self, key: str, default: Any) -> Any:
