@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv venv-device test lint run format bench clean
+.PHONY: venv venv-device test test-fast lint run format bench clean
 
 # Device side only: serve, train, predict (no torch).
 $(BIN)/keyboard: pyproject.toml
@@ -37,6 +37,10 @@ test: venv
 	$(BIN)/ruff check keyboard tests scripts benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -ra
+
+# The torch-free tests alone (no model export): seconds, for the edit-test loop.
+test-fast: venv
+	$(BIN)/python -m pytest -q -m notorch
 
 lint: venv
 	$(BIN)/ruff check keyboard tests scripts benchmarks

@@ -13,6 +13,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+MODEL_FIXTURES = frozenset({"tiny_llama", "tiny_gpt2"})  # built with torch, exported with ORT
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `notorch` every test that needs no exported model and is not marked `torch`, so
+    `pytest -m notorch` runs the fast, torch-free part of the suite alone."""
+    for item in items:
+        if MODEL_FIXTURES.isdisjoint(getattr(item, "fixturenames", ())) and (
+            item.get_closest_marker("torch") is None
+        ):
+            item.add_marker(pytest.mark.notorch)
+
+
 @pytest.fixture(autouse=True)
 def _keyboard_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own keyboard home and socket path; nothing touches the real one."""

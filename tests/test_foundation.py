@@ -12,10 +12,13 @@ import pytest
 
 from keyboard import runtime
 from keyboard.artifacts import ArtifactError, ArtifactSet, bake_inference_model, load_adapter
-from keyboard.export import ExportConfig, parse_layers
 from keyboard.trainer import IGNORE, LoraTrainer, make_batches
 from keyboard.types import KeyboardError
 from tests.tiny_models import corpus_lines
+
+# Models are built in the tests (request.getfixturevalue, build_model); keyboard.export
+# imports torch, so it is imported where it is used.
+pytestmark = pytest.mark.torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,7 +68,7 @@ def test_trained_inference_model_matches_pytorch_with_merged_lora(
     family: str, request: pytest.FixtureRequest, tmp_path: Path
 ):
     torch = pytest.importorskip("torch")
-    from keyboard.export import load_base_model, wrap_with_lora
+    from keyboard.export import ExportConfig, load_base_model, wrap_with_lora
 
     art_dir = request.getfixturevalue(family)
     trainer, *_ = _train(art_dir, steps=10)
@@ -127,7 +130,7 @@ def test_manifest_describes_the_artifact_set(tiny_llama: Path):
 
 
 def test_top_layers_only_carry_adapters(tmp_path: Path):
-    from keyboard.export import export_model
+    from keyboard.export import ExportConfig, export_model
     from tests.tiny_models import build_model
 
     hf = build_model("llama", tmp_path / "hf", layers=3)
@@ -137,6 +140,8 @@ def test_top_layers_only_carry_adapters(tmp_path: Path):
 
 
 def test_parse_layers():
+    from keyboard.export import parse_layers
+
     assert parse_layers("all", 4) == [0, 1, 2, 3]
     assert parse_layers("top:2", 4) == [2, 3]
     assert parse_layers("0, 2", 4) == [0, 2]

@@ -32,6 +32,7 @@ def test_runtime_loads_inference_training_and_quantization_without_torch():
     assert "TORCH False 1.19.2" in out
 
 
+@pytest.mark.torch
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch installed")
 def test_the_trap_is_real_plain_import_pulls_torch():
     # If a future wheel stops importing torch, this fails and the workaround can go.
