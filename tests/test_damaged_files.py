@@ -135,7 +135,7 @@ def test_damaged_metadata_falls_back_to_the_previous_version(
     (store.root / damaged / META_FILE).write_bytes(content)
     version, _, meta = store.active()
     assert version == good and damaged in meta["fallback"]
-    assert any(e.version == damaged and "error" in e.metadata for e in store.list())
+    assert any(e.version == damaged and "error" in e.metadata for e in store.versions())
 
 
 def test_phrase_file_fuzz_raises_only_phrase_errors(tmp_path: Path) -> None:
