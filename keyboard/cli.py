@@ -111,12 +111,13 @@ def _add_log(sub: argparse._SubParsersAction) -> None:
     def run_stats(args: argparse.Namespace) -> int:
         import json
 
+        from keyboard.job_log import JobLog
         from keyboard.typing_log import TypingLog
 
         with TypingLog(Home.from_env().typing_log) as typing_log:
             stats = typing_log.stats()
             recent = typing_log.recent(args.show) if args.show > 0 else []
-            job = typing_log.last_job()
+            job = JobLog(typing_log).last()
         if args.json:
             print(json.dumps({**stats, "recent": recent, "last_job": job}, indent=2))
             return 0

@@ -25,9 +25,10 @@ from keyboard.types import KeyboardError
 if TYPE_CHECKING:
     from keyboard.adapter_store import AdapterStore
     from keyboard.artifacts import Adapter, ArtifactSet
+    from keyboard.job_log import TrainingText
     from keyboard.phrases import PhraseModel
     from keyboard.trainer import FitResult
-    from keyboard.typing_log import TrainingText, TypingLog
+    from keyboard.typing_log import TypingLog
 
 log = logging.getLogger("keyboard.personalize")
 
@@ -412,17 +413,19 @@ def run_job(
 
 def _locked_job(run: JobRun) -> JobResult:
     """The job once it holds the lock: read the text, skip or train, record the outcome."""
+    from keyboard.job_log import JobLog
     from keyboard.typing_log import TypingLog
 
     config = run.config
     with TypingLog(run.home.typing_log) as typing_log:
-        text = typing_log.training_text(
+        jobs = JobLog(typing_log)
+        text = jobs.training_text(
             replay_fraction=config.replay_fraction,
             holdout_fraction=config.holdout_fraction,
             seed=run.seed + typing_log.watermark,  # a different replay sample each job
             max_new_words=config.max_new_words,
         )
-        job_id = typing_log.start_job(watermark=text.watermark)
+        job_id = jobs.start(watermark=text.watermark)
         total_new = text.new_words + text.heldout_words
         data = {
             "new_words": text.new_words,
@@ -437,7 +440,7 @@ def _locked_job(run: JobRun) -> JobResult:
                 f"{len(text.heldout)} held-out entries; need at least one of each)"
             )
         if skip:
-            typing_log.finish_job(job_id, "skipped", {"data": data}, reason=skip)
+            jobs.finish(job_id, "skipped", {"data": data}, reason=skip)
             return JobResult("skipped", skip, job_id, metrics={"data": data})
         # The user's phrases come from all the text the log holds up to this job's last entry
         # (not just the new text): for the gate without the held-out slice, as it will be
@@ -449,22 +452,22 @@ def _locked_job(run: JobRun) -> JobResult:
         try:
             result = _train_and_gate(run, text, data, phrase_texts)
         except KeyboardError as exc:
-            typing_log.finish_job(job_id, "failed", {"data": data}, reason=str(exc))
+            jobs.finish(job_id, "failed", {"data": data}, reason=str(exc))
             return JobResult("failed", str(exc), job_id, metrics={"data": data})
         except Exception as exc:
             log.exception("personalization job failed")
             reason = f"{type(exc).__name__}: {exc}"
-            typing_log.finish_job(job_id, "failed", {"data": data}, reason=reason)
+            jobs.finish(job_id, "failed", {"data": data}, reason=reason)
             return JobResult("failed", reason, job_id, metrics={"data": data})
         except BaseException:  # Ctrl-C, SIGTERM from the daemon: record it, then go
-            typing_log.finish_job(job_id, "interrupted", {"data": data}, reason="stopped")
+            jobs.finish(job_id, "interrupted", {"data": data}, reason="stopped")
             raise
         result.job_id = job_id
         if result.status in ("promoted", "rejected"):
             # Both consume the text: rejected text is not retried as new (that could repeat
             # forever) but stays in the log, where later jobs sample it as replay.
             typing_log.set_watermark(text.watermark)
-        typing_log.finish_job(
+        jobs.finish(
             job_id, result.status, result.metrics, adapter_version=result.version,
             reason=result.reason,
         )  # fmt: skip

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from keyboard import __version__
 from keyboard import protocol as rpc
 from keyboard.adapter_store import AdapterStore, forget_phrases
+from keyboard.job_log import JobLog
 from keyboard.paths import Home
 from keyboard.predictor import Predictor
 from keyboard.protocol import RpcError
@@ -235,7 +236,7 @@ class RpcMethods:
         }
 
     def _log_status(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        return self.typing_log.stats(), self.typing_log.last_job()
+        return self.typing_log.stats(), JobLog(self.typing_log).last()
 
 
 def _pointer_key(path: Path) -> tuple[int, int] | None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from keyboard import protocol as rpc
 from keyboard import schedule
+from keyboard.job_log import JobLog
 from keyboard.protocol import RpcError
 from keyboard.rpc_methods import RpcMethods
 
@@ -107,7 +108,7 @@ class JobSupervisor:
         deadline = time.monotonic() + JOB_ID_WAIT_S
         while time.monotonic() < deadline:
             try:
-                rows = await self.methods.log.run(self.methods.typing_log.jobs, 5)
+                rows = await self.methods.log.run(JobLog(self.methods.typing_log).recent, 5)
             except RpcError:
                 return None
             for row in rows:

@@ -8,14 +8,13 @@ import inspect
 import json
 import math
 import os
-import random
 import re
 import sqlite3
 import threading
 import time
 import unicodedata
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ RETENTION_CHECK_SECONDS = 3600.0  # the writer re-applies retention at most this
 BUSY_TIMEOUT_MS = 10_000
 INTERRUPTED = "the process running it stopped (killed, or the machine went down)"
 
-_TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # UTC, fixed width: string order is time order
+TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # UTC, fixed width: string order is time order
 # C0/C1 controls except tab and newline, DEL, lone surrogates (unencodable), BOM.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\ufeff]")
 
@@ -72,27 +71,9 @@ class Recorded:
         return out
 
 
-@dataclass
-class TrainingText:
-    """What one personalization job reads: new text, a replay sample, and held-out text."""
-
-    new: list[str]  # entries after the watermark, oldest first, minus the held-out slice
-    replay: list[str]  # a random sample of entries the previous jobs already consumed
-    heldout: list[str]  # the most recent new entries, for evaluation only
-    new_words: int
-    watermark: int  # max entry id covered; pass to set_watermark() once the job succeeded
-    replay_words: int = 0
-    heldout_words: int = 0
-    entry_ids: list[int] = field(default_factory=list, repr=False)
-
-    @property
-    def empty(self) -> bool:
-        return not self.new and not self.heldout
-
-
 def utc_iso(ts: datetime) -> str:
     """`ts` as the log's fixed-width UTC string; naive datetimes are taken as local time."""
-    return ts.astimezone(timezone.utc).strftime(_TS_FORMAT)
+    return ts.astimezone(timezone.utc).strftime(TS_FORMAT)
 
 
 def parse_time(value: str | datetime) -> datetime:
@@ -297,12 +278,12 @@ def describe_database_error(exc: BaseException, path: Path) -> str:
     return f"the typing log {path} failed: {exc}"
 
 
-def _guarded(method: Any) -> Any:
+def guarded(method: Any) -> Any:
     """Database failures of a TypingLog method become TypingLogError with a clear message."""
     if inspect.isgeneratorfunction(method):
 
         @functools.wraps(method)
-        def generator(self: TypingLog, *args: Any, **kwargs: Any) -> Any:
+        def generator(self: Any, *args: Any, **kwargs: Any) -> Any:
             try:
                 yield from method(self, *args, **kwargs)
             except (sqlite3.Error, OSError) as exc:
@@ -311,84 +292,91 @@ def _guarded(method: Any) -> Any:
         return generator
 
     @functools.wraps(method)
-    def guarded(self: TypingLog, *args: Any, **kwargs: Any) -> Any:
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
         except (sqlite3.Error, OSError) as exc:
             raise TypingLogError(describe_database_error(exc, self.path)) from exc
 
-    return guarded
+    return call
+
+
+def _open_database(path: Path) -> sqlite_utils.Database:
+    """The typing log's database at `path`: created 0600, configured, migrated to this
+    version's schema."""
+    try:
+        _create_private_file(path)
+        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    except (sqlite3.Error, OSError) as exc:
+        raise TypingLogError(describe_database_error(exc, path)) from exc
+    try:
+        db = sqlite_utils.Database(conn, execute_plugins=False)
+        _configure(db)
+        _migrate(db, path)
+    except (sqlite3.Error, OSError) as exc:
+        conn.close()
+        raise TypingLogError(describe_database_error(exc, path)) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return db
+
+
+def _configure(db: sqlite_utils.Database) -> None:
+    db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    db.enable_wal()
+    # FULL: every commit fsyncs the WAL before `record` returns. NORMAL+WAL would already
+    # survive kill -9 (the written WAL pages live in the OS page cache), but not a power
+    # cut or kernel crash; text arrives at typing speed, so one fsync per call is cheap
+    # and "acknowledged" can mean "on disk".
+    db.execute("PRAGMA synchronous=FULL")
+    # Deleted text is overwritten with zeros, not just unlinked from the b-tree.
+    db.execute("PRAGMA secure_delete=ON")
+    # VACUUM and sorts stay in memory: no temporary copy of the text in /tmp.
+    db.execute("PRAGMA temp_store=MEMORY")
+    db.execute("PRAGMA foreign_keys=ON")
+
+
+def _migrate(db: sqlite_utils.Database, path: Path) -> None:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise KeyboardError(
+            f"the typing log {path} has schema version {version}, newer than this "
+            f"keyboard understands ({SCHEMA_VERSION}); upgrade keyboard"
+        )
+    if version == SCHEMA_VERSION:
+        return
+    # IMMEDIATE: two processes opening a fresh log at once must not both migrate.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            db.executescript(_MIGRATIONS[number - 1])
+            db.execute(f"PRAGMA user_version={number}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.rollback()
+        raise
 
 
 class TypingLog:
     """The user's typed text, redacted, in a private SQLite file (WAL; one writer, many readers).
 
-    One instance may be shared by threads (calls are serialised by a lock). Other processes
-    open their own instance: the daemon writes, the trainer reads and records its jobs, the
-    CLI pauses and forgets.
+    One instance may be shared by threads (calls are serialised by `lock`). Other processes
+    open their own instance: the daemon writes, the trainer reads and records its jobs
+    (keyboard.job_log), the CLI pauses and forgets.
     """
 
     def __init__(self, path: Path | str) -> None:
         """Open (or create) the log at `path`: a home's `Home.typing_log`."""
         self.path = Path(path)
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self._retention_checked = -math.inf
-        try:
-            _create_private_file(self.path)
-            conn = sqlite3.connect(
-                str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
-            )
-        except (sqlite3.Error, OSError) as exc:
-            raise TypingLogError(describe_database_error(exc, self.path)) from exc
-        try:
-            self.db = sqlite_utils.Database(conn, execute_plugins=False)
-            self._configure()
-            self._migrate()
-        except (sqlite3.Error, OSError) as exc:
-            conn.close()
-            raise TypingLogError(describe_database_error(exc, self.path)) from exc
-        except BaseException:
-            conn.close()
-            raise
-
-    def _configure(self) -> None:
-        self.db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        self.db.enable_wal()
-        # FULL: every commit fsyncs the WAL before `record` returns. NORMAL+WAL would already
-        # survive kill -9 (the written WAL pages live in the OS page cache), but not a power
-        # cut or kernel crash; text arrives at typing speed, so one fsync per call is cheap
-        # and "acknowledged" can mean "on disk".
-        self.db.execute("PRAGMA synchronous=FULL")
-        # Deleted text is overwritten with zeros, not just unlinked from the b-tree.
-        self.db.execute("PRAGMA secure_delete=ON")
-        # VACUUM and sorts stay in memory: no temporary copy of the text in /tmp.
-        self.db.execute("PRAGMA temp_store=MEMORY")
-        self.db.execute("PRAGMA foreign_keys=ON")
-
-    def _migrate(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise KeyboardError(
-                f"the typing log {self.path} has schema version {version}, newer than this "
-                f"keyboard understands ({SCHEMA_VERSION}); upgrade keyboard"
-            )
-        if version == SCHEMA_VERSION:
-            return
-        # IMMEDIATE: two processes opening a fresh log at once must not both migrate.
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            for number in range(version + 1, SCHEMA_VERSION + 1):
-                self.db.executescript(_MIGRATIONS[number - 1])
-                self.db.execute(f"PRAGMA user_version={number}")
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.rollback()
-            raise
+        self.db = _open_database(self.path)
 
     # --- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
-        with self._lock:
+        with self.lock:
             self.db.close()
 
     def __enter__(self) -> TypingLog:
@@ -399,22 +387,22 @@ class TypingLog:
 
     @property
     def schema_version(self) -> int:
-        with self._lock:
+        with self.lock:
             return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     # --- settings -------------------------------------------------------------------------
-    @_guarded
+    @guarded
     def _settings(self) -> dict[str, Any]:
         return {r["key"]: json.loads(r["value"]) for r in self.db.query("SELECT * FROM settings")}
 
-    @_guarded
+    @guarded
     def _set(self, key: str, value: Any) -> None:
-        with self._lock, self.db.atomic():
+        with self.lock, self.db.atomic():
             self.db.table("settings").upsert({"key": key, "value": json.dumps(value)}, pk="key")
 
-    @_guarded
+    @guarded
     def _get(self, key: str, default: Any) -> Any:
-        with self._lock:
+        with self.lock:
             row = self.db.execute("SELECT value FROM settings WHERE key = ?", [key]).fetchone()
         return default if row is None else json.loads(row[0])
 
@@ -457,7 +445,7 @@ class TypingLog:
         self._set("watermark", entry_id)
 
     # --- writing --------------------------------------------------------------------------
-    @_guarded
+    @guarded
     def record(
         self,
         text: str | bytes,
@@ -479,7 +467,7 @@ class TypingLog:
             return Recorded(None, "private")  # dropped before even looking at the text
         clean = clean_text(text)
         stamp = utc_iso(ts or datetime.now(timezone.utc))
-        with self._lock:
+        with self.lock:
             settings = self._settings()
             if settings.get("paused", False):
                 return Recorded(None, "paused")
@@ -518,7 +506,7 @@ class TypingLog:
         return self.record(join_accepted(tail, word), source=source, ts=ts, accepted=word).id
 
     # --- deleting -------------------------------------------------------------------------
-    @_guarded
+    @guarded
     def forget(
         self,
         since: str | datetime | None = None,
@@ -546,16 +534,16 @@ class TypingLog:
                 where.append("source GLOB ?" if any(c in source for c in "*?[") else "source = ?")
                 params.append(source)
         sql = "DELETE FROM entries" + (" WHERE " + " AND ".join(where) if where else "")
-        with self._lock:
+        with self.lock:
             with self.db.atomic():
                 deleted = self.db.execute(sql, params).rowcount
             self._scrub()
         return int(deleted)
 
-    @_guarded
+    @guarded
     def apply_retention(self, days: int | None = None) -> int:
         """Delete entries older than `days` (default: the retention setting, 90)."""
-        with self._lock:
+        with self.lock:
             days = self.retention_days if days is None else days
             cutoff = utc_iso(datetime.now(timezone.utc) - timedelta(days=days))
             with self.db.atomic():
@@ -584,10 +572,10 @@ class TypingLog:
         )
 
     # --- reading --------------------------------------------------------------------------
-    @_guarded
+    @guarded
     def stats(self) -> dict[str, Any]:
         """Counts and sizes for a person to inspect: nothing here contains the text itself."""
-        with self._lock:
+        with self.lock:
             total = next(
                 self.db.query(
                     "SELECT count(*) AS entries, coalesce(sum(words), 0) AS words, "
@@ -619,10 +607,10 @@ class TypingLog:
             "watermark": int(settings.get("watermark", 0)),
         }
 
-    @_guarded
+    @guarded
     def recent(self, limit: int = 20) -> list[dict[str, Any]]:
         """The newest entries, newest first, as stored (what the user can inspect)."""
-        with self._lock:
+        with self.lock:
             return list(
                 self.db.query(
                     "SELECT id, ts, source, kind, words, text FROM entries "
@@ -631,12 +619,12 @@ class TypingLog:
                 )
             )
 
-    @_guarded
+    @guarded
     def iter_text(self, after: int = 0) -> Iterator[tuple[int, str, int]]:
         """(id, text, words) of entries with id > `after`, oldest first, fetched in pages."""
         last = after
         while True:
-            with self._lock:
+            with self.lock:
                 page = self.db.execute(
                     "SELECT id, text, words FROM entries WHERE id > ? ORDER BY id LIMIT 500",
                     [last],
@@ -645,192 +633,3 @@ class TypingLog:
                 return
             yield from page
             last = page[-1][0]
-
-    @_guarded
-    def training_text(
-        self,
-        replay_fraction: float = 0.25,
-        holdout_fraction: float = 0.1,
-        seed: int = 0,
-        max_new_words: int | None = None,
-    ) -> TrainingText:
-        """Text for one personalization job.
-
-        `new`: entries after the watermark, oldest first (up to `max_new_words`);
-        `heldout`: the most recent `holdout_fraction` of those (by words), never trained on
-        by this job; `replay`: `replay_fraction` x len(new) entries sampled (with `seed`) from
-        text earlier jobs consumed, against forgetting. Call `set_watermark(result.watermark)`
-        only after the job succeeded.
-        """
-        if not 0.0 <= holdout_fraction < 1.0 or replay_fraction < 0.0:
-            raise KeyboardError("holdout_fraction must be in [0, 1) and replay_fraction >= 0")
-        mark = self.watermark
-        rows: list[tuple[int, str, int]] = []
-        words = 0
-        for row in self.iter_text(after=mark):
-            if max_new_words is not None and rows and words + row[2] > max_new_words:
-                break
-            rows.append(row)
-            words += row[2]
-        if not rows:
-            return TrainingText([], [], [], 0, mark)
-        held = 0
-        if holdout_fraction > 0 and len(rows) >= 2:
-            target, held_words = holdout_fraction * words, 0
-            while held < len(rows) - 1 and (held == 0 or held_words < target):
-                held += 1
-                held_words += rows[-held][2]
-        train, heldout = rows[: len(rows) - held], rows[len(rows) - held :]
-        with self._lock:
-            old_ids = [
-                r[0] for r in self.db.execute("SELECT id FROM entries WHERE id <= ?", [mark])
-            ]
-        k = min(len(old_ids), round(replay_fraction * len(train)))
-        replay: list[tuple[str, int]] = []
-        if k:
-            chosen = sorted(random.Random(seed).sample(old_ids, k))
-            with self._lock:
-                for start in range(0, len(chosen), 500):
-                    part = chosen[start : start + 500]
-                    marks = ",".join("?" * len(part))
-                    replay += self.db.execute(
-                        f"SELECT text, words FROM entries WHERE id IN ({marks}) ORDER BY id", part
-                    ).fetchall()
-        return TrainingText(
-            new=[r[1] for r in train],
-            replay=[r[0] for r in replay],
-            heldout=[r[1] for r in heldout],
-            new_words=sum(r[2] for r in train),
-            watermark=rows[-1][0],
-            replay_words=sum(r[1] for r in replay),
-            heldout_words=sum(r[2] for r in heldout),
-            entry_ids=[r[0] for r in rows],
-        )
-
-    # --- personalization jobs ---------------------------------------------------------------
-    @_guarded
-    def start_job(self, watermark: int | None = None) -> int:
-        """Record a job as running; jobs left running by a dead process become 'interrupted'."""
-        now = utc_iso(datetime.now(timezone.utc))
-        with self._lock, self.db.atomic():
-            self._mark_interrupted(self._dead_jobs(), now)
-            table = self.db.table("jobs")
-            table.insert(
-                {
-                    "started": now,
-                    "status": "running",
-                    "metrics": "{}",
-                    "watermark": watermark,
-                    "pid": os.getpid(),
-                }
-            )
-            assert table.last_rowid is not None
-            return int(table.last_rowid)
-
-    @_guarded
-    def finish_job(
-        self,
-        job_id: int,
-        status: str,
-        metrics: dict[str, Any] | None = None,
-        adapter_version: str | None = None,
-        reason: str = "",
-    ) -> None:
-        """Record how a job ended: status ('succeeded', 'failed', 'rejected', ...), metrics."""
-        if not isinstance(status, str) or not status.strip():
-            raise KeyboardError("a job status is a non-empty string, e.g. 'succeeded'")
-        encoded = json.dumps(metrics or {}, default=_jsonable, sort_keys=True)
-        with self._lock, self.db.atomic():
-            updated = self.db.execute(
-                "UPDATE jobs SET ended = ?, status = ?, metrics = ?, adapter_version = ?, "
-                "reason = ? WHERE id = ?",
-                [
-                    utc_iso(datetime.now(timezone.utc)),
-                    status.strip(),
-                    encoded,
-                    adapter_version,
-                    reason,
-                    job_id,
-                ],
-            ).rowcount
-        if not updated:
-            raise KeyboardError(f"no personalization job with id {job_id}")
-
-    @_guarded
-    def jobs(self, limit: int = 10) -> list[dict[str, Any]]:
-        """The newest jobs first, metrics decoded. A job whose process died (kill -9, power
-        cut) is 'interrupted', not 'running', even when the log cannot be written."""
-        with self._lock:
-            dead = self._dead_jobs()
-            if dead:
-                try:
-                    with self.db.atomic():
-                        self._mark_interrupted(dead, utc_iso(datetime.now(timezone.utc)))
-                except sqlite3.Error:
-                    pass  # a full disk or a read-only log: reported as interrupted below
-            rows = list(self.db.query("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", [limit]))
-        for row in rows:
-            try:
-                row["metrics"] = json.loads(row["metrics"])
-            except (TypeError, ValueError, RecursionError):
-                row["metrics"] = {}
-            if row["id"] in dead and row["status"] == "running":
-                row.update(status="interrupted", reason=INTERRUPTED)
-        return rows
-
-    def _dead_jobs(self) -> list[int]:
-        """Jobs recorded as running whose process is gone."""
-        rows = self.db.query("SELECT id, pid, started FROM jobs WHERE status = 'running'")
-        return [r["id"] for r in rows if not _alive(r["pid"], r["started"])]
-
-    def _mark_interrupted(self, job_ids: list[int], now: str) -> None:
-        for job_id in job_ids:
-            self.db.execute(
-                "UPDATE jobs SET status = 'interrupted', ended = ?, reason = ? "
-                "WHERE id = ? AND status = 'running'",
-                [now, INTERRUPTED, job_id],
-            )
-
-    def last_job(self) -> dict[str, Any] | None:
-        found = self.jobs(limit=1)
-        return found[0] if found else None
-
-
-def _alive(pid: int | None, started: str | None = None) -> bool:
-    """Whether process `pid` still runs and (where /proc tells) began before `started`: a
-    pid reused by a later process, after a reboot say, is not the job's."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    if started:
-        begun = _process_start(pid)
-        try:
-            recorded = datetime.strptime(started, _TS_FORMAT).replace(tzinfo=timezone.utc)
-        except ValueError:
-            return True
-        if begun is not None and begun > recorded.timestamp() + 5.0:  # clock-tick slack
-            return False
-    return True
-
-
-def _process_start(pid: int) -> float | None:
-    """When `pid` started (Unix time), from /proc; None where that cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(ln.split()[1]) for ln in f if ln.startswith("btime "))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _jsonable(value: Any) -> Any:
-    if is_dataclass(value) and not isinstance(value, type):
-        return asdict(value)
-    return str(value)

@@ -19,6 +19,7 @@ from keyboard import personalize
 from keyboard.adapter_store import AdapterStore
 from keyboard.artifacts import ArtifactSet
 from keyboard.cli import main
+from keyboard.job_log import JobLog
 from keyboard.paths import Home
 from keyboard.personalize import JobConfig, gate, run_job
 from keyboard.progress import Progress
@@ -90,7 +91,7 @@ def test_job_learns_the_users_word(home: Home, tiny_llama: Path) -> None:
     assert predictor.predict("I love ", k=3).words[0] == WORD
 
     with TypingLog(home.typing_log) as log:
-        job = log.last_job()
+        job = JobLog(log).last()
         assert job["status"] == "promoted" and job["adapter_version"] == "v0001"
         assert job["metrics"]["after"]["top3"] == after["top3"]
         assert log.watermark == log.recent(1)[0]["id"]  # the text is consumed
@@ -153,7 +154,7 @@ def test_gate_rejects_a_worse_adapter(
     assert result.version == "v0001" and result.adapter_path is None and result.exit_code == 0
     assert store.active()[0] == "v0001" and [e.version for e in store.versions()] == ["v0001"]
     with TypingLog(home.typing_log) as log:
-        job = log.last_job()
+        job = JobLog(log).last()
         assert job["status"] == "rejected" and "did not improve" in job["reason"]
         assert job["metrics"]["after"]["loss"] == result.metrics["after"]["loss"]
 
@@ -190,7 +191,7 @@ def test_lock_refuses_a_second_job(
         assert json.loads(capsys.readouterr().out.splitlines()[-1])["status"] == "busy"
     assert personalize.job_running(home) is None
     with TypingLog(home.typing_log) as log:
-        assert log.jobs() == []  # a refused job records nothing and consumes nothing
+        assert JobLog(log).recent() == []  # a refused job records nothing and consumes nothing
 
 
 def test_too_little_text_or_battery_skips(
@@ -212,7 +213,7 @@ def test_too_little_text_or_battery_skips(
     skipped = run_job(home, tiny_llama, config=_fast(), progress=_quiet())
     assert skipped.status == "skipped" and "battery" in skipped.reason
     with TypingLog(home.typing_log) as log:
-        assert [j["status"] for j in log.jobs()] == ["skipped", "skipped"]
+        assert [j["status"] for j in JobLog(log).recent()] == ["skipped", "skipped"]
         assert log.watermark == 0
 
 
@@ -260,8 +261,8 @@ def test_kill_9_mid_job_leaves_the_previous_adapter(
         pass
     with TypingLog(home.typing_log) as log:
         assert log.watermark == 0  # nothing consumed
-        log.finish_job(log.start_job(), "skipped")  # the next job notices the dead one
-        assert log.jobs()[1]["status"] == "interrupted"
+        JobLog(log).finish(JobLog(log).start(), "skipped")  # the next job notices the dead one
+        assert JobLog(log).recent()[1]["status"] == "interrupted"
 
 
 def test_job_config_file_errors_are_clear(home: Home) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from keyboard import cli
+from keyboard.job_log import JobLog
 from keyboard.paths import Home
 from keyboard.redaction import REDACTED
 from keyboard.types import KeyboardError
@@ -172,7 +173,7 @@ def test_concurrent_writer_process_and_reader(tmp_path: Path) -> None:
     with TypingLog(path) as reader:
         while writer.poll() is None:
             seen.append(reader.stats()["entries"])
-            reader.training_text()
+            JobLog(reader).training_text()
             time.sleep(0.005)
         _, err = writer.communicate()
         assert writer.returncode == 0, err
@@ -362,9 +363,9 @@ def test_word_counts_and_stats(log: TypingLog) -> None:
 
 # --- training reads and jobs ----------------------------------------------------------------
 def test_training_text_watermark_holdout_and_replay(log: TypingLog) -> None:
-    assert log.training_text().empty
+    assert JobLog(log).training_text().empty
     first = [log.record(f"first batch sentence {i} has six words").id for i in range(20)]
-    tt = log.training_text(holdout_fraction=0.1)
+    tt = JobLog(log).training_text(holdout_fraction=0.1)
     assert tt.watermark == first[-1]
     assert tt.replay == []  # nothing consumed yet
     assert len(tt.heldout) == 2  # the newest 10% of the words
@@ -375,19 +376,19 @@ def test_training_text_watermark_holdout_and_replay(log: TypingLog) -> None:
     assert tt.new[0] == "first batch sentence 0 has six words" and len(tt.new) == 18
     assert tt.new_words == 18 * 7
     # Nothing is consumed until the job says it succeeded.
-    assert log.training_text().watermark == first[-1] and log.watermark == 0
+    assert JobLog(log).training_text().watermark == first[-1] and log.watermark == 0
     log.set_watermark(tt.watermark)
-    assert log.training_text().empty
+    assert JobLog(log).training_text().empty
 
     for i in range(10):
         log.record(f"second batch {i}")
-    tt2 = log.training_text(replay_fraction=0.5, holdout_fraction=0.1, seed=3)
+    tt2 = JobLog(log).training_text(replay_fraction=0.5, holdout_fraction=0.1, seed=3)
     assert len(tt2.new) == 9 and tt2.heldout == ["second batch 9"]
     assert len(tt2.replay) == round(0.5 * 9)
     assert all(t.startswith("first batch") for t in tt2.replay)
-    assert tt2.replay == log.training_text(replay_fraction=0.5, seed=3).replay  # seeded
+    assert tt2.replay == JobLog(log).training_text(replay_fraction=0.5, seed=3).replay  # seeded
     # A word budget takes the oldest new text first and moves the watermark only that far.
-    capped = log.training_text(max_new_words=9, holdout_fraction=0.0)
+    capped = JobLog(log).training_text(max_new_words=9, holdout_fraction=0.0)
     assert capped.new == ["second batch 0", "second batch 1", "second batch 2"]
     assert capped.watermark == first[-1] + 3
 
@@ -397,24 +398,24 @@ def test_forgotten_text_never_reaches_training(log: TypingLog) -> None:
     log.record("forget this", source="b")
     log.forget(source="b")
     log.record("new after forget", source="a")
-    tt = log.training_text(holdout_fraction=0.0)
+    tt = JobLog(log).training_text(holdout_fraction=0.0)
     assert tt.new == ["keep this", "new after forget"]
 
 
 def test_jobs_are_recorded(log: TypingLog) -> None:
-    assert log.last_job() is None
-    job = log.start_job(watermark=5)
-    assert log.last_job()["status"] == "running"
-    log.finish_job(job, "succeeded", {"loss": 2.5, "top1": 0.3}, "v0001", reason="better")
-    last = log.last_job()
+    assert JobLog(log).last() is None
+    job = JobLog(log).start(watermark=5)
+    assert JobLog(log).last()["status"] == "running"
+    JobLog(log).finish(job, "succeeded", {"loss": 2.5, "top1": 0.3}, "v0001", reason="better")
+    last = JobLog(log).last()
     assert last["id"] == job and last["status"] == "succeeded"
     assert last["metrics"] == {"loss": 2.5, "top1": 0.3} and last["adapter_version"] == "v0001"
     assert last["ended"] >= last["started"] and last["watermark"] == 5
-    failed = log.start_job()
-    log.finish_job(failed, "failed", {}, None, reason="out of memory")
-    assert [j["status"] for j in log.jobs()] == ["failed", "succeeded"]
+    failed = JobLog(log).start()
+    JobLog(log).finish(failed, "failed", {}, None, reason="out of memory")
+    assert [j["status"] for j in JobLog(log).recent()] == ["failed", "succeeded"]
     with pytest.raises(KeyboardError):
-        log.finish_job(999, "succeeded", {}, None)
+        JobLog(log).finish(999, "succeeded", {}, None)
 
 
 def test_a_job_left_running_by_a_dead_process_is_marked_interrupted(log: TypingLog) -> None:
@@ -424,10 +425,10 @@ def test_a_job_left_running_by_a_dead_process_is_marked_interrupted(log: TypingL
         text=True,
         check=True,
     )
-    job = log.start_job()
+    job = JobLog(log).start()
     log.db.execute("UPDATE jobs SET pid = ? WHERE id = ?", [int(dead.stdout), job])
-    log.start_job()
-    assert log.jobs()[1]["status"] == "interrupted"
+    JobLog(log).start()
+    assert JobLog(log).recent()[1]["status"] == "interrupted"
 
 
 # --- CLI ----------------------------------------------------------------------------------------
@@ -524,7 +525,7 @@ def test_full_disk_simulated(tmp_path: Path, monkeypatch) -> None:
         raise error
 
     monkeypatch.setattr(typing_log.os, "statvfs", lambda _: Full)
-    monkeypatch.setattr(TypingLog, "_configure", no_room)
+    monkeypatch.setattr(typing_log, "_configure", no_room)
     with pytest.raises(TypingLogError, match="is full .*is intact") as err:
         TypingLog(path)
     assert "move it away" not in str(err.value)
@@ -571,19 +572,20 @@ def test_a_job_killed_with_sigkill_is_not_left_running(tmp_path: Path) -> None:
     child = _child(
         """
         import sys, time
+        from keyboard.job_log import JobLog
         from keyboard.typing_log import TypingLog
         log = TypingLog(sys.argv[1])
-        print(log.start_job(), flush=True)
+        print(JobLog(log).start(), flush=True)
         time.sleep(60)
         """,
         str(path),
     )
     job = int(child.stdout.readline())
     with TypingLog(path) as log:
-        assert log.last_job()["status"] == "running"
+        assert JobLog(log).last()["status"] == "running"
         child.kill()
         child.wait()
-        last = log.last_job()
+        last = JobLog(log).last()
         assert last["id"] == job and last["status"] == "interrupted"
         assert "killed" in last["reason"]
     with sqlite3.connect(path) as db:  # recorded, not just shown
