@@ -42,13 +42,23 @@ ADAPTER_FILE = "adapter.npz"
 META_FILE = "meta.json"
 PHRASES_FILE = "phrases.zlib"  # the user's word n-grams (keyboard.phrases), when the job made them
 DEFAULT_KEEP = 5
-DIFF_FORMAT = "keyboard-adapter-diff"
-DIFF_HEADER = "__keyboard_diff__"  # npz key of the JSON header (uint8 bytes)
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 
 class AdapterStoreError(KeyboardError):
     """An adapter version that is missing, corrupt, or does not fit the model."""
+
+
+def version_name(version: str) -> str:
+    """The stored name of `version`: "v0003" for "3" or "v3", "base" for base, initial or none."""
+    v = version.strip()
+    if v.lower() in (BASE, "initial", "none"):
+        return BASE
+    if v.isdigit():
+        v = f"v{int(v):04d}"
+    if not _VERSION_RE.match(v):
+        raise AdapterStoreError(f"not an adapter version: {version!r} (e.g. v0003 or base)")
+    return v
 
 
 def model_fingerprint(artifacts: ArtifactSet) -> str:
@@ -101,7 +111,7 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def _now() -> str:
+def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -176,7 +186,7 @@ class AdapterStore:
 
     def get(self, version: str) -> AdapterVersion:
         """A stored version with its metadata (the tensors are not checked; see `load`)."""
-        version = self._normalise(version)
+        version = version_name(version)
         if not (self.root / version).is_dir():
             raise AdapterStoreError(f"no adapter version {version} (see `keyboard adapters list`)")
         return AdapterVersion(version, self.root / version / ADAPTER_FILE, self._read_meta(version))
@@ -184,7 +194,7 @@ class AdapterStore:
     def load(self, version: str) -> Adapter:
         """The tensors of `version` ("base": the model's initial adapter), fully validated:
         names and shapes fit the model, values finite, content hash as recorded."""
-        version = self._normalise(version)
+        version = version_name(version)
         if version == BASE:
             return self.artifacts.initial_adapter()
         entry = self.get(version)
@@ -202,7 +212,7 @@ class AdapterStore:
     def phrases_path(self, version: str) -> Path | None:
         """The user phrase file of `version` (None: it has none, or it was forgotten). Its
         content is checked where it is loaded (keyboard.phrases.PhraseModel.load)."""
-        version = self._normalise(version)
+        version = version_name(version)
         path = self.root / version / PHRASES_FILE
         return path if version != BASE and path.is_file() else None
 
@@ -223,11 +233,11 @@ class AdapterStore:
         path = self.root / ACTIVE_FILE
         try:
             data = json.loads(path.read_text())
-            version = self._normalise(str(data["version"]))
+            version = version_name(str(data["version"]))
             previous = data.get("previous", [])
             if not isinstance(previous, list):
                 raise TypeError(f"previous is {type(previous).__name__}, not a list")
-            previous = [self._normalise(str(v)) for v in previous]
+            previous = [version_name(str(v)) for v in previous]
         except FileNotFoundError:
             return {"version": BASE, "previous": []}
         except Exception as exc:  # noqa: BLE001 - whatever the damage, fall back
@@ -276,18 +286,8 @@ class AdapterStore:
         return None
 
     # --- changing ---------------------------------------------------------------------------
-    def _normalise(self, version: str) -> str:
-        v = version.strip()
-        if v.lower() in (BASE, "initial", "none"):
-            return BASE
-        if v.isdigit():
-            v = f"v{int(v):04d}"
-        if not _VERSION_RE.match(v):
-            raise AdapterStoreError(f"not an adapter version: {version!r} (e.g. v0003 or base)")
-        return v
-
     def _set_pointer(self, version: str, previous: list[str]) -> None:
-        data = {"version": version, "previous": previous[:20], "changed": _now()}
+        data = {"version": version, "previous": previous[:20], "changed": now()}
         text = json.dumps(data, indent=2) + "\n"
         write_atomic(self.root / ACTIVE_FILE, lambda f: f.write(text.encode()))
 
@@ -325,7 +325,7 @@ class AdapterStore:
         meta = {
             **metadata,
             "version": version,
-            "created": _now(),
+            "created": now(),
             "model": self.artifacts.name,
             "model_fingerprint": self.fingerprint,
             "tensors_sha256": tensors_sha256(arrays),
@@ -366,7 +366,7 @@ class AdapterStore:
     def use(self, version: str) -> str:
         """Make a stored version (or "base") active after checking it loads."""
         with self._locked():
-            version = self._normalise(version)
+            version = version_name(version)
             self.load(version)  # refuse a damaged one now, not when the daemon loads it
             self._activate(version)
             return version
@@ -413,103 +413,3 @@ class AdapterStore:
             if removed:
                 _fsync_dir(self.root)
         return removed
-
-    # --- exchange ---------------------------------------------------------------------------
-    def export_diff(
-        self, version: str, out: str | Path, base_version: str | None = None
-    ) -> dict[str, Any]:
-        """Write `version` minus `base_version` (default: the model's initial adapter) to `out`
-        as an .npz with a JSON header; returns the header. This is what federated learning
-        exchanges: small, and meaningful only for the same model (checked on import)."""
-        version = self._normalise(version)
-        base = self._normalise(base_version or BASE)
-        if version == BASE:
-            raise AdapterStoreError("the base adapter has no difference to export")
-        tensors = self.load(version)
-        base_tensors = self.load(base)
-        diff = {n: tensors[n] - base_tensors[n] for n in tensors}
-        meta = self.get(version).metadata
-        header = {
-            "format": DIFF_FORMAT,
-            "format_version": 1,
-            "model": self.artifacts.name,
-            "model_fingerprint": self.fingerprint,
-            "version": version,
-            "base": {"version": base, "tensors_sha256": tensors_sha256(base_tensors)},
-            "diff_sha256": tensors_sha256(diff),
-            "tensors": {n: list(a.shape) for n, a in diff.items()},
-            "metrics": meta.get("metrics", {}),
-            "exported": _now(),
-        }
-        arrays = dict(diff)
-        arrays[DIFF_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-        write_atomic(Path(out), lambda f: write_npz(f, arrays))
-        return header
-
-    def import_diff(self, path: str | Path) -> str:
-        """Add the adapter an exported diff describes as a new (inactive) version.
-
-        Checks the header: same model, tensor names and shapes, the diff's content hash, and a
-        base adapter this store has (the initial one, or a version with the same content).
-        """
-        path = Path(path)
-        try:
-            with np.load(str(path), allow_pickle=False) as data:
-                arrays = {k: np.asarray(data[k]) for k in data.files}
-        except Exception as exc:  # noqa: BLE001 - a damaged file raises many types
-            raise AdapterStoreError(f"cannot read adapter diff {path}: {exc}") from exc
-        if DIFF_HEADER not in arrays:
-            raise AdapterStoreError(f"{path} is not a keyboard adapter diff (no header)")
-        try:
-            header = json.loads(arrays.pop(DIFF_HEADER).astype(np.uint8).tobytes().decode())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise AdapterStoreError(f"{path}: unreadable diff header ({exc})") from exc
-        if not isinstance(header, dict) or header.get("format") != DIFF_FORMAT:
-            raise AdapterStoreError(f"{path} is not a keyboard adapter diff")
-        if header.get("format_version") != 1:
-            raise AdapterStoreError(
-                f"{path}: diff format version {header.get('format_version')} is not supported"
-            )
-        if header.get("model_fingerprint") != self.fingerprint:
-            raise AdapterStoreError(
-                f"{path} was exported for model {header.get('model')!r} "
-                f"({str(header.get('model_fingerprint'))[:12]}), not this one "
-                f"({self.artifacts.name}, {self.fingerprint[:12]})"
-            )
-        expected = {n: list(s) for n, s in self.artifacts.lora_shapes.items()}
-        if header.get("tensors") != expected:
-            raise AdapterStoreError(f"{path}: the header's tensors do not match the model")
-        try:
-            diff = check_adapter(arrays, self.artifacts, f"the diff {path}")
-        except ArtifactError as exc:
-            raise AdapterStoreError(str(exc)) from exc
-        base_sha = (header.get("base") or {}).get("tensors_sha256")
-        base = self._find_by_content(base_sha)
-        if base is None:
-            raise AdapterStoreError(
-                f"{path} is a difference to adapter {header['base'].get('version')} of another "
-                "machine, which this store does not have; export it against the base instead"
-            )
-        if tensors_sha256(diff) != header.get("diff_sha256"):
-            raise AdapterStoreError(f"{path}: the diff is damaged (its content hash differs)")
-        base_tensors = self.load(base)
-        tensors = {n: base_tensors[n] + diff[n] for n in expected}
-        meta = {
-            "source": "import",
-            "imported_from": str(path),
-            "origin_version": header.get("version"),
-            "parent": base,
-            "metrics": header.get("metrics", {}),
-        }
-        with self._locked():
-            return self._add(tensors, meta)
-
-    def _find_by_content(self, sha: str | None) -> str | None:
-        if not sha:
-            return None
-        if tensors_sha256(self.artifacts.initial_adapter()) == sha:
-            return BASE
-        for entry in reversed(self.versions()):
-            if entry.metadata.get("tensors_sha256") == sha:
-                return entry.version
-        return None

@@ -500,6 +500,7 @@ def _add_adapters(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         import json
 
+        from keyboard import adapter_diff
         from keyboard.adapter_store import AdapterStore
 
         store = AdapterStore.in_home(Home.from_env(), _model_dir(args))
@@ -521,10 +522,10 @@ def _add_adapters(sub: argparse._SubParsersAction) -> None:
         elif args.action == "rollback":
             print(f"rolled back; active adapter: {store.rollback()}")
         elif args.action == "export":
-            header = store.export_diff(args.version, args.out, base_version=args.base)
+            header = adapter_diff.export_diff(store, args.version, args.out, args.base)
             print(f"wrote {header['version']} - {header['base']['version']} to {args.out}")
         elif args.action == "import":
-            version = store.import_diff(args.file)
+            version = adapter_diff.import_diff(store, args.file)
             print(f"imported as {version}; serve it with `keyboard adapters use {version}`")
         return 0
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from keyboard.adapter_diff import export_diff, import_diff
 from keyboard.adapter_store import BASE, AdapterStore, AdapterStoreError, tensors_sha256
 from keyboard.artifacts import ArtifactSet
 from keyboard.paths import Home
@@ -127,22 +128,22 @@ def test_export_import_roundtrip(store: AdapterStore, tiny_llama: Path, tmp_path
     v2 = store.promote(_shifted(store, 0.03))
     full = tmp_path / "v2.npz"
     delta = tmp_path / "v2-v1.npz"
-    header = store.export_diff(v2, full)
+    header = export_diff(store, v2, full)
     assert header["base"]["version"] == BASE and header["model_fingerprint"] == store.fingerprint
-    store.export_diff(v2, delta, base_version=v1)
+    export_diff(store, v2, delta, base_version=v1)
     with np.load(full) as data:
         diff = {k: data[k] for k in data.files if not k.startswith("__")}
     assert all(np.allclose(v, 0.03) for v in diff.values())
     # A fresh store of the same model (another machine) imports the diff against the base.
     other = AdapterStore(tmp_path / "other", ArtifactSet.open(tiny_llama))
-    imported = other.import_diff(full)
+    imported = import_diff(other, full)
     assert imported == "v0001" and other.active() is None  # imported, not activated
     assert tensors_sha256(other.load(imported)) == tensors_sha256(store.load(v2))
     assert other.get(imported).metadata["origin_version"] == v2
     # The v1-relative diff needs v1's content, which `other` lacks.
     with pytest.raises(AdapterStoreError, match="does not have"):
-        other.import_diff(delta)
-    assert store.import_diff(delta) == "v0003"  # the exporting store has v1
+        import_diff(other, delta)
+    assert import_diff(store, delta) == "v0003"  # the exporting store has v1
     # A damaged or foreign file is refused with a clear message and nothing is added.
     with np.load(full) as data:
         arrays = {k: data[k] for k in data.files}
@@ -150,16 +151,16 @@ def test_export_import_roundtrip(store: AdapterStore, tiny_llama: Path, tmp_path
     arrays[name] = arrays[name] + 1
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(AdapterStoreError, match="damaged"):
-        other.import_diff(tmp_path / "bad.npz")
+        import_diff(other, tmp_path / "bad.npz")
     header = json.loads(arrays["__keyboard_diff__"].tobytes())
     header["model_fingerprint"] = "0" * 64
     arrays["__keyboard_diff__"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
     np.savez(tmp_path / "foreign.npz", **arrays)
     with pytest.raises(AdapterStoreError, match="exported for model"):
-        other.import_diff(tmp_path / "foreign.npz")
+        import_diff(other, tmp_path / "foreign.npz")
     np.savez(tmp_path / "plain.npz", **_shifted(store, 0.0))
     with pytest.raises(AdapterStoreError, match="not a keyboard adapter diff"):
-        other.import_diff(tmp_path / "plain.npz")
+        import_diff(other, tmp_path / "plain.npz")
     assert [e.version for e in other.versions()] == ["v0001"]
 
 
