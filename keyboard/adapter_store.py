@@ -253,12 +253,13 @@ class AdapterStore:
         """The version the ACTIVE pointer names ("base" when none), without checking it."""
         return self._pointer()["version"]
 
-    def active(self) -> tuple[str, Path, dict[str, Any]] | None:
+    def active(self, problems: list[str] | None = None) -> tuple[str, Path, dict[str, Any]] | None:
         """(version, adapter path, metadata) of the adapter to serve; None means the base model.
 
         A damaged or missing active version is skipped with a warning in favour of the one
         active before it (then older versions, newest first), else the base model; the
-        metadata's "fallback" says what happened.
+        metadata's "fallback" says what happened, and `problems` (when given) receives why
+        each skipped version was skipped.
         """
         pointer = self._pointer()
         wanted = pointer["version"]
@@ -266,7 +267,7 @@ class AdapterStore:
             return None
         candidates = [wanted] + pointer["previous"]
         candidates += [d.name for d in reversed(self._version_dirs()) if d.name not in candidates]
-        problems: list[str] = []
+        problems = [] if problems is None else problems
         for version in candidates:
             if version == BASE:
                 break

@@ -439,10 +439,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="ask the running daemon to run the job (it serves the result at once)")  # fmt: skip
 
     def run(args: argparse.Namespace) -> int:
+        import errno
         import json
         import signal
+        import traceback
 
         from keyboard import personalize
+        from keyboard.typing_log import full_disk_message
 
         if args.via_daemon:
             return _train_via_daemon(args)
@@ -451,8 +454,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             raise SystemExit(128 + signum)  # unwinds: the job is recorded as interrupted
 
         signal.signal(signal.SIGTERM, stop)
+        home: Home | None = None
         try:
             home = Home.from_env()
+            personalize.reserve_failure_record(home)  # while there is room for it
             config = personalize.JobConfig.load(home.job_config)
             if args.threads is not None:
                 config.threads = max(1, args.threads)
@@ -466,11 +471,24 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                 lr=args.lr,
                 force=args.force,
             )
-        except KeyboardError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the caller learns why
+            if isinstance(exc, KeyboardError):
+                reason = str(exc)
+            elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC and home is not None:
+                reason = f"the job could not write {exc.filename or home.root}: " + (
+                    full_disk_message(home.root) or "the disk is full; free some space, then retry"
+                )
+            else:
+                traceback.print_exc()
+                reason = f"{type(exc).__name__}: {exc}"
+            if home is not None:
+                personalize.record_failure(home, reason)
             if not args.json:
                 raise
-            print(json.dumps({"status": "failed", "reason": str(exc)}))
+            print(json.dumps({"status": "failed", "reason": reason}))
             return 1
+        if result.status == "failed":
+            personalize.record_failure(home, result.reason, result.job_id)
         if args.json:
             print(json.dumps(result.to_json()))
         else:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
+import os
+import signal
 import socket
+import struct
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,15 @@ DEFAULT_TIMEOUT_S = 30.0
 
 class DaemonNotRunning(KeyboardError):
     """Nothing answers on the daemon's socket."""
+
+
+class ForeignDaemon(DaemonNotRunning):
+    """The socket is served by a process of another user: not this user's daemon, and never
+    sent a byte."""
+
+
+class NoAnswer(KeyboardError):
+    """The daemon did not answer in time."""
 
 
 class DaemonClient:
@@ -56,23 +70,8 @@ class DaemonClient:
     def _connect(self) -> socket.socket:
         if self._sock is not None:
             return self._sock
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(str(self.socket_path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            raise DaemonNotRunning(
-                f"the keyboard daemon is not running (nothing at {self.socket_path}); "
-                "start it with `keyboard serve`"
-            ) from None
-        except OSError as exc:
-            sock.close()
-            raise DaemonNotRunning(
-                f"cannot reach the keyboard daemon at {self.socket_path}: {exc.strerror or exc}"
-            ) from None
-        self._sock = sock
-        return sock
+        self._sock = connect(self.socket_path, self.timeout)
+        return self._sock
 
     def is_running(self) -> bool:
         """True when a daemon answers `status`."""
@@ -107,7 +106,7 @@ class DaemonClient:
                     continue
                 except TimeoutError:
                     self._close()
-                    raise KeyboardError(
+                    raise NoAnswer(
                         f"the keyboard daemon at {self.socket_path} did not answer {method} in time"
                     ) from None
                 finally:
@@ -160,15 +159,89 @@ class _Closed(Exception):
     """The daemon closed the connection before answering."""
 
 
-def stop_daemon(socket_path: str | Path | None = None, timeout: float = 30.0) -> int:
-    """Ask the daemon to shut down (SIGTERM: it finishes requests in flight); its pid."""
-    import os
-    import signal
-    import time
+CONNECT_RETRY_S = 3.0  # how long a burst that fills the daemon's backlog is retried
 
-    with DaemonClient(socket_path, timeout=5.0) as client:
-        pid = int(client.call("status")["pid"])
-        os.kill(pid, signal.SIGTERM)
+
+def connect(path: Path, timeout: float | None = DEFAULT_TIMEOUT_S) -> socket.socket:
+    """A connection to the daemon at `path`, checked to be served by this user.
+
+    A full listen backlog (EAGAIN, a burst of clients) is retried for a few seconds. A socket
+    served by another user's process is refused before anything is sent (ForeignDaemon):
+    whoever can write to the socket's directory could otherwise listen in on what is typed.
+    """
+    deadline = time.monotonic() + CONNECT_RETRY_S
+    delay = 0.005
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise DaemonNotRunning(
+                f"the keyboard daemon is not running (nothing at {path}); "
+                "start it with `keyboard serve`"
+            ) from None
+        except BlockingIOError:  # EAGAIN: the backlog is full, the daemon is busy accepting
+            sock.close()
+            if time.monotonic() + delay > deadline:
+                raise DaemonNotRunning(
+                    f"the keyboard daemon at {path} accepts no connections (its backlog stayed "
+                    f"full for {CONNECT_RETRY_S:.0f} s); try again shortly"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+            continue
+        except OSError as exc:
+            sock.close()
+            raise DaemonNotRunning(
+                f"cannot reach the keyboard daemon at {path}: {exc.strerror or exc}"
+            ) from None
+        break
+    try:
+        check_peer(sock, path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a connected Unix socket (None where the
+    platform has no SO_PEERCRED)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def check_peer(sock: socket.socket, path: Path) -> None:
+    """Raise ForeignDaemon unless this user's process serves `sock`."""
+    uid = peer_uid(sock)
+    if uid is None:  # no SO_PEERCRED (macOS): the socket file's owner is the next best witness
+        uid = os.stat(path).st_uid
+    if uid != os.geteuid():
+        raise ForeignDaemon(
+            f"the socket {path} is served by another user (uid {uid}), not by your keyboard "
+            "daemon, so nothing was sent to it. Whoever can write to its directory could read "
+            "what you type: use a socket in a directory only you can write (the default, "
+            "--socket or KEYBOARD_SOCKET), and start your daemon there with `keyboard serve`"
+        )
+
+
+def stop_daemon(socket_path: str | Path | None = None, timeout: float = 30.0) -> int:
+    """Ask the daemon to shut down (SIGTERM: it finishes requests in flight); its pid.
+
+    The pid comes from the pid file beside the socket, which the daemon holds locked while
+    it runs, so `stop` works even when `status` cannot answer (a damaged typing log, a hung
+    model); a daemon of an older version without one is asked through `status`.
+    """
+    path = Path(socket_path) if socket_path else paths.socket_path()
+    pid = running_pid(path)
+    if pid is None:
+        with DaemonClient(path, timeout=5.0) as client:
+            pid = int(client.call("status")["pid"])
+    os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -177,6 +250,31 @@ def stop_daemon(socket_path: str | Path | None = None, timeout: float = 30.0) ->
             return pid
         time.sleep(0.05)
     raise KeyboardError(f"the daemon (pid {pid}) is still running after {timeout:.0f} s")
+
+
+def running_pid(socket_path: Path) -> int | None:
+    """The pid of the daemon serving `socket_path`, from its pid file: only while the daemon
+    holds the file's lock (so a pid left by a dead daemon, maybe reused since, is never
+    signalled), and only a file of this user's. None when no daemon holds it."""
+    path = paths.pid_file(socket_path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: a live daemon wrote it
+            data = json.loads(os.read(fd, 4096) or b"{}")
+            pid = int(data["pid"])
+            return pid if pid > 0 else None
+        return None  # nobody holds it: left by a daemon that died
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    finally:
+        os.close(fd)
 
 
 def describe_status(status: dict[str, Any]) -> str:
@@ -205,10 +303,14 @@ def describe_status(status: dict[str, Any]) -> str:
             else "none (the nightly job counts them)"
         )
     )
-    lines.append(
-        f"typing log   {typing_log.get('entries', 0):,} entries, "
-        f"{typing_log.get('words', 0):,} words" + (" (PAUSED)" if typing_log.get("paused") else "")
-    )
+    if typing_log.get("error"):
+        lines.append(f"typing log   UNAVAILABLE: {typing_log['error']}")
+    else:
+        lines.append(
+            f"typing log   {typing_log.get('entries', 0):,} entries, "
+            f"{typing_log.get('words', 0):,} words"
+            + (" (PAUSED)" if typing_log.get("paused") else "")
+        )
     running = person.get("running")
     last = person.get("last_job")
     if running:
@@ -216,13 +318,27 @@ def describe_status(status: dict[str, Any]) -> str:
     lines.append(
         "last job     "
         + (f"#{last.get('id')} {last.get('status')} {last.get('started')}" if last else "none")
+        + (f": {last.get('reason')}" if last and last.get("status") == "failed" else "")
     )
+    failure = person.get("last_failure")
+    if failure and _newer_failure(failure, last):
+        lines.append(f"last failure {failure.get('time')}: {failure.get('reason')}")
     lines.append(f"next job     {person.get('next_run') or 'not scheduled'}")
     lines.append(
         f"server       {server.get('connections')} connection(s), {server.get('served')} "
         f"requests served, RSS {server.get('rss_mb')} MB"
     )
     return "\n".join(lines)
+
+
+def _newer_failure(failure: dict[str, Any], last: dict[str, Any] | None) -> bool:
+    """A recorded job failure not already shown as the last job (and not older than it)."""
+    if not last:
+        return True
+    job = failure.get("job")
+    if job == last.get("id"):
+        return last.get("status") != "failed"  # the log could not record why it failed
+    return job is None or int(job) > int(last.get("id") or 0)
 
 
 def _duration(seconds: float) -> str:

@@ -119,6 +119,63 @@ class JobConfig:
         return cls.load(path)
 
 
+# --- why the last job failed ------------------------------------------------------------------
+FAILURE_RECORD_BYTES = 4096
+
+
+def reserve_failure_record(home: Home) -> None:
+    """Allocate the failure record now, while there is room: a job that fails because the
+    disk is full can then still say so, in place, where the typing log and daemon.log
+    cannot."""
+    try:
+        fd = os.open(home.job_failure, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return
+    try:
+        size = os.fstat(fd).st_size
+        if size < FAILURE_RECORD_BYTES:
+            os.pwrite(fd, b" " * (FAILURE_RECORD_BYTES - size), size)
+            os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def record_failure(home: Home, reason: str, job_id: int | None = None) -> bool:
+    """Keep why a job failed (the reason cut to fit the record); False when even that failed."""
+    record: dict[str, Any] = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "job": job_id,
+        "reason": reason,
+    }
+    data = json.dumps(record).encode()
+    while len(data) > FAILURE_RECORD_BYTES:
+        record["reason"] = record["reason"][: len(record["reason"]) * 3 // 4] + "..."
+        data = json.dumps(record).encode()
+    try:
+        fd = os.open(home.job_failure, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            os.pwrite(fd, data.ljust(FAILURE_RECORD_BYTES), 0)  # over the reserved bytes
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("cannot record why the job failed (%s): %s", exc, reason)
+        return False
+    return True
+
+
+def last_failure(home: Home) -> dict[str, Any] | None:
+    """The last recorded job failure: {time, job, reason}; None when none (or unreadable)."""
+    try:
+        with open(home.job_failure, "rb") as f:
+            record = json.loads(f.read(FAILURE_RECORD_BYTES).strip() or b"null")
+    except (OSError, ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) and "reason" in record else None
+
+
 # --- good manners -----------------------------------------------------------------------------
 POWER_SUPPLY = Path("/sys/class/power_supply")
 
@@ -171,9 +228,10 @@ def job_lock(home: Home) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise JobBusy(f"another personalization job is running ({_holder(fd)})") from None
-        os.ftruncate(fd, 0)
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "started": stamp}).encode(), 0)
+        with contextlib.suppress(OSError):  # who holds it is for messages; the flock is the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "started": stamp}).encode(), 0)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock

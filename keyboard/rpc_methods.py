@@ -17,6 +17,7 @@ from keyboard import protocol as rpc
 from keyboard.adapter_store import AdapterStore, forget_phrases
 from keyboard.job_log import JobLog
 from keyboard.paths import Home
+from keyboard.phrases import PhraseError, PhraseModel
 from keyboard.predictor import Predictor
 from keyboard.protocol import RpcError
 from keyboard.types import KeyboardError
@@ -25,14 +26,42 @@ from keyboard.typing_log import InvalidText, TypingLog, parse_time
 log = logging.getLogger("keyboard.server")
 
 T = TypeVar("T")
+REOPEN_S = 10.0  # how often an unavailable typing log is tried again
 
 
 class TypingLogThread:
-    """The typing log behind its one writer thread, with its failures as RPC errors."""
+    """The typing log behind its one writer thread, with its failures as RPC errors.
 
-    def __init__(self, typing_log: TypingLog, pool: ThreadPoolExecutor) -> None:
-        self.typing_log = typing_log
+    A log that cannot be opened (a full disk, a damaged file) does not stop the daemon: it
+    serves predictions, answers typing-log calls with the reason, and tries to open the log
+    again every REOPEN_S (`keep_open`), so freeing the disk is enough.
+    """
+
+    def __init__(self, path: Path, pool: ThreadPoolExecutor) -> None:
+        self.path = path
         self.pool = pool
+        self._typing_log: TypingLog | None = None
+        self.problem: str | None = None
+
+    def open(self) -> bool:
+        """Open the log (on its thread); False, with `problem` set and logged, if it fails."""
+        try:
+            self._typing_log = TypingLog(self.path)
+        except KeyboardError as exc:
+            if str(exc) != self.problem:
+                log.error("the typing log is unavailable, nothing is stored: %s", exc)
+            self.problem = str(exc)
+            return False
+        if self.problem is not None:
+            log.info("the typing log %s is open again", self.path)
+        self.problem = None
+        return True
+
+    @property
+    def typing_log(self) -> TypingLog:
+        if self._typing_log is None:
+            raise RpcError(rpc.TYPING_LOG_ERROR, f"the typing log is unavailable: {self.problem}")
+        return self._typing_log
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` on the typing log's thread."""
@@ -45,6 +74,18 @@ class TypingLogThread:
         except (KeyboardError, sqlite3.Error, OSError) as exc:
             log.error("typing log: %s", exc)
             raise RpcError(rpc.TYPING_LOG_ERROR, f"the typing log failed: {exc}") from exc
+
+    async def keep_open(self) -> None:
+        """While the log is unavailable, try to open it again every REOPEN_S."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(REOPEN_S)
+            if self._typing_log is None:
+                await loop.run_in_executor(self.pool, self.open)
+
+    def close(self) -> None:
+        if self._typing_log is not None:
+            self._typing_log.close()
 
 
 class RpcMethods:
@@ -71,6 +112,8 @@ class RpcMethods:
         self._infer_pool = infer_pool
         self._adapter_pool = adapter_pool
         self._pointer_seen: tuple[int, int] | None = None
+        # (version, adapter file, phrase file) served and what was wrong with them then
+        self._served: tuple[Any, list[str]] = (None, [])
         # Set by the daemon once the other parts exist: what `train` and `status` report on.
         self.train: Callable[[bool, bool], Awaitable[dict[str, Any]]] | None = None
         self.extra_status: Callable[[], dict[str, Any]] = dict
@@ -165,30 +208,58 @@ class RpcMethods:
             return await loop.run_in_executor(self._adapter_pool, self.reload_adapter)
         except RpcError:
             raise
-        except KeyboardError as exc:
+        except Exception as exc:  # noqa: BLE001 - a reload must never take a caller down
+            log.exception("reload failed")
             raise RpcError(rpc.MODEL_UNAVAILABLE, f"reload failed: {exc}") from exc
 
     def reload_adapter(self) -> dict[str, Any]:
-        """Serve the store's active adapter (the base model when there is none)."""
+        """Serve the store's active adapter (the base model when there is none) and say
+        exactly what is served: `adapter`, `loaded` (the active version with all its parts),
+        and a `message` naming what was damaged and what serves instead."""
         self._pointer_seen = _pointer_key(self._pointer_path())  # before reading: no lost change
-        active = self.adapter_store.active()
+        wanted = self.adapter_store.active_version
+        skipped: list[str] = []
+        problems: list[str] = []
+        try:
+            active = self.adapter_store.active(skipped)
+        except Exception as exc:  # noqa: BLE001 - the store itself unreadable: serve the base
+            log.error("the adapter store %s failed: %s", self.adapter_store.root, exc)
+            problems.append(f"the adapter store failed ({exc}); serving the base model")
+            active = None
+        phrases: PhraseModel | None = None
         if active is None:
-            ok = self.predictor.load_adapter(None, version="base")
+            self.predictor.load_adapter(None, version="base")
             self.adapter_metadata = {}
+            self._served = (None, [])
         else:
             version, path, metadata = active
-            phrases = self.adapter_store.phrases_path(version)
-            ok = self.predictor.load_adapter(path, version=version, phrases=phrases)
-            self.adapter_metadata = metadata if ok else {}
-        wanted = "base" if active is None else active[0]
-        log.info(
-            "serving adapter %s%s",
-            self.predictor.adapter_version,
-            "" if ok else f" ({wanted} would not load)",
-        )
-        out: dict[str, Any] = {"adapter": self.predictor.adapter_version, "loaded": bool(ok)}
-        if not ok:
-            out["message"] = f"adapter {wanted} could not be loaded; serving the base model"
+            if metadata.get("fallback"):
+                problems.append(metadata["fallback"])
+            phrases_path = self.adapter_store.phrases_path(version)
+            files = (version, _pointer_key(path), phrases_path and _pointer_key(phrases_path))
+            if files == self._served[0] and self.predictor.adapter_version == version:
+                problems += self._served[1]  # already served, as it is on disk: no rebuild
+            else:
+                part: list[str] = []
+                if phrases_path is not None:
+                    try:
+                        phrases = PhraseModel.load(phrases_path)
+                    except PhraseError as exc:
+                        log.warning("user phrases left out: %s", exc)
+                        part.append(f"its phrases are damaged ({exc}); served without them")
+                if not self.predictor.load_adapter(path, version=version, phrases=phrases):
+                    part.append(f"adapter {version} could not be loaded; serving the base model")
+                problems += part
+                served_ok = self.predictor.adapter_version == version
+                self._served = (files if served_ok else None, part)
+            self.adapter_metadata = metadata if self.predictor.adapter_version == version else {}
+        if active is None and skipped:
+            problems.append(f"{'; '.join(skipped)}; serving the base model")
+        served = self.predictor.adapter_version
+        log.info("serving adapter %s%s", served, f" ({'; '.join(problems)})" if problems else "")
+        out: dict[str, Any] = {"adapter": served, "loaded": served == wanted and not problems}
+        if problems:
+            out["message"] = "; ".join(problems)
         return out
 
     def adapter_changed(self) -> bool:
@@ -206,7 +277,10 @@ class RpcMethods:
         return await self.train(wait, force)
 
     async def status(self) -> dict[str, Any]:
-        stats, last_job = await self.log.run(self._log_status)
+        try:
+            stats, last_job = await self.log.run(self._log_status)
+        except RpcError as exc:  # a damaged or unavailable log: the rest of status still counts
+            stats, last_job = {"path": str(self.log.path), "error": exc.message}, None
         predictor = self.predictor
         manifest = predictor.artifacts.manifest
         extra = self.extra_status()

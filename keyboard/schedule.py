@@ -8,13 +8,12 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from keyboard.paths import Home
+from keyboard.paths import Home, keyboard_command
 from keyboard.types import KeyboardError
 
 if TYPE_CHECKING:
@@ -107,7 +106,7 @@ def unit_dir() -> Path:
 
 def job_command() -> list[str]:
     """The command a timer runs: this Python, so the venv needs no activation."""
-    return [sys.executable, "-m", "keyboard", "train"]
+    return keyboard_command("train")
 
 
 def _environment() -> dict[str, str]:

@@ -16,7 +16,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,10 @@ if TYPE_CHECKING:  # imported when the daemon loads: `serve` in the background s
 log = logging.getLogger("keyboard.server")
 
 SOCKET_PATH_MAX = 104  # sun_path is 104 bytes on macOS, 108 on Linux (with the NUL)
+# Connections waiting to be accepted; a burst of editors and scripts beyond it would get
+# EAGAIN (the kernel caps it at net.core.somaxconn, 4096 by default since Linux 5.4).
+LISTEN_BACKLOG = 4096
+RESTART_DELAY_S = (1.0, 60.0)  # a background task that fails is restarted after 1 s, 2 s, ...
 
 
 class AlreadyRunning(KeyboardError):
@@ -59,14 +63,18 @@ class ServeConfig:
 
 # --- one instance per home and socket -----------------------------------------------------------
 def _socket_answers(path: Path) -> bool:
-    """True when a process accepts connections on `path`; False when nothing listens there."""
+    """True when this user's process accepts connections on `path`; False when nothing
+    listens there. A listener of another user is an error, never "already running"."""
+    from keyboard.client import check_peer
+
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2.0)
     try:
         probe.connect(str(path))
+        check_peer(probe, path)
     except (ConnectionRefusedError, FileNotFoundError):
         return False
-    except TimeoutError:
+    except (TimeoutError, BlockingIOError):
         return True  # a full backlog: something is listening
     except PermissionError as exc:
         raise KeyboardError(f"cannot check the socket {path}: {exc.strerror}") from exc
@@ -90,9 +98,54 @@ def _claim_lock(lock_path: Path, socket_path: Path) -> int:
             f"keyboard is already running for {lock_path.parent} (pid {holder.get('pid', '?')}, "
             f"socket {holder.get('socket', '?')}); stop it with `keyboard stop` first"
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"pid": os.getpid(), "socket": str(socket_path)}).encode())
+    _describe_holder(fd, socket_path)
     return fd
+
+
+def _describe_holder(fd: int, socket_path: Path) -> None:
+    """Write who holds a lock into it, for messages and `keyboard stop`. On a full disk it
+    stays empty: the flock alone is the lock, and the daemon starts anyway."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "socket": str(socket_path)}).encode(), 0)
+    except OSError as exc:
+        log.warning("cannot write the lock file's holder: %s", exc)
+
+
+def _hold_pid_file(path: Path, socket_path: Path) -> int:
+    """Write and lock the pid file beside the socket for the daemon's lifetime (`keyboard
+    stop` trusts it only while locked). Returns its fd."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunning(f"keyboard is already running at {socket_path}") from None
+        _describe_holder(fd, socket_path)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+async def supervise(name: str, task: Callable[[], Awaitable[None]]) -> None:
+    """Run a background task for the daemon's lifetime: when it fails (or ends), log why and
+    start it again after a delay that doubles up to a minute. It never dies silently."""
+    delay = RESTART_DELAY_S[0]
+    while True:
+        started = time.monotonic()
+        try:
+            await task()
+            log.error("the %s stopped; restarting it in %.0f s", name, delay)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - logged with its traceback, then restarted
+            log.exception("the %s failed; restarting it in %.0f s", name, delay)
+        await asyncio.sleep(delay)
+        ran = time.monotonic() - started
+        delay = (
+            RESTART_DELAY_S[0] if ran > RESTART_DELAY_S[1] else min(delay * 2, RESTART_DELAY_S[1])
+        )
 
 
 def _bind(path: Path) -> socket.socket:
@@ -103,7 +156,10 @@ def _bind(path: Path) -> socket.socket:
             f"{SOCKET_PATH_MAX - 1}: pass a shorter --socket or set KEYBOARD_SOCKET"
         )
     if not path.parent.exists():
-        paths.private_dir(path.parent)  # an existing directory is the caller's choice
+        paths.private_dir(path.parent)
+    # Only a directory nobody else can write: else they could replace the socket (and read
+    # what is typed) or bind the path first. Bound where the directory really is.
+    path = paths.check_socket_dir(path.parent) / path.name
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
@@ -127,7 +183,7 @@ def _bind(path: Path) -> socket.socket:
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
-    sock.listen(256)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -156,6 +212,7 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock_fd: int | None = None
+        self._pid_fd: int | None = None
         self._socket_inode: int | None = None
 
     @property
@@ -177,10 +234,10 @@ class Daemon:
     def _load(self) -> None:
         """Open the model, the active adapter and the typing log (before serving starts)."""
         from keyboard.adapter_store import AdapterStore
+        from keyboard.personalize import reserve_failure_record
         from keyboard.predictor import Predictor
         from keyboard.rpc_methods import RpcMethods, TypingLogThread
         from keyboard.supervisor import JobSupervisor
-        from keyboard.typing_log import TypingLog
 
         home, model_dir = self.config.home, self.config.model_dir
         if not (model_dir / "manifest.json").is_file():
@@ -188,12 +245,15 @@ class Daemon:
                 f"no model at {model_dir}: pass --model DIR or set KEYBOARD_MODEL "
                 "(an artifact set made by `keyboard export`)"
             )
-        opened = self._log_pool.submit(TypingLog, home.typing_log)  # meanwhile, on its thread
+        paths.make_private(home.root)  # whatever an older version or a loose umask left
+        reserve_failure_record(home)  # while there is room: a job failing on a full disk says so
+        typing_log = TypingLogThread(home.typing_log, self._log_pool)
+        opened = self._log_pool.submit(typing_log.open)  # meanwhile, on its thread
         try:
             predictor = Predictor(model_dir, threads=self.config.threads)
             store = AdapterStore.in_home(home, predictor.artifacts)
         finally:
-            typing_log = TypingLogThread(opened.result(), self._log_pool)
+            opened.result()  # a log that will not open is reported; predictions are served
         methods = RpcMethods(
             home, predictor, typing_log, store, self._infer_pool, self._adapter_pool
         )
@@ -239,6 +299,7 @@ class Daemon:
         try:
             sock = _bind(path)
             self._socket_inode = path.stat().st_ino
+            self._pid_fd = _hold_pid_file(paths.pid_file(path), path)
             # Bound before the model loads: clients that connect meanwhile wait in the backlog
             # and a second daemon sees this one at once.
             server = await asyncio.start_unix_server(
@@ -265,9 +326,11 @@ class Daemon:
             )
             if on_ready is not None:
                 on_ready(self)
+            assert self.methods is not None
             background = [
-                asyncio.create_task(self.supervisor.run_schedule()),
-                asyncio.create_task(self.supervisor.watch_adapters()),
+                asyncio.create_task(supervise("schedule", self.supervisor.run_schedule)),
+                asyncio.create_task(supervise("adapter watcher", self.supervisor.watch_adapters)),
+                asyncio.create_task(supervise("typing log reopener", self.methods.log.keep_open)),
             ]
             await self._stop.wait()
             for task in background:
@@ -291,6 +354,7 @@ class Daemon:
         with contextlib.suppress(OSError):
             if self._socket_inode is not None and path.stat().st_ino == self._socket_inode:
                 path.unlink()  # only our own: a successor may already have replaced it
+                paths.pid_file(path).unlink()  # ours too: only we wrote it beside our socket
 
     async def _shutdown(self, server: asyncio.AbstractServer) -> None:
         self.connections.stopping = True
@@ -302,16 +366,16 @@ class Daemon:
 
     def _close_resources(self) -> None:
         if self.methods is not None:
-            typing_log = self.methods.typing_log
             try:
-                self._log_pool.submit(typing_log.close).result(timeout=30)
+                self._log_pool.submit(self.methods.log.close).result(timeout=30)
             except Exception as exc:  # noqa: BLE001 - shutting down: report, keep going
                 log.error("closing the typing log failed: %s", exc)
         for pool in (self._infer_pool, self._log_pool, self._adapter_pool):
             pool.shutdown(wait=True, cancel_futures=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
+        for fd in (self._pid_fd, self._lock_fd):
+            if fd is not None:
+                os.close(fd)  # releases the flock
+        self._pid_fd = self._lock_fd = None
 
     def _reload_soon(self) -> None:
         assert self.supervisor is not None
@@ -354,14 +418,23 @@ def run_in_thread(config: ServeConfig) -> tuple[Daemon, threading.Thread]:
 def start_background(
     config: ServeConfig, log_path: Path | None = None, timeout: float = 60.0
 ) -> dict[str, Any]:
-    """Start the daemon as a detached process and return its `status` once it answers."""
+    """Start the daemon as a detached process and return its `status` once it answers.
+
+    Whatever goes wrong after the process started (it does not answer in time, answers with
+    an error, the caller is interrupted), it is stopped before this raises: a failed
+    `keyboard serve` never leaves a daemon behind.
+    """
     import subprocess
 
-    from keyboard.client import DaemonClient, DaemonNotRunning
+    from keyboard.client import DaemonClient, ForeignDaemon
 
     socket_path = config.socket_path
     probe = DaemonClient(socket_path, timeout=5.0)
-    if probe.is_running():
+    try:
+        running = probe.is_running()
+    except ForeignDaemon:
+        running = False  # the daemon's own checks refuse that socket, with the fix
+    if running:
         raise AlreadyRunning(f"keyboard is already running at {socket_path}")
     log_path = log_path or config.home.daemon_log
     with contextlib.suppress(FileNotFoundError):
@@ -369,9 +442,8 @@ def start_background(
             log_path.replace(log_path.with_name(log_path.name + ".1"))
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     start = os.lseek(fd, 0, os.SEEK_END)
-    command = [sys.executable, "-m", "keyboard", "serve", "--foreground"]
-    command += ["--socket", str(socket_path), "--model", str(config.model_dir)]
-    command += ["--threads", str(config.threads)]
+    command = paths.keyboard_command("serve", "--foreground", "--socket", str(socket_path))
+    command += ["--model", str(config.model_dir.resolve()), "--threads", str(config.threads)]
     # glibc gives each thread its own malloc arena; the daemon's few threads then hold on to
     # freed memory. Two arenas keep the resident size down at no measurable cost in speed.
     env = {"MALLOC_ARENA_MAX": "2", **os.environ, "KEYBOARD_HOME": str(config.home.root)}
@@ -387,6 +459,23 @@ def start_background(
         )
     finally:
         os.close(fd)
+    try:
+        status = _await_ready(process, probe, log_path, start, timeout)
+    except BaseException:
+        _stop_child(process)
+        raise
+    finally:
+        probe.close()
+    status["log"] = str(log_path)
+    return status
+
+
+def _await_ready(
+    process: Any, probe: Any, log_path: Path, start: int, timeout: float
+) -> dict[str, Any]:
+    """The started daemon's `status`, once it answers."""
+    from keyboard.client import DaemonNotRunning, NoAnswer
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -397,13 +486,32 @@ def start_background(
             errors = [ln.removeprefix("keyboard: ") for ln in lines if ln.startswith("keyboard: ")]
             reason = "\n  ".join(errors or lines[-5:]) or "no output"
             raise KeyboardError(f"the daemon did not start (see {log_path}):\n  {reason}")
-        try:
-            status = probe.call("status")
-        except DaemonNotRunning:
+        try:  # while the model loads, the request waits in the backlog: never past the deadline
+            status = probe.call("status", timeout=max(0.05, deadline - time.monotonic()))
+        except (DaemonNotRunning, NoAnswer):
             probe.close()
             time.sleep(0.05)
             continue
+        except rpc.RpcError as exc:
+            raise KeyboardError(
+                f"the daemon started but its status failed ({exc.message}); it was stopped, "
+                f"see {log_path}"
+            ) from None
         if status.get("pid") == process.pid:
-            status["log"] = str(log_path)
             return status
-    raise KeyboardError(f"the daemon did not answer within {timeout:.0f} s; see {log_path}")
+        time.sleep(0.05)
+    raise KeyboardError(
+        f"the daemon did not answer within {timeout:.0f} s, so it was stopped; see {log_path}"
+    )
+
+
+def _stop_child(process: Any) -> None:
+    """SIGTERM a daemon that did not come up, then SIGKILL if it does not go."""
+    with contextlib.suppress(ProcessLookupError):
+        process.terminate()
+    try:
+        process.wait(timeout=10)
+    except Exception:  # noqa: BLE001 - TimeoutExpired, or interrupted again
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        process.wait()

@@ -7,8 +7,10 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +19,8 @@ from typing import Any
 from keyboard import protocol as rpc
 from keyboard import schedule
 from keyboard.job_log import JobLog
+from keyboard.paths import keyboard_command
+from keyboard.personalize import last_failure, record_failure
 from keyboard.protocol import RpcError
 from keyboard.rpc_methods import RpcMethods
 
@@ -25,6 +29,7 @@ log = logging.getLogger("keyboard.server")
 JOB_ID_WAIT_S = 3.0  # how long `train` looks for the job's row in the typing log
 ADAPTER_POLL_S = 5.0  # how often the daemon looks for a newly activated adapter
 JOB_STOP_S = 10.0  # how long shutdown lets a personalization job stop before killing it
+STDERR_TAIL_LINES = 40  # of a job's stderr, kept to say why it died
 SCHEDULE_RECHECK_S = 3600.0  # the schedule looks again at least hourly: clocks and sleeps drift
 
 
@@ -51,14 +56,21 @@ class JobSupervisor:
         self.job: Job | None = None
         self.next_scheduled: datetime | None = None
         self.stopping = False
+        self.last_failure: dict[str, Any] | None = None  # also kept in home.job_failure
 
     def status(self) -> dict[str, Any]:
         job = self.job
+        recorded = last_failure(self.home)
+        mine = self.last_failure
         return {
             "running": None
             if job is None
             else {"job": job.job_id, "pid": job.process.pid, "started": job.started},
             "next_run": None if self.next_scheduled is None else self.next_scheduled.isoformat(),
+            # why the last job failed, even when the typing log could not record it
+            "last_failure": mine
+            if mine and (not recorded or mine["time"] > recorded.get("time", ""))
+            else recorded,
         }
 
     async def train(self, wait: bool, force: bool) -> dict[str, Any]:
@@ -84,7 +96,7 @@ class JobSupervisor:
             )
         # The child works on this daemon's home and model, whatever the shell had set.
         env = dict(os.environ, KEYBOARD_HOME=str(self.home.root))
-        command = [sys.executable, "-m", "keyboard", "train", "--json"]
+        command = keyboard_command("train", "--json")
         command += ["--model", str(self.model_dir)] + (["--force"] if force else [])
         # Its own session: a Ctrl-C meant for the daemon's terminal does not kill the job
         # mid-write; shutdown stops it explicitly.
@@ -92,8 +104,10 @@ class JobSupervisor:
             *command,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,  # kept in memory too: daemon.log may be on a full disk
             env=env,
             start_new_session=True,
+            limit=2**20,
         )
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         job = Job(process, started, reason)
@@ -121,15 +135,22 @@ class JobSupervisor:
 
     async def _finish(self, job: Job) -> dict[str, Any]:
         try:
-            stdout, _ = await job.process.communicate()
-            code = job.process.returncode
+            assert job.process.stdout is not None and job.process.stderr is not None
+            tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+            stdout, _ = await asyncio.gather(
+                job.process.stdout.read(), _forward(job.process.stderr, tail)
+            )
+            code = await job.process.wait()
             lines = [ln for ln in stdout.decode("utf-8", "replace").splitlines() if ln.strip()]
             try:
                 result = json.loads(lines[-1]) if lines else None
             except ValueError:
                 result = None
             log.info("personalization job (pid %d) ended with exit code %s", job.process.pid, code)
-            if job.job_id is None and isinstance(result, dict):
+            reported = isinstance(result, dict)  # a failed job records why itself
+            if not isinstance(result, dict):  # it died before it could say why: its stderr does
+                result = {"status": "failed", "reason": _death(code, tail)}
+            if job.job_id is None:
                 job.job_id = result.get("job_id")
             out: dict[str, Any] = {
                 "job": job.job_id,
@@ -137,6 +158,17 @@ class JobSupervisor:
                 "exit_code": code,
                 "result": result,
             }
+            failed = result.get("status") == "failed" or code != 0
+            if failed and result.get("status") != "busy" and not self.stopping:
+                reason = str(result.get("reason") or _death(code, tail))
+                out["reason"] = reason
+                self.last_failure = {
+                    "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "job": job.job_id,
+                    "reason": reason,
+                }
+                if not reported:
+                    record_failure(self.home, reason, job.job_id)
             # The job is over once its adapter is served: `status` never shows a finished job
             # with the old adapter still in place.
             if code == 0 and not self.stopping:
@@ -187,10 +219,9 @@ class JobSupervisor:
             now = datetime.now(timezone.utc)
             try:
                 self.next_scheduled = schedule.next_run(now, schedule.configured_at(self.home))
-            except Exception:  # noqa: BLE001 - a broken schedule must not stop serving
-                log.exception("the personalization schedule failed; not training on a timer")
+            except BaseException:
                 self.next_scheduled = None
-                return
+                raise  # the daemon's supervisor logs it and runs the schedule again
             delay = max(1.0, (self.next_scheduled - now).total_seconds())
             await asyncio.sleep(min(delay, SCHEDULE_RECHECK_S))
             if datetime.now(timezone.utc) < self.next_scheduled or self.job is not None:
@@ -207,3 +238,30 @@ class JobSupervisor:
                 log.warning("scheduled personalization did not start: %s", exc.message)
             except Exception:  # noqa: BLE001
                 log.exception("scheduled personalization failed to start")
+
+
+async def _forward(stream: asyncio.StreamReader, tail: deque[str]) -> None:
+    """Copy a job's stderr to the daemon's (its log) line by line, keeping the last lines."""
+    while True:
+        try:
+            line = await stream.readline()
+        except ValueError:  # a line over the limit: take it in pieces
+            line = await stream.read(65536)
+        if not line:
+            return
+        text = line.decode("utf-8", "replace").rstrip()
+        if text and not text.startswith("{"):  # progress events are JSON; reasons are not
+            tail.append(text)
+        with contextlib.suppress(OSError, ValueError):  # a full disk must not stop the job
+            sys.stderr.write(line.decode("utf-8", "replace"))
+            sys.stderr.flush()
+
+
+def _death(code: int | None, tail: deque[str]) -> str:
+    """Why a job that reported nothing ended: its last stderr line, or how it was stopped."""
+    how = (
+        f"killed by {signal.Signals(-code).name}"
+        if code is not None and code < 0
+        else f"exit code {code}"
+    )
+    return f"the job ended ({how}) without a report" + (f": {tail[-1]}" if tail else "")

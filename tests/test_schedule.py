@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import shlex
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -11,7 +11,7 @@ import pytest
 
 from keyboard import personalize, schedule
 from keyboard.cli import main
-from keyboard.paths import Home
+from keyboard.paths import Home, keyboard_command
 from keyboard.types import KeyboardError
 from keyboard.typing_log import TypingLog
 
@@ -102,7 +102,7 @@ def test_systemd_install_remove_round_trip(
     assert main(["schedule", "install", "--mode", "systemd", "--no-enable", "--at", "05:15"]) == 0
     service = (units / "keyboard-train.service").read_text()
     timer = (units / "keyboard-train.timer").read_text()
-    assert f"ExecStart={sys.executable} -m keyboard train" in service
+    assert f"ExecStart={shlex.join(keyboard_command('train'))}" in service
     assert f"Environment=KEYBOARD_HOME={tmp_path / 'kbhome'}" in service
     assert "Type=oneshot" in service and "Nice=10" in service
     assert "ConditionACPower=true" in service  # train_on_battery is off by default
@@ -127,7 +127,7 @@ def test_systemd_install_remove_round_trip(
 def test_cron_line_and_crontab_edit(home: Home) -> None:
     line = schedule.cron_line("03:07")
     assert line.startswith("7 3 * * * ")
-    assert f"nice -n 10 {sys.executable} -m keyboard train" in line
+    assert f"nice -n 10 {shlex.join(keyboard_command('train'))}" in line
     assert line.endswith(schedule.CRON_MARK)
     mine = "0 1 * * * backup.sh\n"
     added = schedule.crontab_with(mine, line)
