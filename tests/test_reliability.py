@@ -44,6 +44,24 @@ def root() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def disk() -> Iterator[Path]:
+    """A small tmpfs to fill up; skipped where the runner may not mount one (not root):
+    tests/test_typing_log.py then covers the full-disk message with a simulated ENOSPC."""
+    with small_disk() as mounted:
+        if mounted is None:
+            pytest.skip("cannot mount a tmpfs here (not root)")
+        yield mounted
+
+
+def until(condition: Any, what: str, timeout: float = 20.0) -> None:
+    """Wait for `condition()` to hold, polling."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting: {what}"
+        time.sleep(0.05)
+
+
 def _versions(home: Home, model: Path) -> tuple[AdapterStore, str, str]:
     """A store with a good v0001 and an active v0002 (with phrases)."""
     store = AdapterStore.in_home(home, ArtifactSet.open(model))
@@ -152,17 +170,11 @@ def test_the_adapter_watcher_survives_a_failure_and_picks_up_a_switch(
         monkeypatch.setattr(rpc_methods, "log", logging.getLogger("keyboard.test.quiet"))
         with caplog.at_level(logging.ERROR, logger="keyboard.server"):
             store.use(good)  # first noticed by a watcher whose reload raises
-            deadline = time.monotonic() + 20
-            while served.call("status")["adapter"]["version"] != good:
-                assert time.monotonic() < deadline, "the switch was never picked up"
-                time.sleep(0.05)
+            until(lambda: served.call("status")["adapter"]["version"] == good, "switch seen")
         assert len(calls) >= 2
         assert "reload failed" in caplog.text or "adapter watcher failed" in caplog.text
         store.use(newest)  # and the watcher still runs afterwards
-        deadline = time.monotonic() + 20
-        while served.call("status")["adapter"]["version"] != newest:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        until(lambda: served.call("status")["adapter"]["version"] == newest, "switch back")
     finally:
         served.close()
 
@@ -222,7 +234,7 @@ def _observe_words(home: Home, n: int) -> None:
 
 
 def test_a_daemon_on_a_full_disk_serves_names_it_and_recovers(
-    tiny_llama: Path, root: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_llama: Path, root: Path, disk: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Failure 2: restarting on a full disk called the intact database "not a usable typing
     log ... move it away". Now the daemon starts, predicts, says the disk is full, and opens
@@ -230,62 +242,51 @@ def test_a_daemon_on_a_full_disk_serves_names_it_and_recovers(
     from keyboard import rpc_methods
 
     monkeypatch.setattr(rpc_methods, "REOPEN_S", 0.1)
-    with small_disk() as disk:
-        if disk is None:
-            pytest.skip("cannot mount a tmpfs here (not root); tests/test_typing_log.py "
-                        "covers the message with a simulated ENOSPC")  # fmt: skip
-        home = Home.at(disk / "home")
-        _observe_words(home, 20)
-        filler = fill(disk)
-        served = InThread(tiny_llama, home, root / "s.sock")
-        try:
-            assert served.call("predict", context="Thank you for your ")["candidates"]
-            with pytest.raises(RpcError) as err:
-                served.call("observe", text="hello there", source="t")
-            assert err.value.code == -32002
-            assert "is full" in err.value.message and "move it away" not in err.value.message
-            log_status = served.call("status")["typing_log"]
-            assert "is full" in log_status["error"]
-            filler.unlink()
-            deadline = time.monotonic() + 20
-            while "error" in served.call("status")["typing_log"]:
-                assert time.monotonic() < deadline, "the log was never opened again"
-                time.sleep(0.05)
-            assert served.call("observe", text="hello again", source="t")["stored"]
-            assert served.call("status")["typing_log"]["entries"] == 21
-        finally:
-            served.close()
+    home = Home.at(disk / "home")
+    _observe_words(home, 20)
+    filler = fill(disk)
+    served = InThread(tiny_llama, home, root / "s.sock")
+    try:
+        assert served.call("predict", context="Thank you for your ")["candidates"]
+        with pytest.raises(RpcError) as err:
+            served.call("observe", text="hello there", source="t")
+        assert err.value.code == -32002
+        assert "is full" in err.value.message and "move it away" not in err.value.message
+        log_status = served.call("status")["typing_log"]
+        assert "is full" in log_status["error"]
+        filler.unlink()
+        until(lambda: "error" not in served.call("status")["typing_log"], "log reopened")
+        assert served.call("observe", text="hello again", source="t")["stored"]
+        assert served.call("status")["typing_log"]["entries"] == 21
+    finally:
+        served.close()
 
 
 def test_train_on_a_full_disk_says_why_in_the_answer_and_in_status(
-    tiny_llama: Path, root: Path
+    tiny_llama: Path, root: Path, disk: Path
 ) -> None:
     """Failure 2: `train` on a full disk answered {exit_code: 1, result: null}; the reason went
     to daemon.log, on the same full disk, and was lost."""
     from keyboard.client import describe_status
     from keyboard.personalize import last_failure
 
-    with small_disk() as disk:
-        if disk is None:
-            pytest.skip("cannot mount a tmpfs here (not root); "
-                        "test_a_job_that_dies_says_how covers the reason's way")  # fmt: skip
-        home = Home.at(disk / "home")
-        _observe_words(home, 40)
-        served = InThread(tiny_llama, home, root / "s.sock")
-        try:
-            filler = fill(disk)
-            done = served.call("train", wait=True, force=True, timeout=None)
-            assert done["exit_code"] == 1 and done["result"]["status"] == "failed"
-            assert "full" in done["reason"], done
-            status = served.call("status")
-            assert "full" in status["personalization"]["last_failure"]["reason"]
-            assert "full" in describe_status(status)
-            recorded = last_failure(home)  # written in place on the full disk
-            assert recorded is not None and "full" in recorded["reason"]
-            filler.unlink()
-        finally:
-            served.close()
-        assert "full" in last_failure(home)["reason"]  # survives the daemon
+    home = Home.at(disk / "home")
+    _observe_words(home, 40)
+    served = InThread(tiny_llama, home, root / "s.sock")
+    try:
+        filler = fill(disk)
+        done = served.call("train", wait=True, force=True, timeout=None)
+        assert done["exit_code"] == 1 and done["result"]["status"] == "failed"
+        assert "full" in done["reason"], done
+        status = served.call("status")
+        assert "full" in status["personalization"]["last_failure"]["reason"]
+        assert "full" in describe_status(status)
+        recorded = last_failure(home)  # written in place on the full disk
+        assert recorded is not None and "full" in recorded["reason"]
+        filler.unlink()
+    finally:
+        served.close()
+    assert "full" in last_failure(home)["reason"]  # survives the daemon
 
 
 def test_a_job_that_dies_says_how(
@@ -301,10 +302,7 @@ def test_a_job_that_dies_says_how(
     try:
         started = served.call("train", force=True)
         os.kill(started["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while served.call("status")["personalization"]["running"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        until(lambda: not served.call("status")["personalization"]["running"], "job over")
         status = served.call("status")
         assert "SIGKILL" in status["personalization"]["last_failure"]["reason"]
         assert "SIGKILL" in last_failure(home)["reason"]
