@@ -553,6 +553,13 @@ def _add_adapters(sub: argparse._SubParsersAction) -> None:
 def _describe_version(meta: dict) -> str:
     if "error" in meta:
         return f"{meta.get('version', '?')}  {meta['error']}"
+    try:
+        return _version_line(meta)
+    except (KeyError, TypeError, ValueError, AttributeError):  # odd metadata: still listed
+        return f"{meta.get('version', '?')}  (its metadata is damaged)"
+
+
+def _version_line(meta: dict) -> str:
     text = f"{meta['version']}  {meta.get('created', '')}  {meta.get('source', '')}"
     metrics = meta.get("metrics") or {}
     before, after = metrics.get("before"), metrics.get("after")

@@ -75,7 +75,7 @@ def check_socket_dir(directory: Path) -> Path:
             f"the socket directory {real} belongs to another user (uid {st.st_uid}), who could "
             f"replace the socket and read what you type; {fix}"
         )
-    if st.st_mode & 0o022:
+    if _others_can_write(st):
         raise KeyboardError(
             f"the socket directory {real} can be written by other users (mode "
             f"{stat.S_IMODE(st.st_mode):04o}), who could replace the socket and read what you "
@@ -88,13 +88,31 @@ def check_socket_dir(directory: Path) -> Path:
                 f"{parent}, above the socket directory {real}, belongs to another user (uid "
                 f"{pst.st_uid}), who could swap the directory for one of their own; {fix}"
             )
-        if pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX:
+        if _others_can_write(pst) and not pst.st_mode & stat.S_ISVTX:
             raise KeyboardError(
                 f"{parent}, above the socket directory {real}, can be written by other users "
                 f"(mode {stat.S_IMODE(pst.st_mode):04o}), who could swap the directory for one "
                 f"of their own; {fix}"
             )
     return real
+
+
+def _others_can_write(st: os.stat_result) -> bool:
+    """Whether users other than this one may write to a directory with status `st`. Group
+    write is fine for a user private group (the user's own, with no other members)."""
+    if st.st_mode & 0o002:
+        return True
+    if not st.st_mode & 0o020 or st.st_gid != os.getegid():
+        return bool(st.st_mode & 0o020)
+    try:
+        import grp
+        import pwd
+
+        members = set(grp.getgrgid(st.st_gid).gr_mem)
+        me = pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return True
+    return not members <= {me}
 
 
 def pid_file(socket_path: Path) -> Path:
