@@ -30,8 +30,8 @@ from keyboard.phrases import PhraseModel
 from keyboard.protocol import RpcError
 from keyboard.typing_log import TypingLog
 from tests.daemon_process import daemon_env, short_dir, start_daemon
+from tests.damage import mutate
 from tests.full_disk import fill, small_disk
-from tests.test_damaged_files import mutate
 
 REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
