@@ -25,6 +25,7 @@ from keyboard import server
 from keyboard.adapter_store import PHRASES_FILE, AdapterStore
 from keyboard.artifacts import ArtifactSet
 from keyboard.client import DaemonClient, DaemonNotRunning, ForeignDaemon
+from keyboard.job_log import JobLog
 from keyboard.paths import Home
 from keyboard.phrases import PhraseModel
 from keyboard.protocol import RpcError
@@ -621,7 +622,7 @@ def test_a_killed_job_is_not_shown_running(tiny_llama: Path, root: Path) -> None
     home = Home.at(root / "home")
     with TypingLog(home.typing_log) as log:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-        job = log.start_job()
+        job = JobLog(log).start()
         log.db.execute("UPDATE jobs SET pid = ? WHERE id = ?", [child.pid, job])
     served = InThread(tiny_llama, home, root / "s.sock")
     try:
