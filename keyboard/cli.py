@@ -320,6 +320,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         )
         print(f"log: {status['log']}; stop it with `keyboard stop`")
         print('ask it for the next word: keyboard predict "Thank you for your "')
+        problem = (status.get("typing_log") or {}).get("error")
+        if problem:  # it predicts, but stores nothing until the log opens again
+            print(f"keyboard: warning: nothing typed is stored for now: {problem}", file=sys.stderr)
         return 0
 
     p.set_defaults(func=run_serve)

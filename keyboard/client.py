@@ -11,6 +11,7 @@ import socket
 import struct
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -332,13 +333,18 @@ def describe_status(status: dict[str, Any]) -> str:
 
 
 def _newer_failure(failure: dict[str, Any], last: dict[str, Any] | None) -> bool:
-    """A recorded job failure not already shown as the last job (and not older than it)."""
+    """A recorded job failure worth showing: not already the last job's own line, and not
+    older than the last job (a later job that ran makes it history)."""
     if not last:
         return True
-    job = failure.get("job")
-    if job == last.get("id"):
+    if failure.get("job") is not None and failure.get("job") == last.get("id"):
         return last.get("status") != "failed"  # the log could not record why it failed
-    return job is None or int(job) > int(last.get("id") or 0)
+    try:
+        failed = datetime.fromisoformat(str(failure.get("time")).replace("Z", "+00:00"))
+        started = datetime.fromisoformat(str(last.get("started")).replace("Z", "+00:00"))
+        return failed >= started
+    except ValueError:
+        return True
 
 
 def _duration(seconds: float) -> str:

@@ -633,3 +633,19 @@ def test_a_killed_job_is_not_shown_running(tiny_llama: Path, root: Path) -> None
         assert last["status"] == "interrupted" and last["id"] == job
     finally:
         served.close()
+
+
+def test_status_shows_a_job_failure_until_a_later_job_runs() -> None:
+    from keyboard.client import describe_status
+
+    failure = {"time": "2026-11-29T16:58:09+00:00", "job": None, "reason": "the disk is full"}
+
+    def shown(last: dict[str, Any] | None) -> bool:
+        person = {"last_failure": failure, "last_job": last}
+        return "the disk is full" in describe_status({"personalization": person})
+
+    assert shown(None)
+    assert shown({"id": 3, "status": "promoted", "started": "2026-11-29T16:50:00.000000Z"})
+    assert not shown({"id": 4, "status": "promoted", "started": "2026-11-29T17:00:00.000000Z"})
+    failure["job"] = 4  # the log recorded the start, but not why it failed (full disk)
+    assert shown({"id": 4, "status": "interrupted", "started": "2026-11-29T17:00:00.000000Z"})
