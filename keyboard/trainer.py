@@ -104,6 +104,7 @@ class LoraTrainer:
         )
         self.optimizer = api.Optimizer(str(training / "optimizer_model.onnx"), self.module)
         self.lora_names = list(artifacts.lora_shapes)
+        self._buffer_names: list[str] | None = None
         if adapter is not None:
             self.set_adapter(adapter)
 
@@ -114,6 +115,46 @@ class LoraTrainer:
     def adapter(self) -> Adapter:
         """The current LoRA tensors (copies)."""
         return {n: np.array(self.state.parameters[n].data, copy=True) for n in self.lora_names}
+
+    def trainable_names(self) -> list[str]:
+        """The LoRA tensor names in the order of the session's contiguous trainable buffer.
+
+        Found once by loading distinct values per tensor and reading the buffer back, so the
+        layout is what ORT does, not what the manifest happens to list."""
+        if self._buffer_names is None:
+            saved = self.adapter()
+            self.set_adapter(
+                {n: np.full(a.shape, i + 1, np.float32) for i, (n, a) in enumerate(saved.items())}
+            )
+            flat = self.module.get_contiguous_parameters(trainable_only=True).numpy()
+            order: list[str] = []
+            offset = 0
+            while offset < flat.size:
+                name = self.lora_names[int(flat[offset]) - 1]
+                order.append(name)
+                offset += int(np.prod(saved[name].shape))
+            self.set_adapter(saved)
+            if sorted(order) != sorted(self.lora_names) or offset != flat.size:
+                raise RuntimeError("the trainable buffer is not made of the LoRA tensors")
+            self._buffer_names = order
+        return self._buffer_names
+
+    def trainable_buffer(self) -> np.ndarray:
+        """All LoRA tensors as one float32 vector (a copy), in `trainable_names()` order.
+
+        `trainable_only` is spelled out on both sides: ORT reads every weight of the model by
+        default (trainable_only=False) but writes only the trainable ones (True)."""
+        return np.array(self.module.get_contiguous_parameters(trainable_only=True).numpy())
+
+    def load_trainable_buffer(self, flat: np.ndarray) -> None:
+        """Write a vector from `trainable_buffer()` (or of its layout) into the LoRA tensors."""
+        flat = np.ascontiguousarray(flat, dtype=np.float32).reshape(-1)
+        size = self.module.get_parameters_size(trainable_only=True)
+        if flat.size != size:
+            raise ValueError(f"the LoRA buffer holds {size} values, not {flat.size}")
+        value = runtime.onnxruntime().OrtValue.ortvalue_from_numpy(flat)
+        # The 1.19 wrapper hands its argument to the C module as is, which wants the C value.
+        self.module.copy_buffer_to_parameters(value._ortvalue, trainable_only=True)
 
     def batches(self, texts: Iterable[str], seq_len: int = 64, batch_size: int = 8) -> list[Batch]:
         tokenizer = self.artifacts.tokenizer()

@@ -633,3 +633,18 @@ class TypingLog:
                 return
             yield from page
             last = page[-1][0]
+
+    @_guarded
+    def iter_entries(self, after: int = 0) -> Iterator[tuple[int, str, str, int]]:
+        """(id, source, text, words) of entries with id > `after`, oldest first, in pages."""
+        last = after
+        while True:
+            with self._lock:
+                page = self.db.execute(
+                    "SELECT id, source, text, words FROM entries WHERE id > ? ORDER BY id LIMIT 500",
+                    [last],
+                ).fetchall()
+            if not page:
+                return
+            yield from page
+            last = page[-1][0]

@@ -1,0 +1,1 @@
+"""Federated learning on Flower: the community LoRA adapter, trained where the text is."""

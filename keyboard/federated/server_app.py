@@ -1,0 +1,319 @@
+"""The ServerApp: FedAvg of the machines' community-adapter updates, clipped on the machines,
+noised centrally, summed under SecAgg+; every round's adapter saved as an importable artifact.
+
+Run config (pyproject.toml, `[tool.flwr.app.config]`; `flwr run --run-config` overrides):
+num-server-rounds, min-clients, local-steps, lr, batch-size, clipping-norm, noise-multiplier,
+secure-aggregation, round-timeout, out-dir, model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Error, Message
+from flwr.common import (
+    Code,
+    FitRes,
+    Parameters,
+    Scalar,
+    bytes_to_ndarray,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid, ServerApp
+
+from keyboard.artifacts import ArtifactSet
+from keyboard.federated.community import CommunityStore, UpdateRules, resolve_model
+from keyboard.federated.privacy import DELTA, gaussian_epsilon
+
+log = logging.getLogger("keyboard.federated")
+
+MODULUS = 2**32  # SecAgg+ mask range (Flower's default)
+QUANTIZATION = 2**22
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The federation's settings, from the run config."""
+
+    rounds: int = 3
+    min_clients: int = 2
+    local_steps: int = 20
+    lr: float = 1e-3
+    batch_size: int = 8
+    clipping_norm: float = 0.5
+    noise_multiplier: float = 1.0
+    secure_aggregation: bool = True
+    round_timeout: float = 600.0  # a machine that has not answered by then is left out
+    out_dir: str = "community"
+    model: str = ""
+
+    @classmethod
+    def from_run_config(cls, config: dict[str, Any]) -> ServerSettings:
+        keys = {
+            "num-server-rounds": ("rounds", int),
+            "min-clients": ("min_clients", int),
+            "local-steps": ("local_steps", int),
+            "lr": ("lr", float),
+            "batch-size": ("batch_size", int),
+            "clipping-norm": ("clipping_norm", float),
+            "noise-multiplier": ("noise_multiplier", float),
+            "secure-aggregation": ("secure_aggregation", bool),
+            "round-timeout": ("round_timeout", float),
+            "out-dir": ("out_dir", str),
+            "model": ("model", str),
+        }
+        values = {attr: kind(config[key]) for key, (attr, kind) in keys.items() if key in config}
+        settings = cls(**values)
+        if settings.min_clients < 2 or (settings.secure_aggregation and settings.min_clients < 3):
+            raise ValueError("min-clients must be at least 2 (3 with secure aggregation)")
+        return settings
+
+
+@dataclass
+class Traffic:
+    """What crossed the wire in one round, per node: bytes and array shapes (never values)."""
+
+    down: dict[int, int] = field(default_factory=dict)
+    up: dict[int, int] = field(default_factory=dict)
+    shapes: dict[int, list[list[int]]] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
+    declined: dict[int, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bytes_down": {str(k): v for k, v in self.down.items()},
+            "bytes_up": {str(k): v for k, v in self.up.items()},
+            "update_shapes": {str(k): v for k, v in self.shapes.items()},
+            "rejected": {str(k): v for k, v in self.rejected.items()},
+            "declined": {str(k): v for k, v in self.declined.items()},
+        }
+
+
+def _record_bytes(message: Message) -> int:
+    """Bytes of a message's arrays and config values (its payload)."""
+    content = message.content
+    total = sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+    for rec in content.config_records.values():
+        for value in rec.values():
+            items = value if isinstance(value, list) else [value]
+            total += sum(len(v) if isinstance(v, bytes | str) else 8 for v in items)
+    return total
+
+
+class CheckedGrid:
+    """The Grid the workflows talk through: every training reply is checked against the
+    adapter's form before Flower sums it, and the traffic is counted.
+
+    A malformed reply (NaN, wrong shape, oversized, or a masked vector out of range) becomes
+    an error reply, which both workflows treat as a machine that dropped out: SecAgg+ then
+    removes its masks with the other machines' key shares. Waits are bounded by a timeout,
+    so a machine that died mid-round cannot hold the round.
+    """
+
+    def __init__(self, grid: Grid, rules: UpdateRules, timeout: float) -> None:
+        self._grid = grid
+        self.rules = rules
+        self.timeout = timeout
+        self.traffic = Traffic()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        messages = list(messages)
+        for message in messages:
+            node = message.metadata.dst_node_id
+            self.traffic.down[node] = self.traffic.down.get(node, 0) + _record_bytes(message)
+        replies = self._grid.send_and_receive(messages, timeout=timeout or self.timeout)
+        return [self._check(reply) for reply in replies]
+
+    def _check(self, reply: Message) -> Message:
+        node = reply.metadata.src_node_id
+        if reply.has_error():  # a machine that declined, or whose app failed
+            self.traffic.declined[node] = str(reply.error.reason).strip().splitlines()[-1][:200]
+            return reply
+        self.traffic.up[node] = self.traffic.up.get(node, 0) + _record_bytes(reply)
+        problem, arrays = None, None
+        configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+        try:
+            if configs is not None and Key.MASKED_PARAMETERS in configs:
+                arrays = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]
+                problem = self.rules.masked_problem(arrays, MODULUS)
+            elif reply.content.array_records:
+                fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+                arrays = parameters_to_ndarrays(fitres.parameters)
+                problem = self.rules.problem(arrays)
+        except Exception as exc:  # unreadable bytes are one more malformed update
+            problem = f"unreadable update ({type(exc).__name__}: {exc})"
+        if arrays is not None:
+            self.traffic.shapes[node] = [list(a.shape) for a in arrays]
+        if problem is None:
+            return reply
+        log.warning("update from node %s rejected: %s", node, problem)
+        self.traffic.rejected[node] = problem
+        return Message(
+            error=Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"rejected: {problem}"),
+            metadata=reply.metadata,
+        )
+
+
+class SecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, with a machine that never answered the setup stage (it went
+    away between rounds) left out of the round altogether: it holds no key shares, so
+    counting it as a dropout would make unmasking fail for want of its shares."""
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        ok = super().setup_stage(grid, context, state)
+        answered = set(state.active_node_ids)
+        state.sampled_node_ids = answered
+        state.nid_to_neighbours = {
+            nid: neighbours & answered
+            for nid, neighbours in state.nid_to_neighbours.items()
+            if nid in answered
+        }
+        return ok and self._check_threshold(state)
+
+
+class CommunityStrategy(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed-clipping DP wrapper around FedAvg, which also keeps each
+    round's adapter, its epsilon at delta = 1e-6 and the round's traffic.
+
+    Two changes to the wrapper: machines that dropped out, declined or were rejected are
+    left out instead of cancelling the round (SecAgg+ has already removed them from the sum),
+    and the noise is scaled to the machines actually averaged, so a smaller round is noised
+    as much as its mean needs.
+    """
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        community: CommunityStore,
+        grid: CheckedGrid,
+        initial: list[np.ndarray],
+    ) -> None:
+        inner = FedAvg(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=settings.min_clients,
+            min_evaluate_clients=0,
+            min_available_clients=settings.min_clients,
+            initial_parameters=ndarrays_to_parameters(initial),
+            on_fit_config_fn=self._fit_config,
+            accept_failures=True,
+        )
+        super().__init__(
+            inner, settings.noise_multiplier, settings.clipping_norm, settings.min_clients
+        )
+        self.settings = settings
+        self.community = community
+        self.grid = grid
+        self.names = list(community.artifacts.lora_shapes)
+        self.releases = 0
+        self.round_started = time.monotonic()
+
+    def _fit_config(self, server_round: int) -> dict[str, Scalar]:
+        self.round_started = time.monotonic()
+        return {
+            "server-round": server_round,
+            "num-server-rounds": self.settings.rounds,
+            "local-steps": self.settings.local_steps,
+            "lr": self.settings.lr,
+            "batch-size": self.settings.batch_size,
+        }
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        traffic, self.grid.traffic = self.grid.traffic, Traffic()
+        results = [(p, r) for p, r in results if r.status.code == Code.OK]
+        record: dict[str, Any] = {
+            "clients": len(results),
+            "failures": len(failures),
+            "seconds": round(time.monotonic() - self.round_started, 3),
+            "noise_multiplier": self.noise_multiplier,
+            "clipping_norm": self.clipping_norm,
+            "secure_aggregation": self.settings.secure_aggregation,
+            **traffic.to_json(),
+        }
+        if len(results) < 2:
+            log.warning("round %s: %d usable updates; adapter kept", server_round, len(results))
+            self.community.save_round(server_round, self._current(), {**record, "kept": True})
+            return None, {}
+        self.num_sampled_clients = len(results)  # noise for the mean of those averaged
+        parameters, metrics = super().aggregate_fit(server_round, results, [])
+        if parameters is None:
+            return None, {}
+        # float32, as the machines train it (SecAgg+ dequantizes to float64: twice the bytes)
+        arrays = [np.asarray(a, dtype=np.float32) for a in parameters_to_ndarrays(parameters)]
+        parameters = ndarrays_to_parameters(arrays)
+        problem = UpdateRules.for_model(self.community.artifacts).problem(arrays)
+        if problem is not None:  # e.g. overflow in the secure sum: never publish it
+            log.warning("round %s: aggregate rejected (%s); adapter kept", server_round, problem)
+            self.community.save_round(server_round, self._current(), {**record, "kept": True})
+            return None, {}
+        if self.noise_multiplier > 0:
+            self.releases += 1
+        epsilon = gaussian_epsilon(self.noise_multiplier, self.releases, DELTA)
+        record.update(epsilon=epsilon, delta=DELTA)
+        tensors = dict(zip(self.names, arrays))
+        path = self.community.save_round(server_round, tensors, record)
+        log.info(
+            "round %s: %d machines, community adapter %s, epsilon %.3f at delta %g",
+            server_round, len(results), path.name, epsilon, DELTA,
+        )  # fmt: skip
+        return parameters, {**metrics, "epsilon": epsilon}
+
+    def _current(self) -> dict[str, np.ndarray]:
+        return self.community.current()
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation's rounds on the connected SuperNodes."""
+    settings = ServerSettings.from_run_config(dict(context.run_config))
+    artifacts = ArtifactSet.open(resolve_model(settings.model))
+    community = CommunityStore(Path(settings.out_dir).expanduser(), artifacts)
+    start = community.current()
+    checked = CheckedGrid(grid, UpdateRules.for_model(artifacts), settings.round_timeout)
+    initial = [start[n] for n in artifacts.lora_shapes]
+    strategy = CommunityStrategy(settings, community, checked, initial)
+    legacy = LegacyContext(
+        context=context,
+        config=ServerConfig(num_rounds=settings.rounds, round_timeout=settings.round_timeout),
+        strategy=strategy,
+    )
+    fit_workflow = None
+    if settings.secure_aggregation:
+        fit_workflow = SecAggPlus(
+            num_shares=1.0,  # every machine holds a share of every other's keys
+            reconstruction_threshold=0.5,  # half of them recover a machine that dropped out
+            max_weight=1.0,  # every machine weighs the same (and sizes stay secret)
+            clipping_range=8.0,
+            quantization_range=QUANTIZATION,
+            modulus_range=MODULUS,
+            timeout=settings.round_timeout,
+        )
+    DefaultWorkflow(fit_workflow=fit_workflow)(checked, legacy)  # type: ignore[arg-type]
