@@ -16,12 +16,13 @@ $(BIN)/keyboard: pyproject.toml
 
 venv-device: $(BIN)/keyboard
 
-# Everything: export extra (torch CPU first, so no resolver ever reaches for CUDA wheels) + dev tools.
+# Everything: export extra (torch CPU first, so no resolver ever reaches for CUDA wheels), dev
+# tools, and the federated extra (Flower; Python >= 3.11).
 $(VENV)/.full: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[export,dev]"
+	$(BIN)/pip install -q -e ".[export,dev,federated]"
 	touch $@
 
 venv: $(VENV)/.full

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from keyboard.federated.join import add_federate
 from keyboard.paths import Home
 from keyboard.types import KeyboardError
 
@@ -368,10 +369,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         import json
 
         from keyboard.client import DaemonClient, describe_status
+        from keyboard.federated.join import describe
+        from keyboard.federated.local import FederationSettings
 
         with DaemonClient(socket_path(args)) as client:
             status = client.call("status")
+        federation = FederationSettings.load(Home.from_env().root)
+        status["federation"] = vars(federation)
         print(json.dumps(status, indent=2) if args.json else describe_status(status))
+        if not args.json:
+            print(describe(federation))
         return 0
 
     p.set_defaults(func=run_status)
@@ -628,6 +635,7 @@ _SECTIONS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_adapters,
     _add_schedule,
+    add_federate,
 ]
 
 

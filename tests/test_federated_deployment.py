@@ -115,10 +115,18 @@ def test_deployment_rounds_with_a_dead_and_a_malformed_node(tmp_path: Path, tiny
             node_config = f"keyboard-home='{home}' model='{tiny_llama}'"
             procs.append(
                 _start(
-                    [str(BIN / "flower-supernode"), "--insecure",
-                     "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
-                     "--node-config", node_config],
-                    tmp_path / f"node-{i}.log", _env(tmp_path / f"flwr-{i}", **extra),
+                    [
+                        str(BIN / "flower-supernode"),
+                        "--insecure",
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--port",
+                        str(_free_port()),
+                        "--node-config",
+                        node_config,
+                    ],
+                    tmp_path / f"node-{i}.log",
+                    _env(tmp_path / f"flwr-{i}", **extra),
                 )  # fmt: skip
             )
         log = server / "superlink.log"

@@ -76,7 +76,9 @@ def client_fn(context: Context) -> Any:
     return CommunityClient(home, model, context.run_id).to_client()
 
 
-def require_secure_aggregation(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+def require_secure_aggregation(
+    msg: Message, ctxt: Context, call_next: ClientAppCallable
+) -> Message:
     """Refuse a training request that does not come with SecAgg+ (its update would reach the
     server on its own) unless the node config allows plain updates."""
     if msg.metadata.message_type != MessageType.TRAIN:

@@ -21,13 +21,13 @@ ROUNDS_FILE = "rounds.jsonl"  # one line per round: clients, bytes, seconds, eps
 
 
 def resolve_model(value: str = "") -> Path:
-    """The model directory a federation runs on: `value`, else the starter model.
+    """The model directory a federation runs on: `value`, else KEYBOARD_MODEL or the starter.
 
     Flower runs the apps from a copy of their Python files (the FAB), which has no models/,
     so the starter model is also looked for in the installed keyboard's source tree."""
     if value:
         return Path(value).expanduser()
-    candidate = paths.starter_model_dir()
+    candidate = paths.default_model_dir()
     if (candidate / "manifest.json").is_file() or "KEYBOARD_MODEL" in os.environ:
         return candidate
     from importlib import metadata

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from keyboard.artifacts import Adapter, ArtifactSet, write_atomic
+from keyboard.paths import Home
 from keyboard.types import KeyboardError
 
 SETTINGS_FILE = "federated.json"
@@ -105,7 +106,7 @@ def round_text(home: Path, run_id: int) -> tuple[list[str], int]:
     if settings.run_id != run_id:
         settings.run_id, settings.run_start = run_id, settings.watermark
         settings.save(home)
-    with TypingLog(home / "typing_log.db") as typing_log:
+    with TypingLog(Home(home).typing_log) as typing_log:
         if typing_log.paused:
             raise Declined("logging is paused")
         patterns = typing_log.excluded_sources

@@ -8,7 +8,9 @@ DELTA = 1e-6  # what the README and the server report epsilon at
 
 # Renyi orders searched for the tightest conversion (dense where the optimum usually is).
 ORDERS = tuple(
-    [1 + x / 100 for x in range(1, 100)] + [2 + x / 10 for x in range(0, 180)] + list(range(20, 4097))
+    [1 + x / 100 for x in range(1, 100)]
+    + [2 + x / 10 for x in range(0, 180)]
+    + list(range(20, 4097))
 )
 
 
@@ -29,6 +31,8 @@ def gaussian_epsilon(noise_multiplier: float, rounds: int, delta: float = DELTA)
     best = math.inf
     for alpha in ORDERS:
         rdp = rounds * alpha / (2 * noise_multiplier**2)
-        eps = rdp + math.log((alpha - 1) / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1)
+        eps = (
+            rdp + math.log((alpha - 1) / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1)
+        )
         best = min(best, eps)
     return max(0.0, best)

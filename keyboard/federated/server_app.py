@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Context, Error, Message
@@ -154,7 +154,8 @@ class CheckedGrid:
         configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
         try:
             if configs is not None and Key.MASKED_PARAMETERS in configs:
-                arrays = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]
+                masked = cast(list[bytes], configs[Key.MASKED_PARAMETERS])
+                arrays = [bytes_to_ndarray(b) for b in masked]
                 problem = self.rules.masked_problem(arrays, MODULUS)
             elif reply.content.array_records:
                 fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
@@ -168,10 +169,9 @@ class CheckedGrid:
             return reply
         log.warning("update from node %s rejected: %s", node, problem)
         self.traffic.rejected[node] = problem
-        return Message(
-            error=Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"rejected: {problem}"),
-            metadata=reply.metadata,
-        )
+        error = Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"rejected: {problem}")
+        # The reply's own metadata (sender, round): the workflows see that machine drop out.
+        return Message(error=error, metadata=reply.metadata)  # type: ignore[call-overload]
 
 
 class SecAggPlus(SecAggPlusWorkflow):

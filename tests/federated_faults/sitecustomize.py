@@ -13,8 +13,8 @@ from pathlib import Path
 FAULT = os.environ.get("KEYBOARD_TEST_FAULT", "")
 
 if FAULT:
-    import numpy as np
     import flwr.client.mod as mods
+    import numpy as np
     from flwr.common import bytes_to_ndarray, ndarray_to_bytes
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 

@@ -1,0 +1,189 @@
+"""Federated learning, piece by piece: which text a round may use, the ORT update, the update
+rules the server applies, the privacy accounting."""
+
+from __future__ import annotations
+
+import math
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from keyboard.federated.community import UpdateRules
+from keyboard.federated.local import (
+    Declined,
+    FederationSettings,
+    RoundConfig,
+    check_tensors,
+    contributed,
+    round_text,
+    train_round,
+)
+from keyboard.federated.privacy import gaussian_epsilon
+from keyboard.types import KeyboardError
+from keyboard.typing_log import TypingLog
+
+
+def _home(tmp_path: Path, lines: int = 30, **settings) -> Path:
+    home = tmp_path / "home"
+    with TypingLog(home / "typing_log.db") as log:
+        for i in range(lines):
+            log.record(f"line {i} of what I wrote to my friends today", source="mail")
+    FederationSettings(enabled=True, min_new_words=50, **settings).save(home)
+    return home
+
+
+@pytest.mark.notorch
+def test_round_text_follows_the_typing_log_rules(tmp_path: Path, monkeypatch):
+    home = _home(tmp_path)
+    with TypingLog(home / "typing_log.db") as log:
+        log.record("diary words never shared", source="/home/me/diary/today.txt")
+    texts, last = round_text(home, run_id=1)
+    assert len(texts) == 31 and last == 31
+    # A source excluded after the text was logged is not trained on either.
+    with TypingLog(home / "typing_log.db") as log:
+        log.set_excluded_sources([*log.excluded_sources, "*/diary/*"])
+    texts, _ = round_text(home, run_id=1)
+    assert not any("diary" in t for t in texts) and len(texts) == 30
+    with TypingLog(home / "typing_log.db") as log:
+        log.pause()
+    with pytest.raises(Declined, match="paused"):
+        round_text(home, run_id=1)
+    with TypingLog(home / "typing_log.db") as log:
+        log.resume()
+    monkeypatch.setattr("keyboard.personalize.on_battery", lambda: True)
+    with pytest.raises(Declined, match="battery"):
+        round_text(home, run_id=1)
+
+
+@pytest.mark.notorch
+def test_a_run_trains_on_text_new_since_the_last_run(tmp_path: Path):
+    home = _home(tmp_path)
+    texts, last = round_text(home, run_id=7)
+    contributed(home, 7, last)
+    assert round_text(home, run_id=7)[0] == texts  # every round of a run: the same text
+    with pytest.raises(Declined, match="too little new text"):
+        round_text(home, run_id=8)  # nothing new since run 7
+    with TypingLog(home / "typing_log.db") as log:
+        for i in range(10):
+            log.record(f"new message {i} with enough words in it to count", source="mail")
+    texts, _ = round_text(home, run_id=8)
+    assert len(texts) == 10 and all(t.startswith("new message") for t in texts)
+    settings = FederationSettings.load(home)
+    assert settings.rounds == 1 and settings.watermark == last
+
+
+@pytest.mark.notorch
+def test_server_round_config_is_bounded():
+    config = RoundConfig.from_server({"local-steps": 10**6, "lr": 5.0, "batch-size": 0})
+    assert (config.steps, config.lr, config.batch_size) == (500, 0.1, 1)
+
+
+def test_train_round_returns_the_trainable_buffer_as_named_tensors(tmp_path: Path, tiny_llama):
+    from keyboard.artifacts import ArtifactSet
+    from keyboard.trainer import LoraTrainer
+
+    artifacts = ArtifactSet.open(tiny_llama)
+    start = artifacts.initial_adapter()
+    community = [start[n] for n in artifacts.lora_shapes]
+    texts = ["I would like to book a table for two tonight."] * 40
+    arrays, metrics = train_round(tiny_llama, community, texts, RoundConfig(steps=5, lr=0.05))
+    assert [a.shape for a in arrays] == list(artifacts.lora_shapes.values())
+    assert metrics["steps"] == 5
+    assert any(not np.allclose(a, b) for a, b in zip(arrays, community))
+    # The buffer and the named tensors agree: loading one gives back the other.
+    trainer = LoraTrainer(artifacts)
+    trainer.set_adapter(dict(zip(artifacts.lora_shapes, arrays)))
+    order = trainer.trainable_names()
+    flat = trainer.trainable_buffer()
+    assert flat.size == trainer.module.get_parameters_size(trainable_only=True)
+    named = dict(zip(artifacts.lora_shapes, arrays))
+    assert np.array_equal(flat, np.concatenate([named[n].ravel() for n in order]))
+    trainer.load_trainable_buffer(np.zeros_like(flat))
+    assert all(not v.any() for v in trainer.adapter().values())
+    with pytest.raises(ValueError):
+        trainer.load_trainable_buffer(flat[:-1])
+
+
+def test_incoming_community_adapter_is_checked(tiny_llama):
+    from keyboard.artifacts import ArtifactSet
+
+    artifacts = ArtifactSet.open(tiny_llama)
+    good = [v for v in artifacts.initial_adapter().values()]
+    assert len(check_tensors(artifacts, good)) == len(good)
+    with pytest.raises(KeyboardError, match="expected"):
+        check_tensors(artifacts, good[:-1])
+    bad = [a.copy() for a in good]
+    bad[0][0, 0] = np.nan
+    with pytest.raises(KeyboardError, match="NaN"):
+        check_tensors(artifacts, bad)
+    with pytest.raises(KeyboardError, match="expected"):
+        check_tensors(artifacts, [good[0].T, *good[1:]])
+
+
+@pytest.mark.notorch
+def test_update_rules_reject_malformed_updates():
+    rules = UpdateRules(((4, 8), (8, 4)))
+    ok = [np.zeros((4, 8), np.float32), np.zeros((8, 4), np.float32)]
+    assert rules.problem(ok) is None
+    assert "NaN" in rules.problem([np.full((4, 8), np.nan), ok[1]])
+    assert "shape" in rules.problem([ok[0], np.zeros((4, 8))])
+    assert "arrays" in rules.problem(ok[:1])
+    huge = [np.zeros((4, 8), np.float32), np.zeros((8, 4 * 1000), np.float32)]
+    assert "oversized" in rules.problem(huge)
+    masked = [np.array([7]), np.ones((4, 8), np.int64), np.ones((8, 4), np.int64)]
+    assert rules.masked_problem(masked, 2**32) is None
+    assert "outside" in rules.masked_problem([masked[0], masked[1] - 2, masked[2]], 2**32)
+    assert "NaN" in rules.masked_problem([masked[0], np.full((4, 8), np.nan), masked[2]], 2**32)
+
+
+@pytest.mark.notorch
+def test_epsilon_grows_with_rounds_and_falls_with_noise():
+    assert gaussian_epsilon(1.0, 0) == 0.0
+    assert gaussian_epsilon(0.0, 3) == math.inf
+    assert gaussian_epsilon(1.0, 1) < gaussian_epsilon(1.0, 4) < gaussian_epsilon(0.5, 4)
+    for z, t in ((0.8, 1), (1.0, 5), (3.0, 50)):
+        eps = gaussian_epsilon(z, t)
+        # Never looser than the classic RDP conversion eps <= rdp(a) + log(1/delta) / (a - 1)
+        classic = min(t * a / (2 * z * z) + math.log(1e6) / (a - 1) for a in range(2, 512))
+        assert 0 < eps <= classic
+    # One Gaussian release with sigma = 1 (the analytic calibration gives ~4.9 at 1e-6).
+    assert 4.5 < gaussian_epsilon(1.0, 1) < 5.6
+
+
+@pytest.mark.skipif(find_spec("flwr") is None, reason="needs the federated extra")
+@pytest.mark.notorch
+def test_a_machine_that_did_not_opt_in_declines(tmp_path: Path):
+    from keyboard.federated.client_app import CommunityClient
+
+    home = tmp_path / "home"  # has a typing log, but never ran `keyboard federate`
+    with TypingLog(home / "typing_log.db") as log:
+        log.record("some text " * 100, source="mail")
+    client = CommunityClient(home, Path("unused"), run_id=1)
+    with pytest.raises(Declined, match="off"):
+        client.fit([], {})
+
+
+@pytest.mark.notorch
+def test_federate_is_off_until_joined_and_off_again(tmp_path: Path, capsys, monkeypatch):
+    from keyboard.cli import main
+    from keyboard.federated import join
+
+    home = tmp_path / "kbhome"
+    assert main(["federate"]) == 0
+    assert "federation  off" in capsys.readouterr().out
+    assert not FederationSettings.load(home).enabled
+    started: list[list[str]] = []
+    monkeypatch.setattr(join.os, "execve", lambda exe, cmd, env: started.append(cmd))
+    monkeypatch.setattr(join.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert main(["federate", "--superlink", "fl.example.org:9092", "--min-new-words", "500"]) == 1
+    settings = FederationSettings.load(home)
+    assert settings.enabled and settings.superlink == "fl.example.org:9092"
+    assert settings.min_new_words == 500 and not settings.insecure
+    cmd = started[0]
+    assert cmd[cmd.index("--superlink") + 1] == "fl.example.org:9092" and "--insecure" not in cmd
+    assert f'keyboard-home="{home}"' in cmd[cmd.index("--node-config") + 1]
+    assert main(["federate", "--off"]) == 0
+    assert not FederationSettings.load(home).enabled
+    assert "off" in join.describe(FederationSettings.load(home))
