@@ -55,7 +55,7 @@ class ServerSettings:
     local_steps: int = 20
     lr: float = 1e-3
     batch_size: int = 8
-    clipping_norm: float = 0.5
+    clipping_norm: float = 1.0
     noise_multiplier: float = 1.0
     secure_aggregation: bool = True
     round_timeout: float = 600.0  # a machine that has not answered by then is left out
@@ -276,6 +276,9 @@ class CommunityStrategy(DifferentialPrivacyClientSideFixedClipping):
         epsilon = gaussian_epsilon(self.noise_multiplier, self.releases, DELTA)
         record.update(epsilon=epsilon, delta=DELTA)
         tensors = dict(zip(self.names, arrays))
+        previous = self.community.current()
+        change = sum(float(np.sum((tensors[n] - previous[n]) ** 2)) for n in self.names)
+        record["update_norm"] = round(change**0.5, 6)  # the round's step, noise included
         path = self.community.save_round(server_round, tensors, record)
         log.info(
             "round %s: %d machines, community adapter %s, epsilon %.3f at delta %g",

@@ -1,0 +1,222 @@
+"""What federated learning buys a newcomer: the community adapter, trained by six users' machines
+on Flower (SecAgg+, client clipping, central DP noise), typed by two users it never saw.
+
+The public user files (../shared/corpus/users) are the clients. Each user's history (the
+first 80% of the lines) goes into the typing log of a keyboard home of its own; two users
+are held out. The other six train the community adapter with the project's Flower app under
+Flower's simulation engine (`flower-superlink --simulation` and `flwr run`, as
+tests/test_federated_deployment.py runs it), once without DP noise and once per noise
+multiplier. Then the held-out users' test lines (the last 20%, the first --max-test-lines)
+are typed through the Predictor with the base model and with each community adapter
+(`keyboard.evaluation.simulate`, KSR@3 and next-word top-3). Also reported: epsilon at
+delta = 1e-6, bytes down and up per client per round, seconds per round (the server's own
+rounds.jsonl). Prints JSON on stdout, progress on stderr.
+
+    nice python benchmarks/federated.py [--heldout blogger_739687,president_ronald_reagan]
+        [--rounds 5] [--local-steps 30] [--lr 0.002] [--clipping-norm 2.0]
+        [--noise 0.05,0.5] [--max-test-lines 40] [--out federated.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+DEFAULT_USERS = REPO.parent / "shared" / "corpus" / "users"
+DEFAULT_MODEL = REPO / "models" / "starter"
+DEFAULT_HELDOUT = "blogger_739687,president_ronald_reagan"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_homes(users: list[Path], root: Path) -> int:
+    """node-<i>/ per training user: its history in a typing log, federation on. Returns words."""
+    from keyboard.evaluation import read_messages, split_history
+    from keyboard.federated.local import FederationSettings
+    from keyboard.paths import Home
+    from keyboard.typing_log import TypingLog
+
+    words = 0
+    for i, path in enumerate(users):
+        home = Home.at(root / f"node-{i}")
+        history, _ = split_history(read_messages(path))
+        with TypingLog(home.typing_log) as typing_log:
+            for line in history:
+                if typing_log.record(line, source="corpus").stored:
+                    words += len(line.split())
+        FederationSettings(enabled=True, min_new_words=1).save(home.root)
+    return words
+
+
+def federate(
+    homes: Path, out: Path, model: Path, clients: int, args: argparse.Namespace, noise: float
+) -> list[dict[str, Any]]:
+    """One federation run under the simulation engine; returns the server's round records."""
+    work = out.parent
+    flwr_home = work / "flwr"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\n'
+        f"insecure = true\n\n[superlink.bench.options]\nnum-supernodes = {clients}\n\n"
+        "[superlink.bench.options.backend.client-resources]\nnum-cpus = 1\n"
+    )
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.update(FLWR_HOME=str(flwr_home), RAY_DISABLE_USAGE_STATS="1")
+    superlink = subprocess.Popen(
+        [str(BIN / "flower-superlink"), "--insecure", "--simulation",
+         "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=open(work / "superlink.log", "wb"), stderr=subprocess.STDOUT, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    run_config = (
+        f"num-server-rounds={args.rounds} min-clients={clients} local-steps={args.local_steps} "
+        f"lr={args.lr} clipping-norm={args.clipping_norm} noise-multiplier={noise} "
+        f"out-dir='{out}' model='{model}' simulation-homes='{homes}' round-timeout=3600.0"
+    )
+    try:
+        time.sleep(2)
+        run = subprocess.run(
+            [str(BIN / "flwr"), "run", ".", "bench", "--stream", "--run-config", run_config],
+            cwd=REPO, env=env, capture_output=True, text=True,
+        )  # fmt: skip
+    finally:
+        if superlink.poll() is None:
+            os.killpg(superlink.pid, signal.SIGKILL)
+            superlink.wait()
+    (work / "run.log").write_text(run.stdout + run.stderr)
+    rounds_file = out / "rounds.jsonl"
+    if run.returncode != 0 or not rounds_file.is_file():
+        raise SystemExit(f"federation failed ({run.returncode}): {(run.stdout + run.stderr)[-3000:]}")
+    return [json.loads(line) for line in rounds_file.read_text().splitlines()]
+
+
+def evaluate(
+    model: Path, adapter: dict | None, heldout: list[Path], max_lines: int
+) -> dict[str, Any]:
+    from keyboard.evaluation import read_messages, simulate, split_history
+    from keyboard.predictor import Predictor
+
+    predictor = Predictor(model, threads=1)
+    if adapter is not None and not predictor.load_adapter(adapter, "community"):
+        raise SystemExit("the predictor could not load the community adapter")
+    out = {}
+    for path in heldout:
+        history, test = split_history(read_messages(path))
+        report = simulate(predictor, test[:max_lines], history=history, k=3)
+        out[path.stem] = {"ksr": report.ksr, "top3": report.top3, "words": report.words}
+    out["mean"] = {m: sum(v[m] for v in out.values()) / len(heldout) for m in ("ksr", "top3")}
+    return out
+
+
+def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    def per_client(key: str) -> float:
+        values = [v for r in rounds for v in r[key].values()]
+        return sum(values) / len(values) if values else 0.0
+
+    return {
+        "rounds": len(rounds),
+        "clients_per_round": [r["clients"] for r in rounds],
+        "seconds_per_round": round(sum(r["seconds"] for r in rounds) / len(rounds), 2),
+        "bytes_down_per_client_round": round(per_client("bytes_down")),
+        "bytes_up_per_client_round": round(per_client("bytes_up")),
+        "update_norms": [r.get("update_norm") for r in rounds],
+        "epsilon": rounds[-1].get("epsilon"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("users_dir", nargs="?", type=Path, default=DEFAULT_USERS)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--heldout", default=DEFAULT_HELDOUT, help="comma-separated user stems")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--local-steps", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=0.002)
+    parser.add_argument("--clipping-norm", type=float, default=2.0)
+    parser.add_argument("--noise", default="0.05,0.5", help="noise multipliers besides none")
+    parser.add_argument("--max-test-lines", type=int, default=40)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    from keyboard.artifacts import ArtifactSet
+    from keyboard.federated.community import CommunityStore
+    from keyboard.federated.privacy import DELTA
+
+    model = args.model.resolve()
+    files = sorted(args.users_dir.glob("*.jsonl"))
+    held = set(args.heldout.split(","))
+    heldout = [p for p in files if p.stem in held]
+    training = [p for p in files if p.stem not in held]
+    if len(heldout) != len(held) or len(training) < 3:
+        raise SystemExit(f"held-out users {sorted(held)} not all in {args.users_dir}")
+    result: dict[str, Any] = {
+        "model": str(model),
+        "training_users": [p.stem for p in training],
+        "heldout_users": [p.stem for p in heldout],
+        "settings": {k: v for k, v in vars(args).items() if k not in ("users_dir", "out")},
+        "delta": DELTA,
+    }
+    result["settings"]["model"] = str(model)
+    log(f"base model on {', '.join(p.stem for p in heldout)} ...")
+    t0 = time.perf_counter()
+    base = evaluate(model, None, heldout, args.max_test_lines)
+    result["base"] = base
+    log(f"  KSR@3 {100 * base['mean']['ksr']:.2f} ({time.perf_counter() - t0:.0f} s)")
+    with tempfile.TemporaryDirectory(prefix="keyboard-bench-federated-") as tmp:
+        template = Path(tmp) / "homes"
+        result["training_words"] = make_homes(training, template)
+        runs = []
+        for noise in [0.0] + [float(z) for z in args.noise.split(",") if z]:
+            work = Path(tmp) / f"noise-{noise}"
+            homes = work / "homes"
+            shutil.copytree(template, homes)  # fresh logs: each run's text is new
+            log(f"federation: {len(training)} clients, noise multiplier {noise} ...")
+            t0 = time.perf_counter()
+            rounds = federate(homes, work / "community", model, len(training), args, noise)
+            wall = time.perf_counter() - t0
+            community = CommunityStore(work / "community", ArtifactSet.open(model)).current()
+            scores = evaluate(model, community, heldout, args.max_test_lines)
+            run = {
+                "noise_multiplier": noise,
+                **summarise(rounds),
+                "wall_seconds": round(wall, 1),
+                "heldout": scores,
+                "ksr_gain": round(100 * (scores["mean"]["ksr"] - base["mean"]["ksr"]), 2),
+                "top3_gain": round(100 * (scores["mean"]["top3"] - base["mean"]["top3"]), 2),
+            }
+            runs.append(run)
+            log(
+                f"  KSR@3 {100 * scores['mean']['ksr']:.2f} ({run['ksr_gain']:+.2f}), "
+                f"epsilon {run['epsilon']}, {run['seconds_per_round']} s/round, {wall:.0f} s"
+            )
+        result["runs"] = runs
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
