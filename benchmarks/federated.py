@@ -107,7 +107,9 @@ def federate(
     (work / "run.log").write_text(run.stdout + run.stderr)
     rounds_file = out / "rounds.jsonl"
     if run.returncode != 0 or not rounds_file.is_file():
-        raise SystemExit(f"federation failed ({run.returncode}): {(run.stdout + run.stderr)[-3000:]}")
+        raise SystemExit(
+            f"federation failed ({run.returncode}): {(run.stdout + run.stderr)[-3000:]}"
+        )
     return [json.loads(line) for line in rounds_file.read_text().splitlines()]
 
 

@@ -25,7 +25,11 @@ def describe(settings: FederationSettings) -> str:
 
 
 def supernode_command(
-    settings: FederationSettings, home: Path, model: Path, runtime_port: int
+    settings: FederationSettings,
+    home: Path,
+    model: Path,
+    runtime_port: int,
+    allow_plain: bool = False,
 ) -> list[str]:
     """The flower-supernode command line for this machine (its home and model as node config)."""
     exe = Path(sys.executable).with_name("flower-supernode")
@@ -39,11 +43,10 @@ def supernode_command(
         cmd.append("--insecure")
     elif settings.root_certificates:
         cmd += ["--root-certificates", settings.root_certificates]
-    cmd += [
-        "--node-config",
-        f"keyboard-home={json.dumps(str(home))} model={json.dumps(str(model))}",
-    ]
-    return cmd
+    node = f"keyboard-home={json.dumps(str(home))} model={json.dumps(str(model))}"
+    if allow_plain:
+        node += " allow-plain-updates=true"
+    return cmd + ["--node-config", node]
 
 
 def add_federate(sub: argparse._SubParsersAction) -> None:
@@ -64,6 +67,11 @@ def add_federate(sub: argparse._SubParsersAction) -> None:
         "--model", type=Path, help="the model directory (default: KEYBOARD_MODEL or the starter)"
     )
     p.add_argument("--runtime-port", type=int, default=9094, help="SuperNode's local API port")
+    p.add_argument(
+        "--allow-plain-updates",
+        action="store_true",
+        help="also answer servers without SecAgg+ (the server then sees this machine's update)",
+    )
     p.add_argument("--off", action="store_true", help="stop taking part (declines every round)")
     p.add_argument("--json", action="store_true", help="print the settings as JSON")
 
@@ -91,7 +99,9 @@ def add_federate(sub: argparse._SubParsersAction) -> None:
         if args.off or not args.superlink:
             return 0
         model = (args.model or default_model_dir()).resolve()
-        cmd = supernode_command(settings, home.root, model, args.runtime_port)
+        cmd = supernode_command(
+            settings, home.root, model, args.runtime_port, args.allow_plain_updates
+        )
         print("joining: " + " ".join(cmd), file=sys.stderr)
         # The SuperNode starts Flower's other programs (flower-superexec) from PATH.
         bindir = str(Path(cmd[0]).parent)
