@@ -619,27 +619,17 @@ class TypingLog:
                 )
             )
 
-    @guarded
     def iter_text(self, after: int = 0) -> Iterator[tuple[int, str, int]]:
         """(id, text, words) of entries with id > `after`, oldest first, fetched in pages."""
-        last = after
-        while True:
-            with self.lock:
-                page = self.db.execute(
-                    "SELECT id, text, words FROM entries WHERE id > ? ORDER BY id LIMIT 500",
-                    [last],
-                ).fetchall()
-            if not page:
-                return
-            yield from page
-            last = page[-1][0]
+        for entry_id, _, text, count in self.iter_entries(after):
+            yield entry_id, text, count
 
-    @_guarded
+    @guarded
     def iter_entries(self, after: int = 0) -> Iterator[tuple[int, str, str, int]]:
         """(id, source, text, words) of entries with id > `after`, oldest first, in pages."""
         last = after
         while True:
-            with self._lock:
+            with self.lock:
                 page = self.db.execute(
                     "SELECT id, source, text, words FROM entries WHERE id > ? ORDER BY id LIMIT 500",
                     [last],

@@ -118,7 +118,7 @@ def test_incoming_community_adapter_is_checked(tiny_llama):
     bad[0][0, 0] = np.nan
     with pytest.raises(KeyboardError, match="NaN"):
         check_tensors(artifacts, bad)
-    with pytest.raises(KeyboardError, match="expected"):
+    with pytest.raises(KeyboardError, match="shape"):
         check_tensors(artifacts, [good[0].T, *good[1:]])
 
 

@@ -157,6 +157,7 @@ def test_deployment_rounds_with_a_dead_and_a_malformed_node(tmp_path: Path, tiny
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     # The community adapter changed, and each round's artifact imports into a daemon's store.
+    from keyboard.adapter_diff import import_diff
     from keyboard.adapter_store import AdapterStore
 
     store = AdapterStore(root=tmp_path / "user-adapters", artifacts=artifacts)
@@ -164,7 +165,7 @@ def test_deployment_rounds_with_a_dead_and_a_malformed_node(tmp_path: Path, tiny
     for r in rounds:
         assert not r.get("kept"), r
         assert r["clients"] == 3, r  # the three healthy nodes; the dead and the bad left out
-        version = store.import_diff(out / f"community-r{r['round']:04d}.npz")
+        version = import_diff(store, out / f"community-r{r['round']:04d}.npz")
         tensors = store.load(version)
         assert any(not np.allclose(tensors[n], initial[n]) for n in initial)
         assert r["epsilon"] > 0

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from keyboard import paths
+from keyboard.adapter_diff import export_diff
 from keyboard.adapter_store import AdapterStore
 from keyboard.artifacts import Adapter, ArtifactSet, write_atomic
 
@@ -111,7 +112,7 @@ class CommunityStore:
         """Keep round `server_round`'s adapter; returns the importable file."""
         version = self.store.promote(tensors, {"source": "federation", **record})
         path = self.out / f"community-r{server_round:04d}.npz"
-        self.store.export_diff(version, path)
+        export_diff(self.store, version, path)
         data = path.read_bytes()
         write_atomic(self.out / LATEST_FILE, lambda f: f.write(data))
         line = json.dumps({"round": server_round, "version": version, **record}) + "\n"

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from keyboard.artifacts import Adapter, ArtifactSet, write_atomic
+from keyboard.artifacts import Adapter, ArtifactSet, check_adapter, write_atomic
 from keyboard.paths import Home
 from keyboard.types import KeyboardError
 
@@ -134,18 +134,11 @@ def contributed(home: Path, run_id: int, last_entry: int) -> None:
 
 def check_tensors(artifacts: ArtifactSet, arrays: list[np.ndarray]) -> Adapter:
     """Arrays in manifest order -> the named adapter, or KeyboardError if they do not fit."""
-    shapes = artifacts.lora_shapes
-    if len(arrays) != len(shapes):
-        raise KeyboardError(f"expected {len(shapes)} LoRA tensors, got {len(arrays)}")
-    adapter: Adapter = {}
-    for (name, shape), array in zip(shapes.items(), arrays):
-        array = np.asarray(array)
-        if array.shape != shape or array.dtype.kind != "f":
-            raise KeyboardError(f"{name}: got {array.dtype} {array.shape}, expected {shape}")
-        if not np.isfinite(array).all():
-            raise KeyboardError(f"{name} holds NaN or infinite values")
-        adapter[name] = np.ascontiguousarray(array, dtype=np.float32)
-    return adapter
+    if len(arrays) != len(artifacts.lora_shapes):
+        raise KeyboardError(
+            f"expected {len(artifacts.lora_shapes)} LoRA tensors, got {len(arrays)}"
+        )
+    return check_adapter(dict(zip(artifacts.lora_shapes, arrays)), artifacts, "community adapter")
 
 
 def train_round(
