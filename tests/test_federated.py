@@ -187,3 +187,44 @@ def test_federate_is_off_until_joined_and_off_again(tmp_path: Path, capsys, monk
     assert main(["federate", "--off"]) == 0
     assert not FederationSettings.load(home).enabled
     assert "off" in join.describe(FederationSettings.load(home))
+
+
+def test_nightly_job_trains_on_top_of_the_community_adapter(tmp_path: Path, tiny_llama):
+    """Server side: a round's adapter saved as an artifact. User side: imported, made active,
+    and the personal adapter the nightly job trains starts from it."""
+    import io
+
+    from keyboard.adapter_diff import import_diff
+    from keyboard.adapter_store import AdapterStore
+    from keyboard.artifacts import ArtifactSet
+    from keyboard.federated.community import CommunityStore
+    from keyboard.paths import Home
+    from keyboard.personalize import JobConfig, run_job
+    from keyboard.progress import Progress
+    from tests.tiny_models import corpus_lines
+
+    artifacts = ArtifactSet.open(tiny_llama)
+    rng = np.random.default_rng(0)
+    community = {
+        n: (a + 0.01 * rng.standard_normal(a.shape)).astype(np.float32)
+        for n, a in artifacts.initial_adapter().items()
+    }
+    server = CommunityStore(tmp_path / "server", artifacts)
+    artifact = server.save_round(1, community, {"clients": 3})
+    assert artifact.name == "community-r0001.npz" and (tmp_path / "server/community.npz").is_file()
+    assert all(np.array_equal(server.current()[n], community[n]) for n in community)
+
+    home = Home.at(tmp_path / "user")
+    store = AdapterStore.in_home(home, artifacts)
+    version = import_diff(store, tmp_path / "server" / "community.npz")
+    store.use(version)
+    with TypingLog(home.typing_log) as log:
+        for line in corpus_lines()[:80]:
+            log.record(line, source="notes")
+    config = JobConfig(lr=5e-2, max_steps=30, warmup=3, eval_every=10, time_budget_s=60)
+    result = run_job(home, tiny_llama, config=config, progress=Progress(io.StringIO(), tty=False))
+    assert result.status in ("promoted", "rejected"), result.reason
+    if result.status == "promoted":
+        assert store.get(result.version).metadata["start_adapter"] == version
+    else:
+        assert result.version == version  # the community adapter stays what is served
