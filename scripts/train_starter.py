@@ -2,10 +2,22 @@
 
 Runs on CPU from the base corpus (a directory of UTF-8 text files, one paragraph per line, blank
 lines between documents), holds out 1% of every source, trains for a fixed number of steps
-(deterministic for a given seed and thread count), evaluates on the held-out text and exports the
-result with `keyboard export` into the shipped artifact set.
+(deterministic for a given seed, device and thread count), evaluates on the held-out text and
+exports the result with `keyboard export` into the shipped artifact set.
 
     python scripts/train_starter.py --corpus ../shared/corpus/base --max-steps 900
+    python scripts/train_starter.py ... --resume       # continue an interrupted run
+
+Speed: matrix products in bfloat16 autocast (fp32 master weights and optimizer state) where the
+CPU has native bf16 (AVX-512 BF16, AMX) or on a GPU, a fused AdamW, and the loss step compiled
+with `torch.compile` (`benchmarks/starter_throughput.py` measures each against the fp32 eager
+recipe). A GPU is used when present; nothing requires one.
+
+Resumable: every --checkpoint-minutes the whole run state (weights, optimizer, data order, step)
+is written atomically to WORK/run/state.pt; `--resume` continues from it and reaches the same
+weights as an uninterrupted run. The learning rate follows warm-up, a constant stage and a final
+linear decay over the last --decay-steps ("WSD"), so a run can be extended (a larger
+--max-steps on resume) at any point before its decay starts.
 
 Hold-out rule: in every source file, line i (0-based, blank lines counted) is held out when
 (i // 10) % 100 == 99, i.e. one block of 10 consecutive lines in every 1,000 — 1% of each
@@ -19,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,8 +44,9 @@ MODEL_NAME = "keyboard-starter"
 HOLDOUT_BLOCK = 10  # lines per block
 HOLDOUT_EVERY = 100  # one block in this many is held out -> 1%
 # Sampling weight per source (relative; sources not listed get 1.0). Conversational and
-# contemporary text is up-weighted against the (large, old-fashioned) Gutenberg prose.
-DEFAULT_WEIGHTS = "gutenberg=0.35,speeches=0.30,dialogue=0.20,masc=0.15"
+# contemporary text is up-weighted against the (large, old-fashioned) Gutenberg prose, but not so
+# far that a run of 3 passes shows the small MASC more than about 8 times.
+DEFAULT_WEIGHTS = "gutenberg=0.42,speeches=0.25,dialogue=0.25,masc=0.08"
 
 
 @dataclass
@@ -50,6 +64,9 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
+    schedule: str = "wsd"  # "wsd" (warm-up, constant, linear decay) or "cosine"
+    decay_steps: int = 0  # wsd: length of the final decay (0: a fifth of max_steps)
+    precision: str = "bf16"  # matmuls under bf16 autocast, or "fp32"
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
@@ -229,6 +246,21 @@ class SequenceSampler:
         self.order[name] = self.rng.permutation(starts)
         self.pos[name] = 0
 
+    def state(self) -> dict:
+        """Everything that decides the next batches (for resuming)."""
+        return {
+            "rng": self.rng.bit_generator.state,
+            "order": {n: o.copy() for n, o in self.order.items()},
+            "pos": dict(self.pos),
+            "epochs": dict(self.epochs),
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.order = {n: np.asarray(o) for n, o in state["order"].items()}
+        self.pos = dict(state["pos"])
+        self.epochs = dict(state["epochs"])
+
     def batch(self, size: int) -> np.ndarray:
         picks = self.rng.choice(len(self.names), size=size, p=self.probs)
         rows = []
@@ -243,10 +275,22 @@ class SequenceSampler:
         return np.stack(rows)
 
 
+def decay_start(cfg: TrainConfig) -> int:
+    """The first step of the wsd decay stage."""
+    decay = cfg.decay_steps or max(1, cfg.max_steps // 5)
+    return max(cfg.warmup_steps, cfg.max_steps - decay)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
+    """Linear warm-up, then cosine decay, or (wsd) constant then linear decay, to min_lr_ratio * lr."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        start = decay_start(cfg)
+        if step < start:
+            return cfg.lr
+        frac = min(1.0, (step + 1 - start) / max(1, cfg.max_steps - start))
+        return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * frac)
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
@@ -272,9 +316,69 @@ def save_checkpoint(model, tokenizer, out: Path, cfg: TrainConfig, info: dict) -
 
 
 def _rmtree(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path)
+
+
+def pick_device(spec: str) -> str:
+    """`auto` is a CUDA GPU when one is present, else the CPU."""
+    import torch
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return spec
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matrix instructions (AVX-512 BF16 or AMX): without them bf16 autocast is slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def make_optimizer(model, cfg: TrainConfig, device: str):
+    """AdamW (weight decay on matrices only); the fused kernel where torch has one for the device."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+
+def make_loss_fn(model, precision: str, device: str, compile_: bool):
+    """(inputs, targets) -> mean next-token cross-entropy, under bf16 autocast when asked."""
+    import contextlib
+
+    import torch
+
+    def loss_fn(inputs, targets):
+        ctx = (
+            torch.autocast(device, dtype=torch.bfloat16)
+            if precision == "bf16"
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            logits = model(input_ids=inputs).logits
+        return torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1)
+        )
+
+    # dynamic=False: every step has the same shapes, so one specialised graph serves them all.
+    return torch.compile(loss_fn, dynamic=False) if compile_ else loss_fn
+
+
+@dataclass
+class Progress:
+    """Where a run is: the next step to take, tokens seen and training seconds so far."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
 
 
 def train(
@@ -282,65 +386,123 @@ def train(
     sampler: SequenceSampler,
     cfg: TrainConfig,
     log,
+    *,
+    opt=None,
+    progress: Progress | None = None,
+    device: str = "cpu",
+    compile_: bool = False,
     checkpoint=None,
     checkpoint_every: int = 0,
+    checkpoint_minutes: float = 0.0,
     log_every: int = 50,
+    stop_at: int = 0,
 ) -> dict:
-    """Run cfg.max_steps AdamW steps; returns the last logged numbers."""
+    """Run AdamW steps from progress.step to cfg.max_steps (or stop_at); returns the last stats.
+
+    `checkpoint(progress, stats)` is called every `checkpoint_every` steps, every
+    `checkpoint_minutes` of training, and at the end.
+    """
     import torch
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-    )
+    opt = opt or make_optimizer(model, cfg, device)
+    progress = progress or Progress()
+    loss_fn = make_loss_fn(model, cfg.precision, device, compile_)
     model.train()
     t0 = time.perf_counter()
+    seconds_before = progress.train_seconds
     window_t, window_tokens, window_loss, window_n = t0, 0, 0.0, 0
+    last_checkpoint = t0
     stats: dict = {}
-    tokens_seen = 0
-    for step in range(cfg.max_steps):
+    end = min(cfg.max_steps, stop_at) if stop_at else cfg.max_steps
+    while progress.step < end:
+        step = progress.step
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        batch = torch.from_numpy(sampler.batch(cfg.batch_size).astype(np.int64))
+        batch = torch.from_numpy(sampler.batch(cfg.batch_size).astype(np.int64)).to(device)
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        logits = model(input_ids=inputs).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
-        )
+        loss = loss_fn(inputs, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
         opt.step()
         n_tok = inputs.numel()
-        tokens_seen += n_tok
+        progress.step += 1
+        progress.tokens_seen += n_tok
         window_tokens += n_tok
         window_loss += loss.item()
         window_n += 1
-        last = step + 1 == cfg.max_steps
-        if (step + 1) % log_every == 0 or last:
-            now = time.perf_counter()
+        now = time.perf_counter()
+        progress.train_seconds = seconds_before + (now - t0)
+        last = progress.step == end
+        if progress.step % log_every == 0 or last:
             stats = {
-                "step": step + 1,
+                "step": progress.step,
                 "loss": round(window_loss / window_n, 4),
                 "lr": round(lr_at(step, cfg), 6),
                 "tokens_per_s": round(window_tokens / max(1e-9, now - window_t), 1),
-                "tokens_seen": tokens_seen,
-                "elapsed_s": round(now - t0, 1),
+                "tokens_seen": progress.tokens_seen,
+                "elapsed_s": round(progress.train_seconds, 1),
             }
             log(json.dumps(stats))
             window_t, window_tokens, window_loss, window_n = now, 0, 0.0, 0
-        if checkpoint and ((checkpoint_every and (step + 1) % checkpoint_every == 0) or last):
-            checkpoint(step + 1, stats)
-    stats["train_time_s"] = round(time.perf_counter() - t0, 1)
+        due = (checkpoint_every and progress.step % checkpoint_every == 0) or (
+            checkpoint_minutes and now - last_checkpoint >= 60 * checkpoint_minutes
+        )
+        if checkpoint and (due or last):
+            checkpoint(progress, stats)
+            last_checkpoint = time.perf_counter()
+    stats["train_time_s"] = round(progress.train_seconds, 1)
     stats["sampler_epochs"] = dict(sampler.epochs)
     return stats
+
+
+# --- resumable state ---------------------------------------------------------------------------
+STATE_FILE = "state.pt"
+# Settings that may differ on resume: they change the schedule's end, not what was trained.
+RESUMABLE_CHANGES = ("max_steps", "decay_steps", "threads")
+
+
+def save_state(path: Path, model, opt, sampler: SequenceSampler, progress: Progress, cfg) -> None:
+    """The whole run state, written to a temp file, fsynced and renamed (never half-written)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "sampler": sampler.state(),
+            "progress": asdict(progress),
+            "config": asdict(cfg),
+        },
+        tmp,
+    )
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, model, opt, sampler: SequenceSampler, cfg: TrainConfig) -> Progress:
+    """Restore a run saved by save_state; refuses one whose settings decide other weights."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = state["config"]
+    differ = {
+        k: (saved.get(k), v)
+        for k, v in asdict(cfg).items()
+        if k not in RESUMABLE_CHANGES and saved.get(k) != v
+    }
+    if differ:
+        raise SystemExit(
+            f"--resume: {path} was trained with other settings {differ} "
+            "(saved, now); use the same settings or another --work"
+        )
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sampler.load_state(state["sampler"])
+    return Progress(**state["progress"])
 
 
 def evaluate(model, stream: np.ndarray, seq_len: int, max_tokens: int = 0) -> dict:
@@ -355,13 +517,14 @@ def evaluate(model, stream: np.ndarray, seq_len: int, max_tokens: int = 0) -> di
     if n < 1:
         return {"tokens": 0}
     model.eval()
+    device = next(model.parameters()).device
     total_loss, top1, top3, count = 0.0, 0, 0, 0
     with torch.no_grad():
         windows = [stream[i * seq_len : i * seq_len + span] for i in range(n)]
         for b in range(0, n, 32):
             batch = torch.from_numpy(np.stack(windows[b : b + 32]).astype(np.int64))
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            logits = model(input_ids=inputs).logits
+            inputs, targets = batch[:, :-1].to(device), batch[:, 1:].to(device)
+            logits = model(input_ids=inputs).logits.float()
             loss = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
             )
@@ -446,11 +609,20 @@ def run(args: argparse.Namespace) -> dict:
         max_steps=args.max_steps,
         lr=args.lr,
         warmup_steps=min(args.warmup_steps, max(1, args.max_steps // 10)),
+        schedule=args.schedule,
+        decay_steps=args.decay_steps,
+        precision=args.precision,
         seed=args.seed,
         threads=args.threads,
         tokenizer_sample_bytes=args.tokenizer_sample_bytes,
         weights=parse_weights(args.weights),
     )
+    device = pick_device(args.device)
+    if cfg.precision == "auto":
+        cfg.precision = "bf16" if device == "cuda" or cpu_has_bf16() else "fp32"
+    compile_ = args.compile == "on" or (args.compile == "auto" and device == "cuda")
+    if args.compile == "auto" and device == "cpu":
+        compile_ = shutil.which(os.environ.get("CXX", "g++")) is not None  # inductor builds C++
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
@@ -464,40 +636,63 @@ def run(args: argparse.Namespace) -> dict:
     tok, streams = prepare_data(Path(args.corpus), work, cfg, log)
     tokenizer = wrap_tokenizer(tok)
     eot_id = tok.token_to_id(EOT)
-    model = build_model(cfg, eot_id)
+    model = build_model(cfg, eot_id).to(device)
     n_params = count_parameters(model)
-    log(json.dumps({"parameters": n_params, "config": asdict(cfg)}))
+    log(
+        json.dumps(
+            {"parameters": n_params, "device": device, "compile": compile_, "config": asdict(cfg)}
+        )
+    )
     sampler = SequenceSampler(streams["train"], cfg.weights, cfg.seq_len, cfg.seed)
+    opt = make_optimizer(model, cfg, device)
+    state_path = work / "run" / STATE_FILE
+    progress = Progress()
+    if args.resume and state_path.exists():
+        progress = load_state(state_path, model, opt, sampler, cfg)
+        log(f"resumed: step {progress.step} of {cfg.max_steps}, {progress.tokens_seen:,} tokens")
+    elif args.resume:
+        log(f"--resume: no state at {state_path} yet, starting afresh")
     # The exported manifest names the model after this directory (ArtifactSet.name).
     hf_dir = work / MODEL_NAME
     train_tokens = {k: int(len(v)) for k, v in streams["train"].items()}
     held_tokens = {k: int(len(v)) for k, v in streams["heldout"].items()}
 
-    def checkpoint(step: int, stats: dict) -> None:
+    def checkpoint(progress: Progress, stats: dict) -> None:
+        save_state(state_path, model, opt, sampler, progress, cfg)
         save_checkpoint(
             model,
             tokenizer,
             hf_dir,
             cfg,
             {
-                "step": step,
+                "step": progress.step,
+                "tokens_seen": progress.tokens_seen,
                 "last": stats,
                 "parameters": n_params,
                 "train_tokens_per_source": train_tokens,
                 "heldout_tokens_per_source": held_tokens,
             },
         )
-        log(f"checkpoint: step {step} -> {hf_dir}")
+        log(f"checkpoint: step {progress.step} -> {state_path}, {hf_dir}")
 
     stats = train(
         model,
         sampler,
         cfg,
         log,
-        checkpoint if not args.no_checkpoint else None,
-        args.checkpoint_every,
-        args.log_every,
+        opt=opt,
+        progress=progress,
+        device=device,
+        compile_=compile_,
+        checkpoint=checkpoint if not args.no_checkpoint else None,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=args.checkpoint_minutes,
+        log_every=args.log_every,
+        stop_at=args.stop_at_step,
     )
+    if progress.step < cfg.max_steps:
+        log(f"stopped at step {progress.step} of {cfg.max_steps}: continue with --resume")
+        return {"parameters": n_params, "train": stats, "stopped_at": progress.step}
     result: dict = {"parameters": n_params, "train": stats, "heldout": {}}
     t = time.perf_counter()
     all_loss, all_tokens, all_top1, all_top3 = 0.0, 0, 0.0, 0.0
@@ -570,6 +765,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--schedule", choices=("wsd", "cosine"), default="wsd")
+    p.add_argument(
+        "--decay-steps", type=int, default=0, help="wsd decay length (0: a fifth of the steps)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="auto: bf16 autocast on a GPU or a CPU with native bf16, else fp32",
+    )
+    p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda")
+    p.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="torch.compile the loss step (auto: on where a C++ compiler or GPU is present)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from WORK/run/state.pt")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument(
+        "--stop-at-step", type=int, default=0, help="checkpoint and exit there (resume later)"
+    )
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--hidden-size", type=int, default=192)
     p.add_argument("--layers", type=int, default=4)
@@ -578,7 +795,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="source sampling weights")
     p.add_argument("--tokenizer-sample-bytes", type=int, default=4_000_000)
-    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--checkpoint-every", type=int, default=0, help="also every N steps")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-max-tokens", type=int, default=0, help="cap per source (0: all)")
     return p

@@ -108,8 +108,41 @@ def test_train_end_to_end_is_deterministic(tmp_path):
     assert info["step"] == 4 and info["config"]["seed"] == 3
 
 
+def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path):
+    """Stopped at step 3 and resumed, a run ends with the same weights as one that never stopped."""
+    import torch
+
+    corpus = _corpus(tmp_path)
+    extra = ("--max-steps", "6", "--decay-steps", "2", "--compile", "off", "--precision", "fp32")
+    straight = ts.run(_args(corpus, tmp_path / "a", *extra))
+    stopped = ts.run(_args(corpus, tmp_path / "b", *extra, "--stop-at-step", "3"))
+    assert stopped["stopped_at"] == 3
+    state = torch.load(tmp_path / "b" / "run" / ts.STATE_FILE, weights_only=False)
+    assert state["progress"]["step"] == 3
+    resumed = ts.run(_args(corpus, tmp_path / "b", *extra, "--resume"))
+    assert resumed["heldout"]["all"]["loss"] == straight["heldout"]["all"]["loss"]
+    a = torch.load(tmp_path / "a" / "run" / ts.STATE_FILE, weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "run" / ts.STATE_FILE, weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Settings that decide the weights may not change under --resume.
+    with pytest.raises(SystemExit, match="other settings"):
+        ts.run(_args(corpus, tmp_path / "b", *extra, "--resume", "--lr", "0.5"))
+
+
+def test_wsd_schedule_is_constant_then_decays_linearly():
+    cfg = ts.TrainConfig(lr=1e-3, warmup_steps=10, max_steps=100, decay_steps=20)
+    lrs = [ts.lr_at(s, cfg) for s in range(100)]
+    assert lrs[9] == lrs[50] == lrs[79] == pytest.approx(1e-3)
+    assert lrs[80] < lrs[79] and lrs[-1] == pytest.approx(1e-4)
+    # Extending a run before its decay leaves the steps taken so far unchanged.
+    longer = ts.TrainConfig(lr=1e-3, warmup_steps=10, max_steps=200, decay_steps=20)
+    assert [ts.lr_at(s, longer) for s in range(80)] == lrs[:80]
+
+
 def test_lr_schedule_warms_up_then_decays():
-    cfg = ts.TrainConfig(lr=1e-3, warmup_steps=10, max_steps=100, min_lr_ratio=0.1)
+    cfg = ts.TrainConfig(
+        lr=1e-3, warmup_steps=10, max_steps=100, min_lr_ratio=0.1, schedule="cosine"
+    )
     lrs = [ts.lr_at(s, cfg) for s in range(100)]
     assert lrs[0] < lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
