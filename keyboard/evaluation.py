@@ -102,6 +102,7 @@ class TypingReport:
     latency_p95_ms: float
     latency_p99_ms: float
     seconds: float  # wall time of the whole simulation
+    nonwords: int = 0  # suggestions shown that are not real words (when a checker was given)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -140,6 +141,7 @@ def simulate(
     k: int = 3,
     context_chars: int = DEFAULT_CONTEXT_CHARS,
     client_filter: bool = True,
+    real_word: Callable[[str], bool] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> TypingReport:
     """Type `messages` through `predictor` as docs/evaluation.md defines, and report the cost.
@@ -154,10 +156,12 @@ def simulate(
     user typed past (it asks for more and drops those: keyboard.shown, as the LSP server does;
     presage does the same with REPEAT_SUGGESTIONS=no). Off: every keystroke shows the top k
     candidates as they come.
+
+    `real_word`: counts the suggestions shown that it says are not words (`nonwords`).
     """
     if k < 1:
         raise KeyboardError(f"k must be at least 1 (got {k})")
-    chars = keystrokes = n_words = top1_hits = top3_hits = 0
+    chars = keystrokes = n_words = top1_hits = top3_hits = nonwords = 0
     latencies: list[float] = []
     prior = _bounded("\n".join(history), context_chars)
     started = time.perf_counter()
@@ -183,6 +187,8 @@ def simulate(
                     top1_hits += rank == 0
                     top3_hits += rank >= 0
                 shown = client.show(shown, k) if client_filter else shown[:k]
+                if real_word is not None:
+                    nonwords += sum(not real_word(w) for w in shown)
                 if target in shown:
                     cost = i + 1  # the characters typed, plus one to accept
                     break
@@ -206,6 +212,7 @@ def simulate(
         latency_p95_ms=percentile(latencies, 95),
         latency_p99_ms=percentile(latencies, 99),
         seconds=time.perf_counter() - started,
+        nonwords=nonwords,
     )
 
 

@@ -13,9 +13,12 @@ probable whole words with a small beam search over tokens:
   tokenizations that spell it. Hypotheses that cannot beat the k-th finished word are pruned.
   The hypotheses of one depth share one batched session run on the context's key/value cache.
 - at a word boundary, punctuation tokens the model finds likely come back as kind "punct".
+- real words only: where the model ships a lexicon (`keyboard.lexicon`), a word is offered only
+  if the lexicon or the user's own phrases hold it; the search goes on past spellings that are
+  not words ("tomore"), so they never take the place of one that is.
 - "never empty": when the search finds no word (an odd prefix beyond its depth limit), the
-  prefix itself comes back with score 0 (no model estimate); only a run of word characters too
-  long to be a word (> MAX_PREFIX_CHARS) gets no suggestions at all.
+  prefix itself comes back with score 0 (no model estimate) if it is a real word; only a run of
+  word characters too long to be a word (> MAX_PREFIX_CHARS) gets no suggestions at all.
 
 Prompt caching: the key/value cache of the last context is kept and only new tokens are run;
 next-token distributions are kept by their absolute token sequence (typing on in a word reuses
@@ -299,15 +302,20 @@ def search_words(
     k: int,
     max_depth: int,
     beam: int,
+    accept: Callable[[bytes], bool] | None = None,
 ) -> dict[bytes, float]:
     """The most probable whole words that start with `prefix`, as {word bytes: probability}.
 
     Level by level: every hypothesis of the frontier has its next-token distribution; a
-    hypothesis that spells a word (all of the prefix, not ending in a hyphen) finishes with
-    P(boundary next); its continuations compete for `beam` places, and any whose probability
-    cannot beat the k-th finished word is dropped (its words can only be less probable).
+    hypothesis that spells a word (all of the prefix, not ending in a hyphen, and one that
+    `accept` takes) finishes with P(boundary next); its continuations compete for `beam`
+    places, and any whose probability cannot beat the k-th finished word is dropped (its words
+    can only be less probable).
     """
     finished: dict[bytes, float] = {}
+
+    def can_finish(word: bytes) -> bool:
+        return len(word) >= len(prefix) and _can_end(word) and (accept is None or accept(word))
 
     def kth_best() -> float:
         if len(finished) < k:
@@ -333,7 +341,7 @@ def search_words(
             body = raw[1:] if table.spaced[t] else raw
             word = h.word + body[: table.word_len[t]]
             if table.terminal[t]:  # the token itself ends the word ("ing.")
-                if len(word) >= len(prefix) and _can_end(word):
+                if can_finish(word):
                     finished[word] = finished.get(word, 0.0) + score
                     floor = kth_best()
             else:
@@ -344,7 +352,7 @@ def search_words(
         # cheap and runs are not.
         hyps, nexts = grown, evaluate([h.tokens for h in grown])
         for h, nxt in zip(hyps, nexts, strict=True):
-            if len(h.word) >= len(prefix) and _can_end(h.word):
+            if can_finish(h.word):
                 finished[h.word] = finished.get(h.word, 0.0) + h.score * nxt.end
     return finished
 
@@ -562,6 +570,7 @@ class Predictor:
         vocab = int(manifest["base_model"]["vocab_size"])
         self.table = TokenTable(self.tokenizer, vocab)
         self.eos_id = self.artifacts.eos_id
+        self.lexicon = self.artifacts.lexicon()  # None: the model ships none, any spelling goes
         if quantize is None:
             from keyboard.quantize import int8_by_default
 
@@ -695,13 +704,14 @@ class Predictor:
         # With user phrases, a few more LM words compete with the user's (the same beam width,
         # but a weaker k-th-best bound to prune with: a little more search per keystroke).
         k_lm = max(k, BEAM_WIDTH) if phrases is not None else k
-        found = self._words(root, evaluate, query.lead, query.prefix, k_lm)
+        accept = self._real_word(phrases)
+        found = self._words(root, evaluate, query.lead, query.prefix, k_lm, accept)
         if len(found) < k and query.prefix != query.prefix.lower():
             # A capitalised prefix the model rarely saw capitalised ("THAN", "Xylo"): complete
             # its lower-case form and carry the typed capitals over.
             lower = query.prefix.lower()
             shout = len(query.prefix) > 1 and query.prefix.isupper()
-            for word, p in self._words(root, evaluate, query.lead, lower, k).items():
+            for word, p in self._words(root, evaluate, query.lead, lower, k, accept).items():
                 tail = word[len(lower) :]
                 cased = query.prefix + (tail.upper() if shout else tail)
                 if WORD_RE.fullmatch(cased) and cased not in found:
@@ -721,19 +731,47 @@ class Predictor:
                 candidates += [Candidate(m, share * p, "punct") for m, p in punct.items()]
         candidates.sort(key=lambda c: (-c.score, c.word))
         if not candidates and query.prefix and WORD_RE.fullmatch(query.prefix):
-            # Nothing found within the search's limits: offer the word as typed, score 0
-            # (no model estimate), so a completion list is never empty for a real prefix.
-            candidates = [Candidate(query.prefix, 0.0, "word")]
+            if accept is None or accept(query.prefix.encode("utf-8")):
+                # Nothing found within the search's limits: offer the word as typed, score 0
+                # (no model estimate), so a completion list is never empty for a real word.
+                candidates = [Candidate(query.prefix, 0.0, "word")]
         return tuple(candidates[:k])
 
+    def is_real_word(self, word: str, phrases: PhraseModel | None = None) -> bool:
+        """A word the model's lexicon or the user's phrases hold (any word without a lexicon)."""
+        if self.lexicon is None or word in self.lexicon:
+            return True
+        if phrases is None:
+            return False
+        # The user's words keep their case: "zanzibar" and "ZANZIBAR" are their "Zanzibar".
+        return any(form in phrases.unigrams for form in (word, word.lower(), word.capitalize()))
+
+    def _real_word(self, phrases: PhraseModel | None) -> Callable[[bytes], bool] | None:
+        if self.lexicon is None:
+            return None
+
+        def accept(raw: bytes) -> bool:
+            try:
+                return self.is_real_word(raw.decode("utf-8"), phrases)
+            except UnicodeDecodeError:
+                return False
+
+        return accept
+
     def _words(
-        self, root: Next, evaluate: Evaluate, lead: bytes, prefix: str, k: int
+        self,
+        root: Next,
+        evaluate: Evaluate,
+        lead: bytes,
+        prefix: str,
+        k: int,
+        accept: Callable[[bytes], bool] | None = None,
     ) -> dict[str, float]:
         raw_prefix = prefix.encode("utf-8")
         # Room for the prefix (a token spells two bytes or more, but for odd text) and the rest.
         depth = min(MAX_DEPTH, MAX_WORD_TOKENS + (len(raw_prefix) + 1) // 2)
         beam = max(BEAM_WIDTH, k)
-        raw = search_words(self.table, root, evaluate, lead, raw_prefix, k, depth, beam)
+        raw = search_words(self.table, root, evaluate, lead, raw_prefix, k, depth, beam, accept)
         words: dict[str, float] = {}
         for word_bytes, p in raw.items():
             try:

@@ -188,6 +188,23 @@ def encode_documents(tok, docs: list[list[str]]) -> np.ndarray:
     return np.asarray(out, dtype=np.int32)
 
 
+def write_lexicon(corpus: Path, path: Path) -> int:
+    """The model's lexicon (keyboard.lexicon): every word of the training split, lower-cased.
+
+    Held-out lines are left out like everywhere else. Returns the number of words.
+    """
+    from keyboard.lexicon import Lexicon
+    from keyboard.words import WORD_RE
+
+    seen: set[str] = set()
+    for source in source_files(corpus):
+        train_docs, _ = read_source(source)
+        for doc in train_docs:
+            for line in doc:
+                seen.update(w.lower() for w in WORD_RE.findall(line))
+    return Lexicon.save(path, seen)
+
+
 # --- model -------------------------------------------------------------------------------------
 def build_model(cfg: TrainConfig, eot_id: int):
     from transformers import LlamaConfig, LlamaForCausalLM
