@@ -41,8 +41,21 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def export_run(run: Path) -> Path:
-    """The run's checkpoint as an artifact set (re-exported when the checkpoint is newer)."""
+def corpus_lexicon(cache: Path) -> Path:
+    """The base corpus's lexicon (what train_starter.py ships), built once into `cache`."""
+    import train_starter as ts
+
+    path = cache / "lexicon.txt.gz"
+    if not path.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        ts.write_lexicon(BASE, path)
+    return path
+
+
+def export_run(run: Path, lexicon: Path) -> Path:
+    """The run's checkpoint as an artifact set with the lexicon (re-exported when newer)."""
+    import shutil
+
     from keyboard.export import ExportConfig, export_model
 
     hf = run / "keyboard-starter"
@@ -50,6 +63,7 @@ def export_run(run: Path) -> Path:
     stamp = (hf / "training.json").stat().st_mtime
     if not (out / "manifest.json").is_file() or (out / "manifest.json").stat().st_mtime < stamp:
         export_model(hf, out, ExportConfig(target_modules="q_proj,k_proj,v_proj,o_proj"))
+    shutil.copyfile(lexicon, out / "lexicon.txt.gz")
     return out
 
 
@@ -80,19 +94,32 @@ def heldout_quality(hf: Path, eval_tokens: int) -> dict[str, Any]:
     }
 
 
-def dev_typing(model_dir: Path, dev_lines: int) -> dict[str, Any]:
-    """KSR@3 and top-3 on the last dev_lines messages of every user's history."""
+def dev_typing(model_dir: Path, dev_lines: int, lexicon: Path) -> dict[str, Any]:
+    """KSR@3, top-3 and non-words shown on the last dev_lines messages of every user's history.
+
+    A non-word is a suggestion that neither the base corpus nor the user's history holds."""
     from keyboard.evaluation import read_messages, simulate, split_history
+    from keyboard.lexicon import Lexicon
     from keyboard.predictor import Predictor
+    from keyboard.words import words as words_of
 
     predictor = Predictor(model_dir, threads=1)
-    chars = keystrokes = words = 0
+    corpus_words = Lexicon.load(lexicon)
+    chars = keystrokes = words = nonwords = 0
     top3 = 0.0
     per_user = {}
     for path in sorted(USERS.glob("*.jsonl")):
         history, _test = split_history(read_messages(path))
         context, dev = history[:-dev_lines], history[-dev_lines:]
-        r = simulate(predictor, dev, history=context, k=3)
+        own = {w.lower() for m in context for w in words_of(m)}
+        r = simulate(
+            predictor,
+            dev,
+            history=context,
+            k=3,
+            real_word=lambda w, own=own: w in corpus_words or w.lower() in own,
+        )
+        nonwords += r.nonwords
         per_user[path.stem] = round(100 * r.ksr, 2)
         chars += r.chars
         keystrokes += r.keystrokes
@@ -102,6 +129,7 @@ def dev_typing(model_dir: Path, dev_lines: int) -> dict[str, Any]:
         "words": words,
         "ksr3": round(100 * (1 - keystrokes / chars), 2),
         "top3": round(100 * top3 / words, 2),
+        "nonwords_shown": nonwords,
         "per_user_ksr3": per_user,
     }
 
@@ -157,12 +185,13 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: dict[str, dict[str, Any]] = {}
     started = time.time()
+    lexicon = corpus_lexicon(REPO / "data" / "cache" / "lexicon")
     candidates = [tuple(spec.split("=", 1)) for spec in args.run]
     for name, run_dir in candidates:
         run = Path(run_dir)
         info = json.loads((run / "keyboard-starter" / "training.json").read_text())
         log(f"{name}: exporting {run}")
-        model_dir = export_run(run)
+        model_dir = export_run(run, lexicon)
         row: dict[str, Any] = {
             "run": str(run),
             "parameters": info["parameters"],
@@ -177,13 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{name}: held-out perplexity")
         row["heldout"] = heldout_quality(run / "keyboard-starter", args.eval_tokens)
         log(f"{name}: dev typing")
-        row["dev"] = dev_typing(model_dir, args.dev_lines)
+        row["dev"] = dev_typing(model_dir, args.dev_lines, lexicon)
         row["latency"] = latency(model_dir, args.chars)
         log(f"{name}: {json.dumps(row)}")
         rows[name] = row
     if args.baseline:
         base = {"parameters": None, "run": str(args.baseline)}
-        base["dev"] = dev_typing(args.baseline, args.dev_lines)
+        base["dev"] = dev_typing(args.baseline, args.dev_lines, lexicon)
         base["latency"] = latency(args.baseline, args.chars)
         rows["baseline"] = base
         ref = base["latency"]["cpu_p50_ms"]

@@ -188,6 +188,9 @@ def encode_documents(tok, docs: list[list[str]]) -> np.ndarray:
     return np.asarray(out, dtype=np.int32)
 
 
+LEXICON_FILE = "lexicon.txt.gz"  # keyboard.lexicon.FILE (this script imports keyboard lazily)
+
+
 def write_lexicon(corpus: Path, path: Path) -> int:
     """The model's lexicon (keyboard.lexicon): every word of the training split, lower-cased.
 
@@ -755,7 +758,8 @@ def run(args: argparse.Namespace) -> dict:
                 seed=cfg.seed,
             ),
         )
-        log(f"exported -> {args.out}")
+        n_words = write_lexicon(Path(args.corpus), Path(args.out) / LEXICON_FILE)
+        log(f"exported -> {args.out} (lexicon: {n_words:,} words)")
     log("result: " + json.dumps(result))
     return result
 
