@@ -373,19 +373,22 @@ class AdapterStore:
             return version
 
     def rollback(self) -> str:
-        """Go back to the adapter active before the current one (skipping damaged or pruned
-        versions); "base" when there is none. Returns the version now active."""
+        """Go back to an older adapter: the last one active before the current one that is
+        older than it, else the newest older version, else the base model (skipping damaged
+        or pruned versions). Never forward: from the base model there is nothing to roll back
+        to. Returns the version now active."""
         with self._locked():
             pointer = self._pointer()
             current = pointer["version"]
-            older = [
-                d.name
-                for d in reversed(self._version_dirs())
-                if current == BASE or int(d.name[1:]) < int(current[1:])
-            ]
-            for version in [*pointer["previous"], *older, BASE]:
-                if version == current:
-                    continue
+            if current == BASE:
+                raise AdapterStoreError(
+                    "the base model is already active; there is nothing older to roll back to "
+                    "(serve a version with `keyboard adapters use VERSION`)"
+                )
+            number = int(current[1:])
+            recent = [v for v in pointer["previous"] if v != BASE and int(v[1:]) < number]
+            older = [d.name for d in reversed(self._version_dirs()) if int(d.name[1:]) < number]
+            for version in dict.fromkeys([*recent, *older, BASE]):
                 try:
                     self.load(version)
                 except AdapterStoreError as exc:

@@ -6,12 +6,14 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from keyboard.federated.join import add_federate
 from keyboard.paths import Home
 from keyboard.types import KeyboardError
 
 Handler = Callable[[argparse.Namespace], int]
+MODEL_HELP = "model directory (default: $KEYBOARD_MODEL, else the starter model)"
 
 
 def _model_dir(args: argparse.Namespace) -> Path:
@@ -26,17 +28,21 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a causal LM with LoRA adapters to ORT artifacts")
     p.add_argument("--base-model", required=True, help="local Hugging Face model dir or hub id")
     p.add_argument("--out", required=True, help="output directory for the artifact set")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default %(default)s)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default %(default)s)")
     p.add_argument(
         "--target-modules",
         default="auto",
         help="comma-separated module names to adapt (default: attention projections)",
     )
     p.add_argument(
-        "--layers", default="all", help="which layers carry adapters: all, top:N, or 0,2,5"
+        "--layers",
+        default="all",
+        help="which layers carry adapters: all, top:N, or 0,2,5 (default %(default)s)",
     )
-    p.add_argument("--seq-len", type=int, default=64, help="training sequence length")
+    p.add_argument(
+        "--seq-len", type=int, default=64, help="training sequence length (default %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0)
 
     def run(args: argparse.Namespace) -> int:
@@ -63,7 +69,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 # --- typing log -----------------------------------------------------------------------------------
 def _add_log(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("log", help="store text in the typing log (redacted; from stdin if no TEXT)")
+    p = sub.add_parser(
+        "log",
+        help="store text in the typing log (redacted; from stdin if no TEXT)",
+        description="Stores TEXT (or standard input) in the typing log, as an editor would: "
+        "secrets are redacted first, and text from excluded sources or while logging is "
+        "paused is not stored. What it holds: `keyboard stats`; erase: `keyboard forget`.",
+    )
     p.add_argument("text", nargs="?", help="the text; omit or '-' to read stdin")
     p.add_argument("--source", default="", help="where it came from: file, app or file type")
     p.add_argument("--private", action="store_true", help="do not store this text")
@@ -81,7 +93,14 @@ def _add_log(sub: argparse._SubParsersAction) -> None:
 
     p.set_defaults(func=run_log)
 
-    p = sub.add_parser("forget", help="erase logged text by time range, source, or all of it")
+    p = sub.add_parser(
+        "forget",
+        help="erase logged text by time range, source, or all of it",
+        description="Erases entries of the typing log (through the daemon when it runs) and "
+        "vacuums the database, so the text is gone from disk; the phrases counted from it "
+        "are deleted too (the next job counts them again from what is left). Say what: "
+        "--since and/or --until, --source, or --all.",
+    )
     p.add_argument("--since", help="from this ISO date/time (inclusive)")
     p.add_argument("--until", help="up to this ISO date/time (exclusive)")
     p.add_argument("--source", help="only this source (glob patterns allowed)")
@@ -89,6 +108,11 @@ def _add_log(sub: argparse._SubParsersAction) -> None:
 
     def run_forget(args: argparse.Namespace) -> int:
         from keyboard.client import forget_via_daemon
+
+        if not (args.all or args.since or args.until or args.source):
+            raise KeyboardError(
+                "say what to forget: --since and/or --until DATE, --source GLOB, or --all"
+            )
         from keyboard.typing_log import TypingLog
 
         n = forget_via_daemon(args.since, args.until, args.source, args.all)  # daemon if running
@@ -160,7 +184,13 @@ def _add_log(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("pause", help="stop storing typed text").set_defaults(func=toggle(True))
     sub.add_parser("resume", help="store typed text again").set_defaults(func=toggle(False))
 
-    p = sub.add_parser("privacy", help="show or change excluded sources and retention")
+    p = sub.add_parser(
+        "privacy",
+        help="show or change excluded sources and retention",
+        description="Shows, or changes, what the typing log keeps: sources whose text is "
+        "never stored (glob patterns such as *.env or *secret*), and how many days entries "
+        "are kept. Changes apply to every editor at once.",
+    )
     p.add_argument(
         "--exclude",
         action="append",
@@ -215,9 +245,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "file", metavar="FILE", help='plain text (a message per line) or JSONL {"ts", "text"}'
     )
-    p.add_argument("--k", type=int, default=3, help="suggestions shown (default 3)")
+    p.add_argument("--k", type=int, default=3, help="suggestions shown (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--model", default=None, help="model directory (default: the starter model)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument(
         "--max-lines",
         type=int,
@@ -232,7 +262,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="train on the first 80%% of lines with the personalization job in a throwaway "
         "home, and report the last 20%% before and after",
     )
-    p.add_argument("--threads", type=int, default=1, help="inference threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="inference threads (default %(default)s)")
 
     def run(args: argparse.Namespace) -> int:
         import json
@@ -302,8 +332,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         description="Starts the daemon in the background and returns once it answers "
         "(--foreground: run in this terminal until Ctrl-C / SIGTERM). Protocol: docs/protocol.md.",
     )
-    p.add_argument("--model", default=None, help="model directory (default: the starter model)")
-    p.add_argument("--threads", type=int, default=1, help="inference threads per request")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument(
+        "--threads", type=int, default=1, help="inference threads per request (default %(default)s)"
+    )
     p.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
 
     def run_serve(args: argparse.Namespace) -> int:
@@ -319,8 +351,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
             f"keyboard is serving {status['model']['name']} at {status['socket']} "
             f"(pid {status['pid']}, ready in {status['ready_s']:.1f} s)"
         )
-        print(f"log: {status['log']}; stop it with `keyboard stop`")
-        print('ask it for the next word: keyboard predict "Thank you for your "')
+        from keyboard.install import command_name
+
+        command = command_name()
+        print(f"log: {status['log']}; stop it with `{command} stop`")
+        print(f'ask it for the next word: {command} predict "Thank you for your "')
         problem = (status.get("typing_log") or {}).get("error")
         if problem:  # it predicts, but stores nothing until the log opens again
             print(f"keyboard: warning: nothing typed is stored for now: {problem}", file=sys.stderr)
@@ -339,16 +374,26 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_stop)
 
     p = sub.add_parser(
-        "predict", parents=[socket_opt], help="ask the daemon for the next word after TEXT"
+        "predict",
+        parents=[socket_opt],
+        help="ask the daemon for the next word after TEXT",
+        description="Prints the daemon's suggestions for the text before the cursor, most "
+        'likely first. A trailing space asks for the next word ("Thank you for your "); '
+        'without one, the last word is completed ("Thank you for yo").',
     )
-    p.add_argument("text", metavar="TEXT", help="the text before the cursor")
-    p.add_argument("-k", "--k", type=int, default=3, help="how many suggestions (default 3)")
+    p.add_argument(
+        "text", metavar="TEXT", help="the text before the cursor (mind the trailing space)"
+    )
+    p.add_argument(
+        "-k", "--k", type=int, default=3, help="how many suggestions (default %(default)s)"
+    )
     p.add_argument("--json", action="store_true", help="print the JSON result")
 
     def run_predict(args: argparse.Namespace) -> int:
         import json
 
         from keyboard.client import DaemonClient
+        from keyboard.shown import score_label
 
         with DaemonClient(socket_path(args)) as client:
             result = client.call("predict", context=args.text, k=args.k)
@@ -356,7 +401,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
             print(json.dumps(result, ensure_ascii=False, indent=2))
             return 0
         for c in result["candidates"]:
-            print(f"{c['word']}\t{c['score']:.3f}")
+            label = score_label(c["score"])
+            print(f"{c['word']}\t{label}" if label else c["word"])
         print(f"({result['adapter']} adapter, {result['latency_ms']:.1f} ms)", file=sys.stderr)
         return 0
 
@@ -428,20 +474,27 @@ def _add_lsp(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from keyboard.personalize import JobConfig
+
+    defaults = JobConfig()  # what personalize.json leaves unset
     p = sub.add_parser(
         "train",
         help="run the personalization job now: fine-tune on new text, promote if better",
         description="Fine-tunes the active LoRA adapter on the text logged since the last job "
-        "(plus a replay sample of older text), checks it on the most recent 10%%, and promotes "
+        "(plus a replay sample of older text), checks it on the most recent 10%, and promotes "
         "it only if held-out loss falls and next-word top-3 does not. Settings: "
-        "<keyboard home>/personalize.json (README, Personalization).",
+        "<keyboard home>/personalize.json (README, Personalization); the defaults below are "
+        "the file's settings when it does not set them.",
     )
-    p.add_argument("--model", default=None, help="model directory (default: the starter model)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
-                   help="seconds for the whole job (default 600)")  # fmt: skip
-    p.add_argument("--max-steps", type=int, default=None, metavar="N", help="training steps")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--threads", type=int, default=None, help="threads (default 1)")
+                   help=f"seconds for the whole job (default: time_budget_s, {defaults.time_budget_s:g})")  # fmt: skip
+    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help=f"training steps (default: max_steps, {defaults.max_steps})")  # fmt: skip
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (default: lr, {defaults.lr:g})")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"threads (default: threads, {defaults.threads})")  # fmt: skip
     p.add_argument("--force", action="store_true",
                    help="train even with few new words or on battery (the gate still applies)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
@@ -510,7 +563,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_adapters(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("adapters", help="list, switch, roll back, export and import adapters")
-    p.add_argument("--model", default=None, help="model directory (default: the starter model)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     q = acts.add_parser("list", help="the stored versions, their data and metrics")
     q.add_argument("--json", action="store_true", help="print JSON")
@@ -570,14 +623,12 @@ def _describe_version(meta: dict) -> str:
 
 
 def _version_line(meta: dict) -> str:
+    from keyboard.client import describe_metrics
+
     text = f"{meta['version']}  {meta.get('created', '')}  {meta.get('source', '')}"
-    metrics = meta.get("metrics") or {}
-    before, after = metrics.get("before"), metrics.get("after")
-    if before and after:
-        text += (
-            f"  loss {before['loss']:.3f}->{after['loss']:.3f}"
-            f"  top-3 {100 * before['top3']:.1f}%->{100 * after['top3']:.1f}%"
-        )
+    change = describe_metrics(meta.get("metrics"))
+    if change:
+        text += f"  {change}"
     if "steps" in meta:
         text += f"  {meta['steps']} steps"
     data = meta.get("data") or {}
@@ -590,13 +641,17 @@ def _add_schedule(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("schedule", help="run the personalization job nightly (systemd or cron)")
     acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     q = acts.add_parser("install", help="a systemd user timer (or a crontab line) for the job")
-    q.add_argument("--at", default=None, metavar="HH:MM", help="local time (default 03:00)")
-    q.add_argument("--mode", choices=("auto", "systemd", "cron"), default="auto")
+    q.add_argument("--at", default=None, metavar="HH:MM",
+                   help="local time (default: `at` in personalize.json, else 03:00)")  # fmt: skip
+    q.add_argument("--mode", choices=("auto", "systemd", "cron"), default="auto",
+                   help="auto: systemd when a user manager answers, else cron (default)")  # fmt: skip
     q.add_argument("--no-enable", action="store_true",
                    help="only write the unit files / print the line; do not activate")  # fmt: skip
     q = acts.add_parser("remove", help="undo `schedule install`")
-    q.add_argument("--mode", choices=("auto", "systemd", "cron"), default="auto")
-    acts.add_parser("show", help="what is scheduled and when it runs next")
+    q.add_argument("--mode", choices=("auto", "systemd", "cron"), default="auto",
+                   help="what to remove (default: both)")  # fmt: skip
+    q = acts.add_parser("show", help="what is scheduled and when it runs next")
+    q.add_argument("--json", action="store_true", help="print JSON")
 
     def run(args: argparse.Namespace) -> int:
         import json
@@ -604,7 +659,8 @@ def _add_schedule(sub: argparse._SubParsersAction) -> None:
         from keyboard import schedule
 
         if args.action == "show":
-            print(json.dumps(schedule.show(Home.from_env()), indent=2))
+            shown = schedule.show(Home.from_env())
+            print(json.dumps(shown, indent=2) if args.json else _describe_schedule(shown))
             return 0
         if args.action == "install":
             result = schedule.install(
@@ -625,6 +681,123 @@ def _add_schedule(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _describe_schedule(shown: dict[str, Any]) -> str:
+    """`schedule show` for a person to read."""
+    units = shown.get("systemd_units") or []
+    lines = [
+        f"time         {shown['at']} local time (next run {shown['next_run']})",
+        "systemd      " + (", ".join(units) if units else "no timer installed"),
+        "cron         " + (shown.get("cron_line") or "no crontab line"),
+    ]
+    if not units and not shown.get("cron_line"):
+        lines.append("the daemon still runs the job at that time while it is serving;")
+        lines.append("without it, `keyboard schedule install` adds a timer")
+    return "\n".join(lines)
+
+
+# --- installation ---------------------------------------------------------------------------------
+def _add_install(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "link",
+        help="put the `keyboard` command on PATH (a link in ~/.local/bin)",
+        description="Links this installation's `keyboard` script (in its virtualenv) into a "
+        "directory on PATH, so `keyboard ...` works in any shell and editor plugins find it.",
+    )
+    p.add_argument("--dir", type=Path, default=None, metavar="DIR",
+                   help="where to put the link (default ~/.local/bin)")  # fmt: skip
+
+    def run_link(args: argparse.Namespace) -> int:
+        from keyboard import install
+
+        _print_changes(install.link(args.dir))
+        return 0
+
+    p.set_defaults(func=run_link)
+
+    p = sub.add_parser(
+        "service",
+        help="run the daemon as a systemd user service (install, remove)",
+        description="Installs the daemon as a systemd user unit (keyboard.service) that starts "
+        "at login and restarts if it fails; the nightly job has its own timer "
+        "(`keyboard schedule install`).",
+    )
+    acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = acts.add_parser("install", help="write keyboard.service and start it")
+    q.add_argument("--model", default=None, help=MODEL_HELP)
+    q.add_argument("--no-enable", action="store_true",
+                   help="only write the unit file; do not start it")  # fmt: skip
+    acts.add_parser("remove", help="stop keyboard.service and delete it")
+
+    def run_service(args: argparse.Namespace) -> int:
+        from keyboard import install
+
+        if args.action == "install":
+            model = Path(args.model).expanduser().resolve() if args.model else None
+            _print_changes(install.install_service(model, enable=not args.no_enable))
+        else:
+            changes = install.remove_service()
+            _print_changes(changes)
+            if not changes.done:
+                print("keyboard.service was not installed")
+        return 0
+
+    p.set_defaults(func=run_service)
+
+    p = sub.add_parser(
+        "uninstall",
+        help="remove the service, the nightly timer, the PATH link; the home if you confirm",
+        description="Stops the daemon and removes what keyboard installed in your session: "
+        "keyboard.service, the nightly timer or crontab line, the link on PATH. Then it asks "
+        "whether to delete the keyboard home (your typing log, adapters and settings) too; "
+        "nothing there is deleted without that confirmation. The program itself stays "
+        "(delete its virtualenv to remove it).",
+    )
+    home_opt = p.add_mutually_exclusive_group()
+    home_opt.add_argument("--delete-home", action="store_true",
+                          help="delete the keyboard home too, without asking")  # fmt: skip
+    home_opt.add_argument("--keep-home", action="store_true",
+                          help="keep the keyboard home, without asking")  # fmt: skip
+    p.add_argument("--link-dir", type=Path, default=None, metavar="DIR",
+                   help="where `keyboard link` put the link (default ~/.local/bin)")  # fmt: skip
+
+    def run_uninstall(args: argparse.Namespace) -> int:
+        from keyboard import install, schedule
+        from keyboard.client import DaemonNotRunning, stop_daemon
+
+        home = Home.from_env()
+        _print_changes(install.remove_service())
+        try:
+            print(f"stopped the daemon (pid {stop_daemon()})")
+        except DaemonNotRunning:
+            pass
+        removed = schedule.remove(mode="auto")
+        for f in removed.files:
+            print(f"removed {f}")
+        for m in removed.messages:
+            if m != "nothing was scheduled":
+                print(m)
+        _print_changes(install.unlink(args.link_dir))
+        delete = args.delete_home
+        if not (args.delete_home or args.keep_home) and sys.stdin.isatty():
+            answer = input(
+                f"Delete {home.root} too: your typing log, adapters and settings? "
+                "This cannot be undone. Type 'delete' to confirm: "
+            )
+            delete = answer.strip().lower() == "delete"
+        if delete:
+            _print_changes(install.delete_home(home))
+        else:
+            print(f"kept {home.root}; delete it with `keyboard uninstall --delete-home`")
+        return 0
+
+    p.set_defaults(func=run_uninstall)
+
+
+def _print_changes(changes: Any) -> None:
+    for line in [*changes.done, *changes.notes]:
+        print(line)
+
+
 # Each area adds its commands here; keep a section per module.
 _SECTIONS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_export,
@@ -636,13 +809,17 @@ _SECTIONS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_adapters,
     _add_schedule,
     add_federate,
+    _add_install,
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from keyboard import __version__
+
     parser = argparse.ArgumentParser(
         prog="keyboard", description="Private, personalized next-word prediction."
     )
+    parser.add_argument("--version", action="version", version=f"keyboard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in _SECTIONS:
         add(sub)

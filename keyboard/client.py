@@ -288,13 +288,10 @@ def describe_status(status: dict[str, Any]) -> str:
     lines = [
         f"daemon       pid {status.get('pid')}, up {_duration(status.get('uptime_s') or 0)}, "
         f"socket {status.get('socket')}",
-        f"model        {model.get('name')} ({model.get('base_model') or '?'}) from {model.get('dir')}",
+        f"model        {model.get('name')} from {model.get('dir')}",
     ]
-    metrics = adapter.get("metrics")
-    lines.append(
-        f"adapter      {adapter.get('version')}"
-        + (f"  metrics {json.dumps(metrics, sort_keys=True)}" if metrics else "")
-    )
+    change = describe_metrics(adapter.get("metrics"))
+    lines.append(f"adapter      {adapter.get('version')}" + (f"  ({change})" if change else ""))
     phrases = adapter.get("phrases")
     lines.append(
         "phrases      "
@@ -324,7 +321,7 @@ def describe_status(status: dict[str, Any]) -> str:
     failure = person.get("last_failure")
     if failure and _newer_failure(failure, last):
         lines.append(f"last failure {failure.get('time')}: {failure.get('reason')}")
-    lines.append(f"next job     {person.get('next_run') or 'not scheduled'}")
+    lines.append(f"next job     {_local_time(person.get('next_run')) or 'not scheduled'}")
     lines.append(
         f"server       {server.get('connections')} connection(s), {server.get('served')} "
         f"requests served, RSS {server.get('rss_mb')} MB"
@@ -345,6 +342,34 @@ def _newer_failure(failure: dict[str, Any], last: dict[str, Any] | None) -> bool
         return failed >= started
     except ValueError:
         return True
+
+
+def describe_metrics(metrics: Any) -> str:
+    """What training changed, from an adapter's recorded metrics ({"before": {...}, "after":
+    {...}}: held-out loss and next-word top-3), for a person; "" when they do not say."""
+    if not isinstance(metrics, dict):
+        return ""
+    before, after = metrics.get("before"), metrics.get("after")
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return ""
+    parts = []
+    if isinstance(before.get("loss"), (int, float)) and isinstance(after.get("loss"), (int, float)):
+        parts.append(f"held-out loss {before['loss']:.3f} -> {after['loss']:.3f}")
+    if isinstance(before.get("top3"), (int, float)) and isinstance(after.get("top3"), (int, float)):
+        parts.append(f"next-word top-3 {100 * before['top3']:.1f}% -> {100 * after['top3']:.1f}%")
+    return ", ".join(parts)
+
+
+def _local_time(stamp: Any) -> str:
+    """An ISO 8601 time as the local "YYYY-MM-DD HH:MM"; "" for none."""
+    from datetime import datetime
+
+    if not stamp:
+        return ""
+    try:
+        return datetime.fromisoformat(str(stamp)).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return str(stamp)
 
 
 def _duration(seconds: float) -> str:

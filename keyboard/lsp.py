@@ -28,7 +28,7 @@ from keyboard.editor_text import (
 )
 from keyboard.protocol import MAX_K, RpcError
 from keyboard.redaction import excluded_by
-from keyboard.shown import ShownInWord
+from keyboard.shown import ShownInWord, score_label
 from keyboard.types import KeyboardError
 from keyboard.words import split_prefix
 
@@ -419,7 +419,7 @@ async def completion(ls: KeyboardServer, params: lsp.CompletionParams) -> lsp.Co
             lsp.CompletionItem(
                 label=word,
                 kind=lsp.CompletionItemKind.Text,
-                detail=f"{cand.get('score', 0.0):.0%} keyboard",
+                detail=f"{score_label(cand.get('score', 0.0))} keyboard".lstrip(),
                 sort_text=f"{rank:03d}",
                 filter_text=word,
                 preselect=rank == 0,

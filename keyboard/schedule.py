@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from keyboard.paths import Home, keyboard_command
+from keyboard.systemd import captured_environment, systemctl, unit_dir, user_manager_available
 from keyboard.types import KeyboardError
 
 if TYPE_CHECKING:
@@ -23,7 +22,6 @@ UNIT = "keyboard-train"  # keyboard-train.service + keyboard-train.timer
 log = logging.getLogger("keyboard.schedule")
 CRON_MARK = "# keyboard-train (added by `keyboard schedule install`)"
 _TIME_RE = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
-_SYSTEMCTL_TIMEOUT_S = 20
 
 
 def parse_at(at: str) -> time:
@@ -98,26 +96,15 @@ def should_run(typing_log: TypingLog, home: Home) -> Decision:
 
 
 # --- systemd user timer / cron ------------------------------------------------------------------
-def unit_dir() -> Path:
-    """Where systemd looks for user units: $XDG_CONFIG_HOME/systemd/user."""
-    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(config) / "systemd" / "user"
-
-
 def job_command() -> list[str]:
     """The command a timer runs: this Python, so the venv needs no activation."""
     return keyboard_command("train")
 
 
-def _environment() -> dict[str, str]:
-    """Settings the job must see as this shell does (a timer starts with a bare environment)."""
-    keep = ("KEYBOARD_HOME", "KEYBOARD_MODEL", "HF_HUB_OFFLINE")
-    return {k: os.environ[k] for k in keep if os.environ.get(k)}
-
-
 def service_text(on_ac_only: bool = True) -> str:
     env = "".join(
-        f"Environment={shlex.quote(f'{k}={v}')}\n" for k, v in sorted(_environment().items())
+        f"Environment={shlex.quote(f'{k}={v}')}\n"
+        for k, v in sorted(captured_environment().items())
     )
     condition = "ConditionACPower=true\n" if on_ac_only else ""
     return (
@@ -150,7 +137,7 @@ def timer_text(at: str) -> str:
 
 def cron_line(at: str) -> str:
     t = parse_at(at)
-    env = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(_environment().items()))
+    env = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(captured_environment().items()))
     command = shlex.join(job_command())
     return f"{t.minute} {t.hour} * * * {env + ' ' if env else ''}nice -n 10 {command} {CRON_MARK}"
 
@@ -161,31 +148,6 @@ def crontab_with(current: str, line: str | None) -> str:
     if line is not None:
         kept.append(line)
     return "".join(f"{ln}\n" for ln in kept)
-
-
-def systemd_user_available() -> bool:
-    """True when a systemd user manager answers (absent in containers, on macOS, over some ssh)."""
-    if shutil.which("systemctl") is None:
-        return False
-    try:
-        done = subprocess.run(
-            ["systemctl", "--user", "show-environment"],
-            capture_output=True,
-            timeout=_SYSTEMCTL_TIMEOUT_S,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
-
-
-def _systemctl(*args: str) -> None:
-    done = subprocess.run(
-        ["systemctl", "--user", *args], capture_output=True, text=True, timeout=_SYSTEMCTL_TIMEOUT_S
-    )
-    if done.returncode != 0:
-        raise KeyboardError(
-            f"`systemctl --user {' '.join(args)}` failed: {done.stderr.strip() or done.returncode}"
-        )
 
 
 def _crontab_read() -> str:
@@ -238,7 +200,7 @@ def install(
         )  # the daemon's own schedule follows the same setting
     battery_ok = config.train_on_battery if train_on_battery is None else train_on_battery
     if mode == "auto":
-        mode = "systemd" if systemd_user_available() else "cron"
+        mode = "systemd" if user_manager_available() else "cron"
     result = ScheduleResult(mode=mode, at=at)
     if mode == "systemd":
         directory = unit_dir()
@@ -248,8 +210,8 @@ def install(
         timer.write_text(timer_text(at))
         result.files = [str(service), str(timer)]
         if enable:
-            _systemctl("daemon-reload")
-            _systemctl("enable", "--now", f"{UNIT}.timer")
+            systemctl("daemon-reload")
+            systemctl("enable", "--now", f"{UNIT}.timer")
             result.enabled = True
             result.messages.append(f"timer enabled: see `systemctl --user list-timers {UNIT}*`")
         else:
@@ -276,17 +238,17 @@ def remove(mode: str = "auto", enable: bool = True) -> ScheduleResult:
     directory = unit_dir()
     units = [directory / f"{UNIT}.timer", directory / f"{UNIT}.service"]
     if mode in ("auto", "systemd"):
-        if enable and any(u.exists() for u in units) and systemd_user_available():
+        if enable and any(u.exists() for u in units) and user_manager_available():
             try:
-                _systemctl("disable", "--now", f"{UNIT}.timer")
+                systemctl("disable", "--now", f"{UNIT}.timer")
             except KeyboardError as exc:
                 result.messages.append(str(exc))
         for unit in units:
             if unit.exists():
                 unit.unlink()
                 result.files.append(str(unit))
-        if result.files and enable and systemd_user_available():
-            _systemctl("daemon-reload")
+        if result.files and enable and user_manager_available():
+            systemctl("daemon-reload")
     if mode in ("auto", "cron") and enable and shutil.which("crontab"):
         current = _crontab_read()
         if CRON_MARK in current:

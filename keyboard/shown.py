@@ -1,4 +1,5 @@
-"""What a client shows for the word being typed: words only, and none it showed there before."""
+"""What a client shows for the word being typed: words only, none it showed there before, and
+how likely each is."""
 
 from __future__ import annotations
 
@@ -37,3 +38,9 @@ class ShownInWord:
         passed over."""
         self.current = [w for w in words if w not in self.passed][:k]
         return self.current
+
+
+def score_label(score: float) -> str:
+    """A candidate's probability for a person ("12%"); "" when it rounds to nothing (a word
+    the model only completes, or one too unlikely to put a number on)."""
+    return f"{score:.0%}" if score >= 0.005 else ""

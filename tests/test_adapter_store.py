@@ -53,7 +53,13 @@ def test_promote_use_rollback(store: AdapterStore) -> None:
     assert store.use("2") == v2
     assert store.active()[0] == v2
     assert store.use("base") == BASE and store.active() is None
-    assert store.rollback() == v2  # back to what was active before `use base`
+    # Rollback means back: from the base model there is nothing older (it went forward to v2).
+    with pytest.raises(AdapterStoreError, match="nothing older to roll back to"):
+        store.rollback()
+    assert store.active() is None
+    # From v1, with v2 active before it, back is the base model, not v2.
+    assert store.use(v2) == v2 and store.use(v1) == v1
+    assert store.rollback() == BASE
     with pytest.raises(AdapterStoreError, match="no adapter version v0009"):
         store.use("v0009")
     with pytest.raises(AdapterStoreError, match="not an adapter version"):

@@ -22,7 +22,8 @@ PLUGIN = Path(__file__).resolve().parent.parent / "editors" / "nvim"
 NVIM = shutil.which("nvim")
 
 pytestmark = pytest.mark.skipif(
-    NVIM is None, reason="nvim is not installed (`make venv` installs Debian's neovim package)"
+    NVIM is None,
+    reason="nvim is not installed: install Neovim >= 0.10 (Debian: apt-get install neovim) to run it",
 )
 
 # Runs inside Neovim. Keys go through nvim_input (the real input queue, as typed); timers wait
