@@ -263,6 +263,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "home, and report the last 20%% before and after",
     )
     p.add_argument("--threads", type=int, default=1, help="inference threads (default %(default)s)")
+    p.add_argument(
+        "--adapter",
+        default=None,
+        metavar="active|base|VERSION",
+        help="the adapter to type with (default: active, the one the daemon serves; with "
+        "--personalize, base)",
+    )
 
     def run(args: argparse.Namespace) -> int:
         import json
@@ -277,16 +284,21 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                 end = "\n" if done == total else ""
                 print(f"\r{stage}: {done}/{total} messages", end=end, file=sys.stderr, flush=True)
 
+        choice = args.adapter or ("base" if args.personalize else "active")
+        if args.personalize and choice != "base":
+            raise KeyboardError("--personalize trains from the base model; leave out --adapter")
         result = evaluation.evaluate_file(
             args.file,
             model_dir,
+            adapter=choice,
+            home=Home.from_env(),
             k=args.k,
             max_lines=args.max_lines,
             personalize=args.personalize,
             threads=args.threads,
             progress=progress,
         )
-        rows = {"base": result.before}
+        rows = {result.served: result.before}
         if result.after is not None:
             rows["personalized"] = result.after
         if args.plot:

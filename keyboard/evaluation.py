@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from keyboard.paths import Home
 from keyboard.protocol import MAX_K
 from keyboard.shown import ShownInWord
 from keyboard.types import KeyboardError, Prediction
@@ -321,6 +322,38 @@ def plot_reports(
     return path
 
 
+@dataclass(frozen=True)
+class ServedAdapter:
+    """An adapter to type with: its version, its file and the user phrases stored with it
+    (no file: the base model)."""
+
+    version: str = "base"
+    path: Path | None = None
+    phrases: Path | None = None
+
+
+def served_adapter(home: Home | None, model_dir: Path, choice: str) -> ServedAdapter:
+    """The adapter `choice` names: "base", "active" (what the daemon serves) or a stored
+    version of this model's adapters in `home`."""
+    from keyboard.adapter_store import BASE, AdapterStore, version_name
+
+    active = choice.strip().lower() == "active"
+    version = BASE if active else version_name(choice)
+    if version == BASE and not active:
+        return ServedAdapter()
+    if home is None:
+        raise KeyboardError(f"adapter {choice}: no keyboard home to find it in")
+    store = AdapterStore.in_home(home, model_dir)
+    if active:
+        current = store.active()
+        if current is None:
+            return ServedAdapter()
+        version = current[0]
+    else:
+        store.load(version)  # a missing or damaged version: its own clear error
+    return ServedAdapter(version, store.get(version).path, store.phrases_path(version))
+
+
 @dataclass
 class FileEvaluation:
     """`keyboard eval` on one file: the typing report, and before/after personalization."""
@@ -334,7 +367,8 @@ class FileEvaluation:
     job_status: str | None = None  # "promoted", or why the job kept the base model
     job_seconds: float | None = None
     peak_rss_mb: float | None = None  # this process's peak, which includes the predictor
-    adapter: str | None = None
+    adapter: str | None = None  # the adapter the job promoted ("after")
+    served: str = "base"  # the adapter typed with for `before`
 
     def to_json(self) -> dict[str, Any]:
         data = {key: value for key, value in asdict(self).items() if value is not None}
@@ -403,13 +437,16 @@ def evaluate_file(
     personalize: bool = False,
     threads: int = 1,
     progress: Callable[[str, int, int], None] | None = None,
+    adapter: str = "base",
+    home: Home | None = None,
 ) -> FileEvaluation:
     """Type a user's file through the Predictor the daemon uses and report the metrics.
 
     Without `personalize` every message is typed (the first `max_lines` only, when given).
     With it, the first 80% are the user's history: the personalization job trains on them in
     a throwaway home, and the last 20% (the first `max_lines` of them) are typed before and
-    after, with the history as preceding context both times.
+    after, with the history as preceding context both times. `adapter` is typed with:
+    "base", "active" or a stored version in `home` (personalization starts from the base).
     """
     import tempfile
 
@@ -436,6 +473,11 @@ def evaluate_file(
         return None if progress is None else (lambda done, total: progress(stage, done, total))
 
     predictor = Predictor(model_dir, threads=threads)
+    served = served_adapter(home, model_dir, adapter)
+    if served.path is not None and not predictor.load_adapter(
+        served.path, served.version, served.phrases
+    ):
+        raise KeyboardError(f"adapter {served.version} could not be loaded ({served.path})")
     before = simulate(predictor, test, history=history, k=k, progress=report("base"))
     result = FileEvaluation(
         file=str(path),
@@ -443,10 +485,11 @@ def evaluate_file(
         history=len(history),
         evaluated=len(test),
         before=before,
+        served=served.version,
     )
     if personalize:
-        with tempfile.TemporaryDirectory(prefix="keyboard-eval-") as home:
-            job = personalize_in_throwaway_home(history, model_dir, Path(home))
+        with tempfile.TemporaryDirectory(prefix="keyboard-eval-") as throwaway:
+            job = personalize_in_throwaway_home(history, model_dir, Path(throwaway))
             result.job_status = job.status + (f": {job.reason}" if job.reason else "")
             result.job_seconds = job.seconds
             if job.status == "failed":

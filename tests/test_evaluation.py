@@ -366,6 +366,32 @@ def test_cli_types_a_file_through_the_real_predictor(capsys, tmp_path, tiny_llam
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_types_with_the_active_adapter_or_the_one_named(capsys, tmp_path, tiny_llama, home):
+    """`keyboard eval` measured the base model whatever the daemon served."""
+    import numpy as np
+
+    from keyboard.adapter_store import AdapterStore
+
+    store = AdapterStore.in_home(home, tiny_llama)
+    rng = np.random.default_rng(0)
+    shifted = {n: v + rng.normal(0, 0.5, v.shape).astype(np.float32)
+               for n, v in store.artifacts.initial_adapter().items()}  # fmt: skip
+    version = store.promote(shifted)
+    path = tmp_path / "user.txt"
+    path.write_text("Hello there, it's me.\nSecond message: well-known words!\n")
+    argv = ["eval", str(path), "--model", str(tiny_llama), "--max-lines", "1"]
+    assert cli.main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["served"] == version  # active by default
+    assert cli.main([*argv, "--json", "--adapter", "base"]) == 0
+    assert json.loads(capsys.readouterr().out)["served"] == "base"
+    assert cli.main([*argv, "--adapter", version]) == 0
+    assert capsys.readouterr().out.splitlines()[2].startswith(version)  # the table's row
+    assert cli.main([*argv, "--adapter", "v0009"]) == 1
+    assert "no adapter version v0009" in capsys.readouterr().err
+    assert cli.main([*argv, "--adapter", version, "--personalize"]) == 1
+    assert "base model" in capsys.readouterr().err
+
+
 # --- the presage adapter's text handling (no presage needed) -------------------------------
 def _peer_presage():
     spec = importlib.util.spec_from_file_location(
