@@ -13,6 +13,7 @@ from keyboard.paths import Home
 from keyboard.types import KeyboardError
 
 Handler = Callable[[argparse.Namespace], int]
+PROGRESS_POLL_S = 1.0  # how often `train --via-daemon` asks the daemon how the job is doing
 MODEL_HELP = "model directory (default: $KEYBOARD_MODEL, else the starter model)"
 
 
@@ -443,13 +444,41 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_via_daemon(args: argparse.Namespace) -> int:
-    """`keyboard train --via-daemon`: the daemon runs the job and switches to its adapter."""
+    """`keyboard train --via-daemon`: the daemon runs the job and switches to its adapter;
+    meanwhile its progress (from `status`) goes to stderr."""
     import json
+    import threading
 
-    from keyboard.client import DaemonClient
+    from keyboard.client import DaemonClient, describe_progress
 
-    with DaemonClient(timeout=None) as client:
-        done = client.call("train", wait=True, force=args.force)
+    outcome: dict[str, Any] = {}
+
+    def wait_for_job() -> None:
+        try:
+            with DaemonClient(timeout=None) as client:
+                outcome["done"] = client.call("train", wait=True, force=args.force)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = exc
+
+    waiter = threading.Thread(target=wait_for_job, name="keyboard-train-wait", daemon=True)
+    waiter.start()
+    shown: set[str] = set()
+    with DaemonClient(timeout=10.0) as watcher:
+        while waiter.is_alive():
+            waiter.join(PROGRESS_POLL_S)
+            if not waiter.is_alive():
+                break
+            try:
+                running = watcher.call("status")["personalization"].get("running")
+            except KeyboardError:
+                continue  # the answer will say what went wrong
+            line = describe_progress(running)
+            if line and line not in shown:
+                shown.add(line)
+                print(line, file=sys.stderr, flush=True)
+    if "error" in outcome:
+        raise outcome["error"]
+    done = outcome["done"]
     report = done.get("result") or {}
     if args.json:
         print(json.dumps(done))

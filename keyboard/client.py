@@ -344,6 +344,23 @@ def _newer_failure(failure: dict[str, Any], last: dict[str, Any] | None) -> bool
         return True
 
 
+def describe_progress(running: Any) -> str:
+    """A running job's latest progress (`status` → personalization.running) as one line."""
+    if not isinstance(running, dict):
+        return ""
+    record = running.get("progress")
+    if not isinstance(record, dict):
+        return f"personalization job started (pid {running.get('pid')}); reading the text"
+    if record.get("event") == "step":
+        line = f"training: step {record.get('step')}/{record.get('max_steps')}"
+        if isinstance(record.get("loss"), (int, float)):
+            line += f", loss {record['loss']:.3f}"
+        if isinstance(record.get("eta_s"), (int, float)):
+            line += f", about {record['eta_s']:.0f} s left"
+        return line
+    return str(record.get("message") or record.get("event") or "")
+
+
 def describe_metrics(metrics: Any) -> str:
     """What training changed, from an adapter's recorded metrics ({"before": {...}, "after":
     {...}}: held-out loss and next-word top-3), for a person; "" when they do not say."""

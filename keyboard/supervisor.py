@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,6 +42,7 @@ class Job:
     started: str
     reason: str
     job_id: int | None = None
+    progress: dict[str, Any] | None = None  # its latest progress record (keyboard.progress)
     done: asyncio.Task[dict[str, Any]] = field(init=False)  # its outcome, once it ended
 
 
@@ -65,7 +67,12 @@ class JobSupervisor:
         return {
             "running": None
             if job is None
-            else {"job": job.job_id, "pid": job.process.pid, "started": job.started},
+            else {
+                "job": job.job_id,
+                "pid": job.process.pid,
+                "started": job.started,
+                "progress": job.progress,
+            },
             "next_run": None if self.next_scheduled is None else self.next_scheduled.isoformat(),
             # why the last job failed, even when the typing log could not record it
             "last_failure": mine
@@ -138,7 +145,8 @@ class JobSupervisor:
             assert job.process.stdout is not None and job.process.stderr is not None
             tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
             stdout, _ = await asyncio.gather(
-                job.process.stdout.read(), _forward(job.process.stderr, tail)
+                job.process.stdout.read(),
+                _forward(job.process.stderr, tail, lambda record: setattr(job, "progress", record)),
             )
             code = await job.process.wait()
             lines = [ln for ln in stdout.decode("utf-8", "replace").splitlines() if ln.strip()]
@@ -240,8 +248,14 @@ class JobSupervisor:
                 log.exception("scheduled personalization failed to start")
 
 
-async def _forward(stream: asyncio.StreamReader, tail: deque[str]) -> None:
-    """Copy a job's stderr to the daemon's (its log) line by line, keeping the last lines."""
+async def _forward(
+    stream: asyncio.StreamReader,
+    tail: deque[str],
+    on_progress: Callable[[dict[str, Any]], None],
+) -> None:
+    """Copy a job's stderr to the daemon's (its log) line by line, keeping the last lines;
+    its progress records (keyboard.progress: JSON with an "event") go to `on_progress`, which
+    is how `status`, and so `train --via-daemon`, shows a running job's progress."""
     while True:
         try:
             line = await stream.readline()
@@ -252,6 +266,11 @@ async def _forward(stream: asyncio.StreamReader, tail: deque[str]) -> None:
         text = line.decode("utf-8", "replace").rstrip()
         if text and not text.startswith("{"):  # progress events are JSON; reasons are not
             tail.append(text)
+        elif text:
+            with contextlib.suppress(ValueError):
+                record = json.loads(text)
+                if isinstance(record, dict) and "event" in record:
+                    on_progress(record)
         with contextlib.suppress(OSError, ValueError):  # a full disk must not stop the job
             sys.stderr.write(line.decode("utf-8", "replace"))
             sys.stderr.flush()

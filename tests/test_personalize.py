@@ -297,3 +297,40 @@ def test_progress_bar_and_log_lines() -> None:
     lines.step({"step": 3, "loss": 2.3, "elapsed": 0.3, "max_steps": 10, "eval_loss": 2.2})
     records = [json.loads(ln) for ln in log.getvalue().splitlines()]
     assert [r["step"] for r in records] == [1, 3] and records[1]["eval_loss"] == 2.2
+
+
+def test_train_via_daemon_shows_progress(tiny_llama: Path) -> None:
+    """`keyboard train --via-daemon` printed nothing until the job ended (36 s on the starter
+    model); now the job's stages and steps reach stderr while it runs."""
+    import shutil
+
+    from keyboard.client import DaemonClient
+    from tests.daemon_process import daemon_env, short_dir, start_daemon
+
+    root = short_dir()
+    home = Home.at(root / "home")
+    fast = _fast()
+    JobConfig.update(home.job_config, **{k: getattr(fast, k) for k in
+                                         ("lr", "max_steps", "warmup", "eval_every", "patience")})  # fmt: skip
+    served = start_daemon(tiny_llama, home.root, root / "kb.sock")
+    try:
+        with DaemonClient(served.socket) as client:
+            for line in _user_lines():
+                client.call("observe", text=line, source="test")
+        done = subprocess.run(
+            [sys.executable, "-m", "keyboard", "train", "--via-daemon", "--force"],
+            env=daemon_env(home.root, tiny_llama, KEYBOARD_SOCKET=str(served.socket)),
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        progress = done.stderr.splitlines()
+        assert progress, "no progress while the job ran"
+        assert any(
+            line.startswith(("personalization job started", "personalizing", "before:",
+                             "training: step", "after:"))
+            for line in progress
+        ), progress  # fmt: skip
+        assert done.stdout.split(":")[0] in ("promoted", "rejected"), done.stdout
+    finally:
+        served.stop()
+        shutil.rmtree(root, ignore_errors=True)
