@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 
 from keyboard import client
 from keyboard.cli import main
-from keyboard.paths import Home
+from keyboard.paths import Home, keyboard_command
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,7 +150,8 @@ def test_service_install_and_remove(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     unit = tmp_path / "config" / "systemd" / "user" / "keyboard.service"
     assert main(["service", "install", "--no-enable", "--model", str(tmp_path / "m")]) == 0
     text = unit.read_text()
-    assert f"ExecStart={sys.executable} -m keyboard serve --foreground --model" in text
+    serve = shlex.join(keyboard_command("serve", "--foreground", "--model"))
+    assert f"ExecStart={serve} " in text
     assert f"Environment=KEYBOARD_HOME={tmp_path / 'kbhome'}" in text
     assert "Restart=on-failure" in text and "WantedBy=default.target" in text
     monkeypatch.setenv("PATH", str(tmp_path))  # no systemctl: only the file goes
