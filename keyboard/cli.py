@@ -463,9 +463,11 @@ def _train_via_daemon(args: argparse.Namespace) -> int:
     waiter = threading.Thread(target=wait_for_job, name="keyboard-train-wait", daemon=True)
     waiter.start()
     shown: set[str] = set()
+    wait_s = 0.2  # the first look soon: the job's start is news too
     with DaemonClient(timeout=10.0) as watcher:
         while waiter.is_alive():
-            waiter.join(PROGRESS_POLL_S)
+            waiter.join(wait_s)
+            wait_s = PROGRESS_POLL_S
             if not waiter.is_alive():
                 break
             try:

@@ -322,15 +322,15 @@ def test_train_via_daemon_shows_progress(tiny_llama: Path) -> None:
             env=daemon_env(home.root, tiny_llama, KEYBOARD_SOCKET=str(served.socket)),
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
-        assert done.returncode == 0, done.stderr
+        assert done.returncode == 0, (done.stdout, done.stderr, served.output()[-3000:])
         progress = done.stderr.splitlines()
-        assert progress, "no progress while the job ran"
+        assert progress, ("no progress while the job ran", done.stdout, served.output()[-3000:])
         assert any(
             line.startswith(("personalization job started", "personalizing", "before:",
                              "training: step", "after:"))
             for line in progress
         ), progress  # fmt: skip
-        assert done.stdout.split(":")[0] in ("promoted", "rejected"), done.stdout
+        assert done.stdout.split(":")[0] in ("promoted", "rejected"), (done.stdout, progress)
     finally:
         served.stop()
         shutil.rmtree(root, ignore_errors=True)
