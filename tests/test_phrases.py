@@ -143,3 +143,43 @@ def test_status_says_which_phrases_are_served() -> None:
     served = {"adapter": {"version": "v0002", "phrases": {"words": 48210, "ngrams": 71344}}}
     assert "phrases      48,210 words, 71,344 word pairs/triples" in describe_status(served)
     assert "phrases      none" in describe_status({"adapter": {"version": "base"}})
+
+
+def test_compact_file_round_trip_reads_version_1_and_refuses_bad_arrays() -> None:
+    import json
+
+    import numpy as np
+
+    from keyboard.phrases import _MAGIC
+
+    model = PhraseModel.from_texts(TEXTS, weight=0.3)
+    again = PhraseModel.from_bytes(model.to_bytes())
+    assert again.follow == model.follow and dict(again.unigrams) == dict(model.unigrams)
+    assert again.candidates(("at", "the"), "") == model.candidates(("at", "the"), "")
+    # A version-1 file (JSON of dicts, what earlier jobs wrote) reads as the same model.
+    v1 = {
+        "format": "keyboard-phrases", "version": 1, "weight": 0.3,
+        "unigrams": dict(model.unigrams),
+        "follow": {"\t".join(ctx): nxt for ctx, nxt in model.follow.items()},
+    }  # fmt: skip
+    old = PhraseModel.from_bytes(zlib.compress(json.dumps(v1).encode()))
+    assert old.follow == model.follow and old.probability("lake", ("at", "the")) == pytest.approx(
+        model.probability("lake", ("at", "the"))
+    )
+    # Intact compression around damaged arrays: a continuation id out of range is refused.
+    text = zlib.decompress(model.to_bytes())
+    assert text.startswith(_MAGIC)
+    ids = model.next_ids.astype("<i4").tobytes()
+    at = text.index(ids)
+    bad = text[:at] + np.array([10**6], dtype="<i4").tobytes() + text[at + 4 :]
+    with pytest.raises(PhraseError, match="damaged"):
+        PhraseModel.from_bytes(zlib.compress(bad))
+    with pytest.raises(PhraseError, match="damaged"):
+        PhraseModel.from_bytes(zlib.compress(text[:-3]))
+
+
+def test_learning_on_a_loaded_model_counts_the_new_text() -> None:
+    model = PhraseModel.from_bytes(PhraseModel.from_texts(TEXTS).to_bytes())
+    model.learn("See you at the lake again.")
+    assert model.unigrams["lake"] == 4 and "again" in model.unigrams
+    assert model.follow[("at", "the")] == {"lake": 3}
