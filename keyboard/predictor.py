@@ -68,6 +68,9 @@ MAX_WORD_TOKENS = 4  # tokens a word may take beyond those its typed prefix need
 MAX_DEPTH = 12  # hard limit on search depth (long odd prefixes)
 LRU_SIZE = 1024  # finished results
 HYPOTHESIS_CACHE_SIZE = 384  # token distributions (one float32 vector of the vocabulary each)
+SLOTS = 8  # key/value cache slots: clients typing at once that each keep their context
+HOT_SLOTS = 2  # slots that keep batch copies of their key/values (one per inference thread)
+TOKENIZED_SIZE = 2 * SLOTS  # tokenized context windows kept
 TOP_TOKENS = 24  # likeliest tokens of a kind memoised per distribution (>= MAX_K)
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _SPACE = re.compile(r"\s")
@@ -415,33 +418,103 @@ def _next_tokens(
 
 
 # --- the engine: one session (one adapter) and its caches ---------------------------------------
+class _Nexts:
+    """Next-token distributions by absolute token sequence, most recently used last; shared by
+    every slot of an engine (a sequence's distribution is the same whoever asks)."""
+
+    def __init__(self, size: int = HYPOTHESIS_CACHE_SIZE) -> None:
+        self.size = size
+        self.items: OrderedDict[tuple[int, ...], Next] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, seq: tuple[int, ...]) -> Next | None:
+        with self.lock:
+            hit = self.items.get(seq)
+            if hit is not None:
+                self.items.move_to_end(seq)
+            return hit
+
+    def put(self, seq: tuple[int, ...], nxt: Next) -> None:
+        with self.lock:
+            self.items[seq] = nxt
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
 class _State:
-    """Key/values of a base token sequence, and next-token distributions by token sequence.
+    """One cache slot: the key/values of a base token sequence (one client's context), and
+    the next-token distributions it reads and writes.
 
     Hypotheses after the base are scored by running only their tokens on top of the base's
-    key/values; the base moves to each new context.
+    key/values; the base moves to each new context of whoever holds the slot.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, nexts: _Nexts | None = None) -> None:
         self.base: tuple[int, ...] = ()
         self.kv: list[np.ndarray] = []  # [1, kv_heads, len(base), head_dim] per past input
         self.repeated: list[np.ndarray] = []  # the same, repeated along the batch axis
-        self.nexts: OrderedDict[tuple[int, ...], Next] = OrderedDict()
+        self.nexts = nexts if nexts is not None else _Nexts()
+        self.busy = False
+        self.used = 0  # when it was last taken (the slots' clock)
 
     def get(self, seq: tuple[int, ...]) -> Next | None:
-        hit = self.nexts.get(seq)
-        if hit is not None:
-            self.nexts.move_to_end(seq)
-        return hit
+        return self.nexts.get(seq)
 
     def put(self, seq: tuple[int, ...], nxt: Next) -> None:
-        self.nexts[seq] = nxt
-        while len(self.nexts) > HYPOTHESIS_CACHE_SIZE:
-            self.nexts.popitem(last=False)
+        self.nexts.put(seq, nxt)
 
     def holds(self, context: tuple[int, ...]) -> bool:
         """True when the key/values are those of `context`."""
         return bool(self.kv) and context == self.base
+
+
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class _Slots:
+    """The cache slots of an engine. Each prediction takes the free slot whose context shares
+    the most with its own (else the least recently used one) and has it alone until it is
+    done, so several clients typing at once each keep their key/values and run in parallel,
+    and a slot only ever serves tokens it computed for the context it holds."""
+
+    def __init__(self, count: int) -> None:
+        self.nexts = _Nexts()
+        self.states = [_State(self.nexts) for _ in range(max(1, count))]
+        self.free = threading.Condition()
+        self.clock = 0
+
+    def take(self, context: tuple[int, ...]) -> _State:
+        with self.free:
+            while True:
+                idle = [s for s in self.states if not s.busy]
+                if idle:
+                    break
+                self.free.wait()
+            # Sharing a token or two (the start of a text) is no reason to take someone's slot.
+            least = len(context) // 2
+
+            def fit(s: _State) -> tuple[int, int]:
+                common = _common(s.base, context)
+                return (common if common > least else 0, -s.used)
+
+            state = max(idle, key=fit)
+            self.clock += 1
+            state.busy, state.used = True, self.clock
+            # Batch copies of the key/values are large: only the slots in use keep theirs.
+            for other in sorted(self.states, key=lambda s: -s.used)[HOT_SLOTS:]:
+                if not other.busy:
+                    other.repeated = []
+            return state
+
+    def give_back(self, state: _State) -> None:
+        with self.free:
+            state.busy = False
+            self.free.notify()
 
 
 class Engine:
@@ -450,7 +523,7 @@ class Engine:
     def __init__(
         self, model_path: Path, artifacts: ArtifactSet, table: TokenTable,
         adapter: Adapter | None, version: str, threads: int, cache: bool,
-        phrases: PhraseModel | None = None,
+        phrases: PhraseModel | None = None, slots: int = SLOTS,
     ) -> None:  # fmt: skip
         ort = runtime.onnxruntime()
         source: str | bytes = str(model_path)
@@ -472,8 +545,8 @@ class Engine:
         layers = int(inference["layers"])
         self.past_names = [f"past.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
         self.output_names = ["logits"] + [n.replace("past", "present") for n in self.past_names]
-        self.lock = threading.Lock()  # guards `state` and `results` (cache on)
-        self.state = _State()
+        self.slots = _Slots(slots)
+        self.lock = threading.Lock()  # guards `results`
         self.results: OrderedDict[Any, tuple[Candidate, ...]] = OrderedDict()
 
     def run(self, ids: np.ndarray, past: Sequence[np.ndarray], past_len: int, presents: bool):
@@ -494,9 +567,27 @@ class Engine:
         shape = (batch, self.kv_heads, 0, self.head_dim)
         return [np.zeros(shape, dtype=np.float32) for _ in self.past_names]
 
-    def session_state(self) -> _State:
-        """The caches to use for one prediction: the engine's own, or fresh ones (cache off)."""
-        return self.state if self.cache else _State()
+    def take_state(self, context: tuple[int, ...]) -> _State:
+        """The caches to use for one prediction of `context`: a slot of the engine's (give it
+        back with `give_back`), or fresh ones (cache off)."""
+        return self.slots.take(context) if self.cache else _State()
+
+    def give_back(self, state: _State) -> None:
+        if self.cache:
+            self.slots.give_back(state)
+
+    def cached(self, query: Any) -> tuple[Candidate, ...] | None:
+        with self.lock:
+            hit = self.results.get(query)
+            if hit is not None:
+                self.results.move_to_end(query)
+            return hit
+
+    def remember(self, query: Any, candidates: tuple[Candidate, ...]) -> None:
+        with self.lock:
+            self.results[query] = candidates
+            if len(self.results) > LRU_SIZE:
+                self.results.popitem(last=False)
 
     def root(self, state: _State, context: tuple[int, ...]) -> Next:
         """The next-token distribution after the context (from the cache if it is there)."""
@@ -559,8 +650,10 @@ class Predictor:
         quantize: bool | None = None,
         cache: bool = True,
         context_tokens: int = 96,
+        slots: int = SLOTS,
     ) -> None:
         self.artifacts = ArtifactSet.open(model_dir)
+        self.slots = slots  # key/value cache slots: clients typing at once (cache on)
         manifest = self.artifacts.manifest
         self.threads = threads
         self.cache = cache
@@ -583,7 +676,8 @@ class Predictor:
         else:
             self.model_path = self.artifacts.inference_model
         self._swap = threading.Lock()  # one adapter load at a time
-        self._last_ids: tuple[Any, tuple[int, ...]] = (None, ())
+        self._tokenized: dict[tuple[str, bool], tuple[int, ...]] = {}  # oldest first
+        self._tokenized_lock = threading.Lock()
         self._engine = self._build(None, "base")
 
     def _build(
@@ -591,7 +685,7 @@ class Predictor:
     ) -> Engine:
         return Engine(
             self.model_path, self.artifacts, self.table, adapter, version, self.threads,
-            self.cache, phrases,
+            self.cache, phrases, self.slots,
         )  # fmt: skip
 
     @property
@@ -663,40 +757,43 @@ class Predictor:
         query = make_query(context, k, self.context_tokens)
         if isinstance(query, str):  # a "word" too long to complete
             return Prediction(query, [], engine.version, _ms(started))
-        if engine.cache:
-            with engine.lock:
-                candidates = self._cached(engine, query)
-        else:
+        candidates = engine.cached(query) if engine.cache else None
+        if candidates is None:
             candidates = self._compute(engine, query)
+            if engine.cache:
+                engine.remember(query, candidates)
         return Prediction(query.prefix, list(candidates), engine.version, _ms(started))
-
-    def _cached(self, engine: Engine, query: Query) -> tuple[Candidate, ...]:
-        hit = engine.results.get(query)
-        if hit is not None:
-            engine.results.move_to_end(query)
-            return hit
-        candidates = self._compute(engine, query)
-        engine.results[query] = candidates
-        if len(engine.results) > LRU_SIZE:
-            engine.results.popitem(last=False)
-        return candidates
 
     def context_ids(self, query: Query) -> tuple[int, ...]:
         """Token ids the model reads for `query` (at most `context_tokens`)."""
         key = (query.window, query.at_start)
-        last = self._last_ids
-        if self.cache and last[0] == key:  # typing inside a word: same window as before
-            return last[1]
+        if self.cache:
+            with self._tokenized_lock:
+                hit = self._tokenized.get(key)  # typing inside a word: same window as before
+            if hit is not None:
+                return hit
         ids = self.tokenizer.encode(query.window, add_special_tokens=False).ids
         if query.at_start:
             ids = [self.eos_id, *ids]
         out = tuple(ids[-self.context_tokens :])
-        self._last_ids = (key, out)  # one tuple assignment: safe across threads
+        if self.cache:
+            with self._tokenized_lock:
+                self._tokenized[key] = out
+                while len(self._tokenized) > TOKENIZED_SIZE:
+                    self._tokenized.pop(next(iter(self._tokenized)))
         return out
 
     def _compute(self, engine: Engine, query: Query) -> tuple[Candidate, ...]:
         context = self.context_ids(query)
-        state = engine.session_state()
+        state = engine.take_state(context)
+        try:
+            return self._search(engine, state, context, query)
+        finally:
+            engine.give_back(state)
+
+    def _search(
+        self, engine: Engine, state: _State, context: tuple[int, ...], query: Query
+    ) -> tuple[Candidate, ...]:
         root = engine.root(state, context)
         evaluate = engine.evaluator(state, context)
         k = query.k

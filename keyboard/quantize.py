@@ -53,9 +53,10 @@ def fold_weight_transposes(model: Any, keep: set[str]) -> int:
     return len(folded)
 
 
-def quantize_model(source: Path, out: Path, keep: set[str]) -> Path:
+def quantize_model(source: Path, out: Path, keep: set[str], exclude: tuple[str, ...] = ()) -> Path:
     """Write an int8 (dynamic, per-channel 7-bit weights) copy of `source` to `out`; the
-    initializers named in `keep` (the LoRA tensors) stay float32 and keep their names."""
+    initializers named in `keep` (the LoRA tensors) stay float32 and keep their names, and
+    so do the MatMuls whose node names end with one of `exclude`."""
     import onnx
 
     q = runtime.quantization_api()
@@ -68,6 +69,7 @@ def quantize_model(source: Path, out: Path, keep: set[str]) -> Path:
         folded = Path(tmp) / "folded.onnx"
         onnx.save(model, str(folded))
         quantized = Path(tmp) / "int8.onnx"
+        names = [n.name for n in model.graph.node if n.name.endswith(exclude)] if exclude else []
         q.quantize_dynamic(
             str(folded),
             str(quantized),
@@ -77,6 +79,7 @@ def quantize_model(source: Path, out: Path, keep: set[str]) -> Path:
             # in int16, which saturates with full-range weights (measured: fewer top-3 misses).
             reduce_range=True,
             op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=names,
             extra_options={"MatMulConstBOnly": True},
         )
         result = onnx.load(str(quantized))

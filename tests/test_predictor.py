@@ -171,6 +171,65 @@ def test_cached_and_uncached_results_are_identical_over_a_typing_session(tiny_ll
     assert calls == len(TYPED) + 1
 
 
+CLIENTS = [
+    "Thank you so much for your help with the project. We are going",
+    "Could you please send me the report by Friday afternoon? The meeting",
+    "Happy birthday! I hope you have a wonderful day with your family.",
+]
+
+
+def _keystrokes(text: str) -> list[str]:
+    return [text[:end] for end in range(1, len(text) + 1)]
+
+
+def test_cache_slots_never_answer_for_another_clients_context(tiny_llama: Path):
+    # Three clients typing in turn through two slots: every slot changes hands mid-word.
+    reference = Predictor(tiny_llama, cache=False, context_tokens=16)
+    shared = Predictor(tiny_llama, cache=True, context_tokens=16, slots=2)
+    streams = [_keystrokes(text) for text in CLIENTS]
+    for step in range(max(map(len, streams))):
+        for stream in streams:
+            if step < len(stream):
+                a, b = shared.predict(stream[step], k=3), reference.predict(stream[step], k=3)
+                assert a.words == b.words, stream[step]
+                assert [c.score for c in a.candidates] == pytest.approx(
+                    [c.score for c in b.candidates], rel=1e-4, abs=1e-6
+                )
+    # Each slot holds one client's context: the one it computed last.
+    engine = shared._engine
+    bases = {s.base for s in engine.slots.states}
+    contexts = {shared.context_ids(q) for q in _queries(shared, [s[-1] for s in streams])}
+    assert bases <= contexts | {()}
+
+
+def _queries(predictor: Predictor, texts: list[str]) -> list:
+    from keyboard.predictor import make_query
+
+    return [make_query(t, 3, predictor.context_tokens) for t in texts]
+
+
+def test_clients_typing_at_once_get_their_own_answers(tiny_llama: Path):
+    reference = Predictor(tiny_llama, cache=False, context_tokens=16)
+    expected = {
+        ctx: reference.predict(ctx, k=3).words for text in CLIENTS for ctx in _keystrokes(text)
+    }
+    shared = Predictor(tiny_llama, cache=True, context_tokens=16, slots=2, threads=1)
+    wrong: list[str] = []
+
+    def client(text: str) -> None:
+        for ctx in _keystrokes(text):
+            if shared.predict(ctx, k=3).words != expected[ctx]:
+                wrong.append(ctx)
+
+    threads = [threading.Thread(target=client, args=(text,)) for text in CLIENTS * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+    assert not any(s.busy for s in shared._engine.slots.states)  # every slot given back
+
+
 def test_adapter_switch_mid_stream(tiny_llama: Path, holiday_adapter: Path, tmp_path: Path):
     contexts = ["I'm away on ", "I'm away on hol", "Thank you so ", "We are going to the b"]
     expected = {}
