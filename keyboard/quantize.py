@@ -69,7 +69,7 @@ def quantize_model(source: Path, out: Path, keep: set[str], exclude: tuple[str, 
         folded = Path(tmp) / "folded.onnx"
         onnx.save(model, str(folded))
         quantized = Path(tmp) / "int8.onnx"
-        names = [n.name for n in model.graph.node if n.name.endswith(exclude)] if exclude else []
+        skip = [n.name for n in model.graph.node if n.name.endswith(exclude)] if exclude else []
         q.quantize_dynamic(
             str(folded),
             str(quantized),
@@ -79,7 +79,7 @@ def quantize_model(source: Path, out: Path, keep: set[str], exclude: tuple[str, 
             # in int16, which saturates with full-range weights (measured: fewer top-3 misses).
             reduce_range=True,
             op_types_to_quantize=["MatMul"],
-            nodes_to_exclude=names,
+            nodes_to_exclude=skip,
             extra_options={"MatMulConstBOnly": True},
         )
         result = onnx.load(str(quantized))
