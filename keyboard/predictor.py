@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from keyboard import runtime
+from keyboard import memory, runtime
 from keyboard.artifacts import (
     Adapter,
     ArtifactError,
@@ -68,9 +68,13 @@ MAX_WORD_TOKENS = 4  # tokens a word may take beyond those its typed prefix need
 MAX_DEPTH = 12  # hard limit on search depth (long odd prefixes)
 LRU_SIZE = 1024  # finished results
 HYPOTHESIS_CACHE_SIZE = 384  # token distributions (one float32 vector of the vocabulary each)
-SLOTS = 8  # key/value cache slots: clients typing at once that each keep their context
+SLOTS = (
+    16  # key/value cache slots: clients typing at once that each keep their context (0.6 MB each)
+)
 HOT_SLOTS = 2  # slots that keep batch copies of their key/values (one per inference thread)
 TOKENIZED_SIZE = 2 * SLOTS  # tokenized context windows kept
+SLOT_WAIT_S = 0.05  # how long a prediction waits for the busy slot holding its context
+PREFETCH = 2  # next keystrokes computed ahead (the letters the top suggestions go on with)
 TOP_TOKENS = 24  # likeliest tokens of a kind memoised per distribution (>= MAX_K)
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _SPACE = re.compile(r"\s")
@@ -489,19 +493,26 @@ class _Slots:
         self.clock = 0
 
     def take(self, context: tuple[int, ...]) -> _State:
+        # Sharing a token or two (the start of a text) is no reason to take someone's slot.
+        least = len(context) // 2
+
+        def fit(s: _State) -> tuple[int, int]:
+            common = _common(s.base, context)
+            return (common if common > least else 0, -s.used)
+
+        deadline = time.monotonic() + SLOT_WAIT_S
         with self.free:
             while True:
+                best = max(self.states, key=fit)
                 idle = [s for s in self.states if not s.busy]
-                if idle:
+                # The slot holding this context is busy (a prediction computed ahead for the
+                # same client): waiting a moment for it beats recomputing the context.
+                if idle and (not best.busy or fit(best)[0] == 0):
                     break
-                self.free.wait()
-            # Sharing a token or two (the start of a text) is no reason to take someone's slot.
-            least = len(context) // 2
-
-            def fit(s: _State) -> tuple[int, int]:
-                common = _common(s.base, context)
-                return (common if common > least else 0, -s.used)
-
+                left = deadline - time.monotonic()
+                if idle and left <= 0:
+                    break
+                self.free.wait(left if idle else None)
             state = max(idle, key=fit)
             self.clock += 1
             state.busy, state.used = True, self.clock
@@ -529,10 +540,12 @@ class Engine:
         source: str | bytes = str(model_path)
         if adapter is not None:
             source = graph_with_adapter(model_path, adapter)
+        options = runtime.session_options(threads)
+        # No arena: it keeps its peak for good; runs this small allocate little (measured: the
+        # same time per run).
+        options.enable_cpu_mem_arena = False
         try:
-            self.session = ort.InferenceSession(
-                source, runtime.session_options(threads), providers=["CPUExecutionProvider"]
-            )
+            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types
             raise ArtifactError(f"cannot load {model_path}: {exc}") from exc
         self.table = table
@@ -710,35 +723,47 @@ class Predictor:
         The new session is built before it replaces the old one, so predictions never stop.
         A missing or corrupt adapter is logged and the base model is served instead (False);
         a damaged phrase file is logged and left out (False), the adapter is still served.
+        The memory of the engine replaced goes back to the system (once no prediction uses it).
         """
         with self._swap:
-            ok = True
-            if phrases is not None and not isinstance(phrases, PhraseModel):
-                try:
-                    phrases = PhraseModel.load(phrases)
-                except PhraseError as exc:
-                    log.warning("user phrases left out: %s", exc)
-                    phrases, ok = None, False
-            if adapter is None:
-                if self._engine.version != "base" or self._engine.phrases is not phrases:
-                    self._engine = self._build(None, "base", phrases)
-                return ok
             try:
-                tensors = self._check_adapter(adapter)
-                if version == "base":  # an adapter needs a name of its own
-                    version = _version_name(adapter, tensors)
-                engine = self._build(tensors, version, phrases)
-            except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, keep serving
-                name = version if version != "base" else _describe(adapter)
-                log.warning(
-                    "adapter %s could not be loaded, serving the base model instead: %s", name, exc
-                )
-                if self._engine.version != "base" or self._engine.phrases is not None:
-                    self._engine = self._build(None, "base")
-                return False
-            self._engine = engine
-            log.info("serving adapter %s%s", version, " with user phrases" if phrases else "")
+                return self._load(adapter, version, phrases)
+            finally:
+                memory.trim()
+
+    def _load(
+        self,
+        adapter: str | Path | dict | None,
+        version: str,
+        phrases: PhraseModel | str | Path | None,
+    ) -> bool:
+        ok = True
+        if phrases is not None and not isinstance(phrases, PhraseModel):
+            try:
+                phrases = PhraseModel.load(phrases)
+            except PhraseError as exc:
+                log.warning("user phrases left out: %s", exc)
+                phrases, ok = None, False
+        if adapter is None:
+            if self._engine.version != "base" or self._engine.phrases is not phrases:
+                self._engine = self._build(None, "base", phrases)
             return ok
+        try:
+            tensors = self._check_adapter(adapter)
+            if version == "base":  # an adapter needs a name of its own
+                version = _version_name(adapter, tensors)
+            engine = self._build(tensors, version, phrases)
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, keep serving
+            name = version if version != "base" else _describe(adapter)
+            log.warning(
+                "adapter %s could not be loaded, serving the base model instead: %s", name, exc
+            )
+            if self._engine.version != "base" or self._engine.phrases is not None:
+                self._engine = self._build(None, "base")
+            return False
+        self._engine = engine
+        log.info("serving adapter %s%s", version, " with user phrases" if phrases else "")
+        return ok
 
     def _check_adapter(self, adapter: str | Path | dict) -> Adapter:
         if isinstance(adapter, dict):
@@ -763,6 +788,39 @@ class Predictor:
             if engine.cache:
                 engine.remember(query, candidates)
         return Prediction(query.prefix, list(candidates), engine.version, _ms(started))
+
+    def prefetch(self, context: str, k: int = 3) -> int:
+        """Compute ahead what the next keystroke after `context` will likely ask: the word
+        continued by the next letter of each of the top suggestions, and the next word once
+        the typed word is complete. Only fills the caches (the results, the next-token
+        distributions), so answers are the same with or without it; the daemon runs it while
+        it has nothing else to do. Returns how many predictions it computed (0 with the cache
+        off, or when all were cached already)."""
+        engine = self._engine
+        if not engine.cache:
+            return 0
+        query = make_query(context, k, self.context_tokens)
+        if isinstance(query, str):
+            return 0
+        done = engine.cached(query)
+        if done is None:
+            return 0  # not asked yet: nothing to guess from
+        ahead: list[str] = []
+        for c in done:
+            if c.kind != "word":
+                continue
+            if c.word == query.prefix:
+                ahead.append(" ")  # a whole word typed: the next one
+            elif len(c.word) > len(query.prefix):
+                ahead.append(c.word[len(query.prefix)])
+        computed = 0
+        for typed in list(dict.fromkeys(ahead))[:PREFETCH]:
+            nxt = make_query(context + typed, k, self.context_tokens)
+            if isinstance(nxt, str) or engine.cached(nxt) is not None:
+                continue
+            engine.remember(nxt, self._compute(engine, nxt))
+            computed += 1
+        return computed
 
     def context_ids(self, query: Query) -> tuple[int, ...]:
         """Token ids the model reads for `query` (at most `context_tokens`)."""

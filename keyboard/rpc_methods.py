@@ -112,6 +112,8 @@ class RpcMethods:
         self._infer_pool = infer_pool
         self._adapter_pool = adapter_pool
         self._pointer_seen: tuple[int, int] | None = None
+        self._predicting = 0  # predict requests in flight
+        self._prefetching: asyncio.Future[None] | None = None  # the next keystroke, ahead
         # (version, adapter file, phrase file) served and what was wrong with them then
         self._served: tuple[Any, list[str]] = (None, [])
         # Set by the daemon once the other parts exist: what `train` and `status` report on.
@@ -143,7 +145,31 @@ class RpcMethods:
     async def predict(self, context: str, k: int) -> dict[str, Any]:
         rpc.check_predict({"context": context, "k": k})
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._infer_pool, self._predict, context, k)
+        self._predicting += 1
+        try:
+            result = await loop.run_in_executor(self._infer_pool, self._predict, context, k)
+        finally:
+            self._predicting -= 1
+        # Once answered (call_soon: after this answer is written), and only while no other
+        # prediction waits: the next keystroke's answer, computed ahead.
+        loop.call_soon(self._prefetch_when_idle, context, k)
+        return result
+
+    def _prefetch_when_idle(self, context: str, k: int) -> None:
+        if self._predicting or self._prefetching is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._prefetching = loop.run_in_executor(self._infer_pool, self._prefetch, context, k)
+        self._prefetching.add_done_callback(self._prefetched)
+
+    def _prefetched(self, _: Any) -> None:
+        self._prefetching = None
+
+    def _prefetch(self, context: str, k: int) -> None:
+        try:
+            self.predictor.prefetch(context, k)
+        except Exception:  # noqa: BLE001 - only a guess; the real request will say what is wrong
+            log.debug("prefetch failed", exc_info=True)
 
     def _predict(self, context: str, k: int) -> dict[str, Any]:
         try:

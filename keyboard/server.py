@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from keyboard import paths
+from keyboard import memory, paths
 from keyboard import protocol as rpc
 from keyboard.connections import Connections
 from keyboard.paths import Home
@@ -201,6 +201,7 @@ class Daemon:
         self.started = time.monotonic()
         self.ready_seconds: float | None = None
         self.connections = Connections(self._dispatch, unqueued=frozenset({"train"}))
+        memory.limit_arenas()  # before its threads allocate: a few heaps, trimmed on swaps
         # Set once loaded (before the first client is served).
         self.methods: RpcMethods | None = None
         self.supervisor: JobSupervisor | None = None

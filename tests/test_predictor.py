@@ -230,6 +230,44 @@ def test_clients_typing_at_once_get_their_own_answers(tiny_llama: Path):
     assert not any(s.busy for s in shared._engine.slots.states)  # every slot given back
 
 
+def _spared_runs(predictor: Predictor, reference: Predictor, ahead: bool) -> tuple[int, int]:
+    """Replay TYPED keystroke by keystroke, checking every answer against `reference`; how
+    many keystrokes needed no model run, and how many predictions were computed ahead."""
+    engine = predictor._engine
+    runs = 0
+    run = engine.run
+
+    def counted(*args, **kwargs):
+        nonlocal runs
+        runs += 1
+        return run(*args, **kwargs)
+
+    engine.run = counted  # type: ignore[method-assign]
+    spared = computed = 0
+    for context in _keystrokes(TYPED):
+        before = runs
+        a, b = predictor.predict(context, k=3), reference.predict(context, k=3)
+        assert a.words == b.words, context
+        assert [c.score for c in a.candidates] == pytest.approx(
+            [c.score for c in b.candidates], rel=1e-4, abs=1e-6
+        )
+        spared += runs == before
+        if ahead:
+            computed += predictor.prefetch(context, k=3)
+    return spared, computed
+
+
+def test_computing_ahead_changes_no_answer_and_spares_model_runs(tiny_llama: Path):
+    # A replayed typing session; after every keystroke the next one is computed ahead (as the
+    # daemon does while idle): every answer is still the one computed from scratch.
+    reference = Predictor(tiny_llama, cache=False, context_tokens=16)
+    plain, _ = _spared_runs(Predictor(tiny_llama, context_tokens=16), reference, ahead=False)
+    spared, computed = _spared_runs(Predictor(tiny_llama, context_tokens=16), reference, True)
+    assert computed > 0
+    assert spared > 2 * plain  # keystrokes that needed no model run of their own
+    assert Predictor(tiny_llama, cache=False).prefetch("Thank you so", k=3) == 0
+
+
 def test_adapter_switch_mid_stream(tiny_llama: Path, holiday_adapter: Path, tmp_path: Path):
     contexts = ["I'm away on ", "I'm away on hol", "Thank you so ", "We are going to the b"]
     expected = {}
@@ -347,3 +385,37 @@ def test_gpt2_models_predict_too(tiny_gpt2: Path):
     assert_whole_words(predictor.predict("The quick brown ", k=3), 3)
     completion = predictor.predict("Could you please se", k=3)
     assert all(w.startswith("se") for w in completion.words) and completion.words
+
+
+def _rss_mb() -> float:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="RSS from /proc")
+def test_memory_stays_flat_across_adapter_swaps(tiny_llama: Path):
+    from keyboard.phrases import PhraseModel
+
+    predictor = Predictor(tiny_llama, threads=1)
+    initial = predictor.artifacts.initial_adapter()
+    rng = np.random.default_rng(0)
+    adapters = [
+        {n: (v + rng.normal(0, 0.01, v.shape)).astype(np.float32) for n, v in initial.items()}
+        for _ in range(2)
+    ]
+    phrases = PhraseModel.from_texts([TYPED, HOLIDAY] * 50)
+
+    def swap(i: int) -> None:
+        assert predictor.load_adapter(adapters[i % 2], version=f"v{i}", phrases=phrases)
+        for end in range(10, len(TYPED), 7):
+            predictor.predict(TYPED[:end], k=3)
+
+    swap(0)
+    swap(1)
+    after_one = _rss_mb()
+    for i in range(2, 22):
+        swap(i)
+    assert predictor.adapter_version == "v21"
+    assert _rss_mb() <= after_one + 5.0
