@@ -329,6 +329,10 @@ class PresagePredictor:
     def learn(self, text: str) -> None:
         self._ask("L", text)
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
     def close(self) -> None:
         if self._proc.stdin:
             self._proc.stdin.close()
@@ -371,6 +375,18 @@ def run_presage(
         result["learn_seconds"] = round(learn_seconds, 2)
         result["user_db_mb"] = round(user_db_mb, 2)
     return result
+
+
+def learned_presage(history: list[str], work: Path, k: int = 3) -> PresagePredictor:
+    """presage on Debian's database (no build needed) with a user model that learned
+    `history`, kept in `work`: the peer the serving benchmarks time against keyboard."""
+    ensure_presage()
+    config = work / "presage.xml"
+    config.write_text(presage_config(DEBIAN_DB, work / "user.db", k, lowercase=True))
+    presage = PresagePredictor(build_shim(), config, name="presage+learned")
+    for message in history:
+        presage.learn(message)
+    return presage
 
 
 def keyboard_available(model_dir: Path) -> str | None:
