@@ -6,8 +6,8 @@ user model ("no learning") and after presage has learned the history through its
 API ("learned"). Two base n-gram databases: Debian's shipped English one and a "fair" one,
 a 3-gram database that presage's own text2ngram builds from ../shared/corpus/base (the text
 the starter model learns from), cached outside the repo. keyboard itself (base model, and
-personalized when the job exists) is typed on the same splits in the same run when its
-Predictor and starter model are available.
+personalized by its nightly job) is typed on the same splits in the same run when the starter
+model is there.
 
     python benchmarks/peer_presage.py [--max-lines 20] [--databases debian,fair] [--k 3]
         [--out results.json] [--markdown table.md]
@@ -391,35 +391,22 @@ def learned_presage(history: list[str], work: Path, k: int = 3) -> PresagePredic
 
 def keyboard_available(model_dir: Path) -> str | None:
     """Why keyboard cannot be typed in this run, or None when it can."""
-    import importlib.util
-
-    if importlib.util.find_spec("keyboard.predictor") is None:
-        return "keyboard.predictor does not exist yet"
     if not model_dir.is_dir():
         return f"no starter model at {model_dir}"
     return None
 
 
 def run_keyboard(path: Path, model_dir: Path, k: int, max_lines: int | None) -> dict[str, Any]:
-    """keyboard on the same split: base model, and personalized when the job exists."""
-    import importlib.util
-
+    """keyboard on the same split: the base model, and personalized by the nightly job."""
     from keyboard.evaluation import evaluate_file
 
-    if importlib.util.find_spec("keyboard.personalize") is not None:
-        result = evaluate_file(path, model_dir, k=k, max_lines=max_lines, personalize=True)
-        assert result.after is not None
-        return {
-            "base": result.before.to_json(),
-            "personalized": result.after.to_json(),
-            "job_seconds": round(result.job_seconds or 0.0, 1),
-        }
-    from keyboard.predictor import Predictor
-
-    history, test = split_history(read_messages(path))
-    test = test[:max_lines] if max_lines else test
-    base = simulate(Predictor(model_dir), test, history=history, k=k)
-    return {"base": base.to_json(), "personalized": None}
+    result = evaluate_file(path, model_dir, k=k, max_lines=max_lines, personalize=True)
+    assert result.after is not None
+    return {
+        "base": result.before.to_json(),
+        "personalized": result.after.to_json(),
+        "job_seconds": round(result.job_seconds or 0.0, 1),
+    }
 
 
 COLUMNS = [
