@@ -351,6 +351,8 @@ def describe_progress(running: Any) -> str:
     record = running.get("progress")
     if not isinstance(record, dict):
         return f"personalization job started (pid {running.get('pid')}); reading the text"
+    if record.get("event") in ("promoted", "rejected", "skipped", "busy", "failed"):
+        return ""  # the outcome: the command prints it once the job has ended
     if record.get("event") == "step":
         line = f"training: step {record.get('step')}/{record.get('max_steps')}"
         if isinstance(record.get("loss"), (int, float)):
