@@ -789,6 +789,21 @@ class Predictor:
                 engine.remember(query, candidates)
         return Prediction(query.prefix, list(candidates), engine.version, _ms(started))
 
+    def predict_cached(self, context: str, k: int = 3) -> Prediction | None:
+        """`predict`'s answer if it is already known (asked before, or computed ahead), else
+        None; never runs the model, so it is cheap enough for the daemon's event loop."""
+        started = time.perf_counter()
+        engine = self._engine
+        if not engine.cache:
+            return None
+        query = make_query(context, k, self.context_tokens)
+        if isinstance(query, str):
+            return None
+        candidates = engine.cached(query)
+        if candidates is None:
+            return None
+        return Prediction(query.prefix, list(candidates), engine.version, _ms(started))
+
     def prefetch(self, context: str, k: int = 3) -> int:
         """Compute ahead what the next keystroke after `context` will likely ask: the word
         continued by the next letter of each of the top suggestions, and the next word once

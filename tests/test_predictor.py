@@ -268,6 +268,23 @@ def test_computing_ahead_changes_no_answer_and_spares_model_runs(tiny_llama: Pat
     assert Predictor(tiny_llama, cache=False).prefetch("Thank you so", k=3) == 0
 
 
+def test_answers_computed_ahead_are_known_without_the_model(tiny_llama: Path):
+    predictor = Predictor(tiny_llama)
+    assert predictor.predict_cached("Thank you so", k=3) is None  # never asked
+    first = predictor.predict("Thank you so", k=3)
+    assert predictor.predict_cached("Thank you so", k=3).words == first.words
+    assert predictor.prefetch("Thank you so", k=3) > 0
+    nexts = {w[len("so")] for w in first.words if len(w) > len("so")} or {" "}
+    for letter in nexts:
+        known = predictor.predict_cached("Thank you so" + letter, k=3)
+        if known is not None:
+            assert (
+                known.words
+                == Predictor(tiny_llama, cache=False).predict("Thank you so" + letter, k=3).words
+            )
+    assert any(predictor.predict_cached("Thank you so" + c, k=3) for c in nexts)
+
+
 def test_adapter_switch_mid_stream(tiny_llama: Path, holiday_adapter: Path, tmp_path: Path):
     contexts = ["I'm away on ", "I'm away on hol", "Thank you so ", "We are going to the b"]
     expected = {}
