@@ -14,7 +14,10 @@ rounds.jsonl). Prints JSON on stdout, progress on stderr.
 
     nice python benchmarks/federated.py [--heldout blogger_739687,president_ronald_reagan]
         [--rounds 5] [--local-steps 30] [--lr 0.002] [--clipping-norm 2.0]
-        [--noise 0.05,0.5] [--max-test-lines 40] [--out federated.json]
+        [--noise 0.05,0.5] [--max-test-lines 40] [--dev] [--out federated.json]
+
+`--dev` types the held-out users' last history lines instead of their test lines: settings
+are chosen there, the test lines are typed once with the chosen ones.
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def federate(
 
 
 def evaluate(
-    model: Path, adapter: dict | None, heldout: list[Path], max_lines: int
+    model: Path, adapter: dict | None, heldout: list[Path], max_lines: int, dev: bool = False
 ) -> dict[str, Any]:
     from keyboard.evaluation import read_messages, simulate, split_history
     from keyboard.predictor import Predictor
@@ -125,6 +128,8 @@ def evaluate(
     out = {}
     for path in heldout:
         history, test = split_history(read_messages(path))
+        if dev:  # tuning: the last lines of the history stand in for the test lines
+            history, test = history[:-max_lines], history[-max_lines:]
         report = simulate(predictor, test[:max_lines], history=history, k=3)
         out[path.stem] = {"ksr": report.ksr, "top3": report.top3, "words": report.words}
     out["mean"] = {m: sum(v[m] for v in out.values()) / len(heldout) for m in ("ksr", "top3")}
@@ -158,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clipping-norm", type=float, default=2.0)
     parser.add_argument("--noise", default="0.05,0.5", help="noise multipliers besides none")
     parser.add_argument("--max-test-lines", type=int, default=40)
+    parser.add_argument(
+        "--dev",
+        action="store_true",
+        help="type the held-out users' last history lines instead (for choosing settings)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     result["settings"]["model"] = str(model)
     log(f"base model on {', '.join(p.stem for p in heldout)} ...")
     t0 = time.perf_counter()
-    base = evaluate(model, None, heldout, args.max_test_lines)
+    base = evaluate(model, None, heldout, args.max_test_lines, args.dev)
     result["base"] = base
     log(f"  KSR@3 {100 * base['mean']['ksr']:.2f} ({time.perf_counter() - t0:.0f} s)")
     with tempfile.TemporaryDirectory(prefix="keyboard-bench-federated-") as tmp:
@@ -198,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds = federate(homes, work / "community", model, len(training), args, noise)
             wall = time.perf_counter() - t0
             community = CommunityStore(work / "community", ArtifactSet.open(model)).current()
-            scores = evaluate(model, community, heldout, args.max_test_lines)
+            scores = evaluate(model, community, heldout, args.max_test_lines, args.dev)
             run = {
                 "noise_multiplier": noise,
                 **summarise(rounds),

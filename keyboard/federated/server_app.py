@@ -271,20 +271,19 @@ class CommunityStrategy(DifferentialPrivacyClientSideFixedClipping):
             log.warning("round %s: aggregate rejected (%s); adapter kept", server_round, problem)
             self.community.save_round(server_round, self._current(), {**record, "kept": True})
             return None, {}
+        epsilon = None  # without noise there is no DP guarantee at all
         if self.noise_multiplier > 0:
             self.releases += 1
-        epsilon = gaussian_epsilon(self.noise_multiplier, self.releases, DELTA)
+            epsilon = gaussian_epsilon(self.noise_multiplier, self.releases, DELTA)
         record.update(epsilon=epsilon, delta=DELTA)
         tensors = dict(zip(self.names, arrays))
         previous = self.community.current()
         change = sum(float(np.sum((tensors[n] - previous[n]) ** 2)) for n in self.names)
         record["update_norm"] = round(change**0.5, 6)  # the round's step, noise included
         path = self.community.save_round(server_round, tensors, record)
-        log.info(
-            "round %s: %d machines, community adapter %s, epsilon %.3f at delta %g",
-            server_round, len(results), path.name, epsilon, DELTA,
-        )  # fmt: skip
-        return parameters, {**metrics, "epsilon": epsilon}
+        privacy = "no DP noise" if epsilon is None else f"epsilon {epsilon:.3f} at delta {DELTA:g}"
+        log.info("round %s: %d machines, %s, %s", server_round, len(results), path.name, privacy)
+        return parameters, metrics if epsilon is None else {**metrics, "epsilon": epsilon}
 
     def _current(self) -> dict[str, np.ndarray]:
         return self.community.current()
