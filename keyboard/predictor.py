@@ -56,6 +56,7 @@ from keyboard.artifacts import (
     load_adapter,
     tensors_sha256,
 )
+from keyboard.lexicon import Lexicon
 from keyboard.phrases import PhraseError, PhraseModel
 from keyboard.protocol import MAX_K, MAX_PUNCT
 from keyboard.types import Candidate, KeyboardError, Prediction
@@ -66,6 +67,7 @@ log = logging.getLogger(__name__)
 BEAM_WIDTH = 8  # hypotheses scored per depth (at least k)
 MAX_WORD_TOKENS = 4  # tokens a word may take beyond those its typed prefix needs
 MAX_DEPTH = 12  # hard limit on search depth (long odd prefixes)
+MIN_SHARE = 1e-3  # a word this much less likely than the best one found is not worth a search
 LRU_SIZE = 1024  # finished results
 HYPOTHESIS_CACHE_SIZE = 384  # token distributions (one float32 vector of the vocabulary each)
 SLOTS = (
@@ -309,24 +311,26 @@ def search_words(
     k: int,
     max_depth: int,
     beam: int,
-    accept: Callable[[bytes], bool] | None = None,
+    real: RealWords | None = None,
 ) -> dict[bytes, float]:
     """The most probable whole words that start with `prefix`, as {word bytes: probability}.
 
     Level by level: every hypothesis of the frontier has its next-token distribution; a
-    hypothesis that spells a word (all of the prefix, not ending in a hyphen, and one that
-    `accept` takes) finishes with P(boundary next); its continuations compete for `beam`
+    hypothesis that spells a word (all of the prefix, not ending in a hyphen, and a real word
+    when `real` is given) finishes with P(boundary next); its continuations compete for `beam`
     places, and any whose probability cannot beat the k-th finished word is dropped (its words
-    can only be less probable).
+    can only be less probable), as is any that no real word starts with.
     """
     finished: dict[bytes, float] = {}
 
     def can_finish(word: bytes) -> bool:
-        return len(word) >= len(prefix) and _can_end(word) and (accept is None or accept(word))
+        return len(word) >= len(prefix) and _can_end(word) and (real is None or real.accept(word))
 
     def kth_best() -> float:
         if len(finished) < k:
-            return 0.0
+            # Fewer than k words yet (a prefix few real words start with): still prune what
+            # cannot come within MIN_SHARE of the best, or the search runs to its depth limit.
+            return max(finished.values(), default=0.0) * MIN_SHARE
         return sorted(finished.values(), reverse=True)[k - 1]
 
     hyps, nexts = [_Hyp((), b"", 1.0)], [root]
@@ -351,7 +355,7 @@ def search_words(
                 if can_finish(word):
                     finished[word] = finished.get(word, 0.0) + score
                     floor = kth_best()
-            else:
+            elif real is None or real.viable(word):
                 grown.append(_Hyp((*h.tokens, t), word, score))
         if not grown:
             break
@@ -535,6 +539,7 @@ class Engine:
         self, model_path: Path, artifacts: ArtifactSet, table: TokenTable,
         adapter: Adapter | None, version: str, threads: int, cache: bool,
         phrases: PhraseModel | None = None, slots: int = SLOTS,
+        lexicon: Lexicon | None = None,
     ) -> None:  # fmt: skip
         ort = runtime.onnxruntime()
         source: str | bytes = str(model_path)
@@ -552,6 +557,8 @@ class Engine:
         self.version = version
         self.cache = cache
         self.phrases = phrases  # the user's own phrases, blended in (None: the LM alone)
+        # What may be offered (None: any spelling, the model ships no lexicon).
+        self.real = RealWords(lexicon, phrases) if lexicon is not None else None
         inference = artifacts.manifest["inference"]
         self.kv_heads = int(inference["kv_heads"])
         self.head_dim = int(inference["head_dim"])
@@ -650,6 +657,45 @@ class Engine:
         return evaluate
 
 
+# --- real words ----------------------------------------------------------------------------------
+class RealWords:
+    """The words the Predictor may offer: the model's lexicon and the user's own words."""
+
+    def __init__(self, lexicon: Lexicon, phrases: PhraseModel | None = None) -> None:
+        self.lexicon = lexicon
+        self.phrases = phrases
+        # A snapshot for prefix checks; membership asks the phrase model itself (it may learn).
+        own = phrases.unigrams if phrases is not None else ()
+        self._own = sorted({w.lower() for w in own})
+
+    def is_word(self, word: str) -> bool:
+        if word in self.lexicon:
+            return True
+        if self.phrases is None:
+            return False
+        # The user's words keep their case: "zanzibar" and "ZANZIBAR" are their "Zanzibar".
+        unigrams = self.phrases.unigrams
+        return any(form in unigrams for form in (word, word.lower(), word.capitalize()))
+
+    def can_start(self, part: str) -> bool:
+        """Whether some real word starts with `part`."""
+        if self.lexicon.has_prefix(part):
+            return True
+        part = part.lower()
+        i = bisect.bisect_left(self._own, part)
+        return i < len(self._own) and self._own[i].startswith(part)
+
+    def accept(self, raw: bytes) -> bool:
+        try:
+            return self.is_word(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            return False
+
+    def viable(self, raw: bytes) -> bool:
+        # A cut-off multi-byte character at the end may still become anything.
+        return self.can_start(raw.decode("utf-8", errors="ignore"))
+
+
 # --- the predictor -------------------------------------------------------------------------------
 class Predictor:
     """Whole-word suggestions for the text before the cursor, from an artifact set's inference
@@ -698,7 +744,7 @@ class Predictor:
     ) -> Engine:
         return Engine(
             self.model_path, self.artifacts, self.table, adapter, version, self.threads,
-            self.cache, phrases, self.slots,
+            self.cache, phrases, self.slots, self.lexicon,
         )  # fmt: skip
 
     @property
@@ -874,14 +920,14 @@ class Predictor:
         # With user phrases, a few more LM words compete with the user's (the same beam width,
         # but a weaker k-th-best bound to prune with: a little more search per keystroke).
         k_lm = max(k, BEAM_WIDTH) if phrases is not None else k
-        accept = self._real_word(phrases)
-        found = self._words(root, evaluate, query.lead, query.prefix, k_lm, accept)
+        real = engine.real
+        found = self._words(root, evaluate, query.lead, query.prefix, k_lm, real)
         if len(found) < k and query.prefix != query.prefix.lower():
             # A capitalised prefix the model rarely saw capitalised ("THAN", "Xylo"): complete
             # its lower-case form and carry the typed capitals over.
             lower = query.prefix.lower()
             shout = len(query.prefix) > 1 and query.prefix.isupper()
-            for word, p in self._words(root, evaluate, query.lead, lower, k, accept).items():
+            for word, p in self._words(root, evaluate, query.lead, lower, k, real).items():
                 tail = word[len(lower) :]
                 cased = query.prefix + (tail.upper() if shout else tail)
                 if WORD_RE.fullmatch(cased) and cased not in found:
@@ -901,7 +947,7 @@ class Predictor:
                 candidates += [Candidate(m, share * p, "punct") for m, p in punct.items()]
         candidates.sort(key=lambda c: (-c.score, c.word))
         if not candidates and query.prefix and WORD_RE.fullmatch(query.prefix):
-            if accept is None or accept(query.prefix.encode("utf-8")):
+            if real is None or real.is_word(query.prefix):
                 # Nothing found within the search's limits: offer the word as typed, score 0
                 # (no model estimate), so a completion list is never empty for a real word.
                 candidates = [Candidate(query.prefix, 0.0, "word")]
@@ -909,24 +955,7 @@ class Predictor:
 
     def is_real_word(self, word: str, phrases: PhraseModel | None = None) -> bool:
         """A word the model's lexicon or the user's phrases hold (any word without a lexicon)."""
-        if self.lexicon is None or word in self.lexicon:
-            return True
-        if phrases is None:
-            return False
-        # The user's words keep their case: "zanzibar" and "ZANZIBAR" are their "Zanzibar".
-        return any(form in phrases.unigrams for form in (word, word.lower(), word.capitalize()))
-
-    def _real_word(self, phrases: PhraseModel | None) -> Callable[[bytes], bool] | None:
-        if self.lexicon is None:
-            return None
-
-        def accept(raw: bytes) -> bool:
-            try:
-                return self.is_real_word(raw.decode("utf-8"), phrases)
-            except UnicodeDecodeError:
-                return False
-
-        return accept
+        return self.lexicon is None or RealWords(self.lexicon, phrases).is_word(word)
 
     def _words(
         self,
@@ -935,13 +964,13 @@ class Predictor:
         lead: bytes,
         prefix: str,
         k: int,
-        accept: Callable[[bytes], bool] | None = None,
+        real: RealWords | None = None,
     ) -> dict[str, float]:
         raw_prefix = prefix.encode("utf-8")
         # Room for the prefix (a token spells two bytes or more, but for odd text) and the rest.
         depth = min(MAX_DEPTH, MAX_WORD_TOKENS + (len(raw_prefix) + 1) // 2)
         beam = max(BEAM_WIDTH, k)
-        raw = search_words(self.table, root, evaluate, lead, raw_prefix, k, depth, beam, accept)
+        raw = search_words(self.table, root, evaluate, lead, raw_prefix, k, depth, beam, real)
         words: dict[str, float] = {}
         for word_bytes, p in raw.items():
             try:

@@ -191,21 +191,25 @@ def encode_documents(tok, docs: list[list[str]]) -> np.ndarray:
 LEXICON_FILE = "lexicon.txt.gz"  # keyboard.lexicon.FILE (this script imports keyboard lazily)
 
 
-def write_lexicon(corpus: Path, path: Path) -> int:
-    """The model's lexicon (keyboard.lexicon): every word of the training split, lower-cased.
+LEXICON_MIN_COUNT = 2  # a word seen once is as often a run-together typo ("toforeign") as a word
 
-    Held-out lines are left out like everywhere else. Returns the number of words.
-    """
+
+def write_lexicon(corpus: Path, path: Path, min_count: int = LEXICON_MIN_COUNT) -> int:
+    """The model's lexicon (keyboard.lexicon): the training split's words seen at least
+    `min_count` times, lower-cased. Held-out lines are left out like everywhere else.
+    Returns the number of words."""
+    from collections import Counter
+
     from keyboard.lexicon import Lexicon
     from keyboard.words import WORD_RE
 
-    seen: set[str] = set()
+    counts: Counter[str] = Counter()
     for source in source_files(corpus):
         train_docs, _ = read_source(source)
         for doc in train_docs:
             for line in doc:
-                seen.update(w.lower() for w in WORD_RE.findall(line))
-    return Lexicon.save(path, seen)
+                counts.update(w.lower() for w in WORD_RE.findall(line))
+    return Lexicon.save(path, (w for w, n in counts.items() if n >= min_count))
 
 
 # --- model -------------------------------------------------------------------------------------
