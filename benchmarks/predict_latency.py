@@ -44,7 +44,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from keyboard import paths  # noqa: E402
-from keyboard.evaluation import percentile, read_messages, simulate, split_history  # noqa: E402
+from keyboard.evaluation import (  # noqa: E402
+    next_word_ranks,
+    percentile,
+    read_messages,
+    simulate,
+    split_history,
+)
 from keyboard.types import KeyboardError  # noqa: E402
 
 DEFAULT_TEXT = REPO.parent / "shared" / "corpus" / "users" / "president_barack_obama.jsonl"
@@ -221,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accuracy-words", type=int, default=1500)
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--graphs", default="fp32,int8")
+    parser.add_argument(
+        "--paired-words", type=int, default=5000, help="words of the fp32/int8 paired test"
+    )
     parser.add_argument("--record", action="store_true", help="write quantization.json")
     parser.add_argument("--pause", type=float, default=0.05, help="s between socket keystrokes")
     parser.add_argument("--no-socket", action="store_true", help="skip the daemon and presage")
@@ -291,11 +300,20 @@ def main(argv: list[str] | None = None) -> int:
         from keyboard import quantize
 
         result["int8_top3_delta"] = round(accuracy["int8"]["top3"] - accuracy["fp32"]["top3"], 6)
+        # The paired test: every word start of the user's whole test split (and more of the
+        # history when that is short of MIN_WORDS), through both graphs.
+        paired_text = take_words(test + history, max(args.paired_words, quantize.MIN_WORDS))
+        log(f"paired top-3 test on {sum(len(m.split()) for m in paired_text)} words")
+        ranks = {
+            graph: next_word_ranks(Predictor(args.model, quantize=graph == "int8"), paired_text)
+            for graph in ("fp32", "int8")
+        }
+        result["paired_top3"] = quantize.paired_top3_test(ranks["fp32"], ranks["int8"])
         if args.record:
             record = quantize.write_record(
                 artifacts,
-                accuracy["fp32"],
-                accuracy["int8"],
+                result["paired_top3"],
+                accuracy=accuracy,
                 text=str(args.text),
                 measured_by="benchmarks/predict_latency.py",
             )

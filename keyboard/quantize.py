@@ -5,26 +5,49 @@ LoRA tensors stay overridable by name), and ORT's dynamic quantizer only quantiz
 weight is an initializer. So the base weights' transposes are folded first; the LoRA tensors are
 left alone (float, same names), so an adapter still applies to the int8 graph by replacing them.
 
+Weights are 8-bit where the CPU has VNNI (AVX512-VNNI or AVX-VNNI: u8 x s8 products are summed
+in int32) and 7-bit elsewhere (without VNNI, ORT's kernels sum pairs of products in int16, which
+saturates with full-range weights). The two are different graphs, cached under different names.
+
 Whether int8 is used by default is decided by `quantization.json` in the artifact set, which
-`benchmarks/predict_latency.py --record` writes after measuring top-3 next-word accuracy of fp32
-and int8 on the same text.
+`benchmarks/predict_latency.py --record` writes after a paired test of next-word top-3 of fp32
+and int8 on the same words (`paired_top3_test`): int8 is the default only when at least
+MIN_WORDS words were measured and int8's loss is not significant (one-sided exact McNemar test).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from keyboard import paths, runtime
 from keyboard.artifacts import ArtifactError, ArtifactSet, write_atomic
 
-INT8_FILE = "inference.int8.onnx"
+INT8_FILE = "inference.int8.onnx"  # 8-bit weights (a CPU with VNNI)
+INT8_7BIT_FILE = "inference.int8-7bit.onnx"  # 7-bit weights (any other CPU)
 RECORD_FILE = "quantization.json"
-MAX_TOP3_LOSS = 0.0  # int8 is the default only if it loses no top-3 accuracy at all
+MIN_WORDS = 5000  # a paired test on fewer words decides nothing
+SIGNIFICANCE = 0.05  # one-sided p-value below which int8's top-3 loss counts as real
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU sums int8 products in int32 (AVX512-VNNI or AVX-VNNI)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return " avx512_vnni" in flags or " avx_vnni" in flags
+
+
+def int8_variant() -> str:
+    """The int8 graph this machine gets: "8-bit" weights with VNNI, else "7-bit"."""
+    return "8-bit" if cpu_has_vnni() else "7-bit"
 
 
 def fold_weight_transposes(model: Any, keep: set[str]) -> int:
@@ -53,10 +76,17 @@ def fold_weight_transposes(model: Any, keep: set[str]) -> int:
     return len(folded)
 
 
-def quantize_model(source: Path, out: Path, keep: set[str], exclude: tuple[str, ...] = ()) -> Path:
-    """Write an int8 (dynamic, per-channel 7-bit weights) copy of `source` to `out`; the
-    initializers named in `keep` (the LoRA tensors) stay float32 and keep their names, and
-    so do the MatMuls whose node names end with one of `exclude`."""
+def quantize_model(
+    source: Path,
+    out: Path,
+    keep: set[str],
+    exclude: tuple[str, ...] = (),
+    reduce_range: bool | None = None,
+) -> Path:
+    """Write an int8 (dynamic, per-channel) copy of `source` to `out`, with 7-bit weights when
+    `reduce_range` (default: when this CPU has no VNNI); the initializers named in `keep` (the
+    LoRA tensors) stay float32 and keep their names, and so do the MatMuls whose node names
+    end with one of `exclude`."""
     import onnx
 
     q = runtime.quantization_api()
@@ -75,9 +105,7 @@ def quantize_model(source: Path, out: Path, keep: set[str], exclude: tuple[str, 
             str(quantized),
             weight_type=q.QuantType.QInt8,
             per_channel=True,
-            # 7-bit weights: without AVX512-VNNI, ORT's u8 x s8 kernels sum pairs of products
-            # in int16, which saturates with full-range weights (measured: fewer top-3 misses).
-            reduce_range=True,
+            reduce_range=not cpu_has_vnni() if reduce_range is None else reduce_range,
             op_types_to_quantize=["MatMul"],
             nodes_to_exclude=skip,
             extra_options={"MatMulConstBOnly": True},
@@ -103,13 +131,14 @@ def int8_model(artifacts: ArtifactSet) -> Path:
     """The int8 inference graph of `artifacts`, quantized on first use and cached next to the
     model (or under the keyboard home when the model directory is read-only)."""
     source = artifacts.inference_model
-    local = artifacts.root / INT8_FILE
+    name = INT8_FILE if int8_variant() == "8-bit" else INT8_7BIT_FILE
+    local = artifacts.root / name
     if local.is_file() and local.stat().st_mtime >= source.stat().st_mtime:
         return local
     if os.access(artifacts.root, os.W_OK):
         target = local
     else:
-        target = paths.private_dir(paths.home() / "models" / _sha256(source)[:16]) / INT8_FILE
+        target = paths.private_dir(paths.home() / "models" / _sha256(source)[:16]) / name
         if target.is_file():
             return target
     return quantize_model(source, target, set(artifacts.lora_shapes))
@@ -128,23 +157,51 @@ def read_record(artifacts: ArtifactSet) -> dict[str, Any] | None:
 
 
 def int8_by_default(artifacts: ArtifactSet) -> bool:
-    """True only if a measurement for this very graph says int8 costs no top-3 accuracy."""
+    """True only if a measurement of this very graph, in the int8 variant this CPU gets, found
+    no significant top-3 loss on enough words."""
     record = read_record(artifacts)
     if not record or record.get("inference_sha256") != _sha256(artifacts.inference_model):
         return False
-    return bool(record.get("int8_ok"))
+    return record.get("variant") == int8_variant() and bool(record.get("int8_ok"))
 
 
-def write_record(
-    artifacts: ArtifactSet, fp32: dict[str, Any], int8: dict[str, Any], **extra: Any
-) -> dict:
-    """Store a measurement (`fp32`/`int8`: at least {"top3": ...}) and the decision it implies."""
+def paired_top3_test(fp32_ranks: Sequence[int], int8_ranks: Sequence[int]) -> dict[str, Any]:
+    """One-sided exact McNemar test of "int8 has the lower top-3" on the same words.
+
+    Ranks are each word's place among the suggestions at its start (-1: not shown), as
+    `keyboard.evaluation.next_word_ranks` measures them. Only the words one graph gets right
+    and the other wrong tell the graphs apart; under "no difference" int8 misses each of those
+    with probability 1/2, so p is the chance of at least as many int8-only misses.
+    """
+    if len(fp32_ranks) != len(int8_ranks):
+        raise ValueError("the two graphs must be measured on the same words")
+    fp32_hits = [0 <= r < 3 for r in fp32_ranks]
+    int8_hits = [0 <= r < 3 for r in int8_ranks]
+    lost = sum(a and not b for a, b in zip(fp32_hits, int8_hits, strict=True))
+    gained = sum(b and not a for a, b in zip(fp32_hits, int8_hits, strict=True))
+    n = lost + gained
+    p_loss = sum(math.comb(n, i) for i in range(lost, n + 1)) / 2**n if n else 1.0
+    words = len(fp32_ranks)
+    return {
+        "words": words,
+        "fp32_top3": round(sum(fp32_hits) / max(1, words), 6),
+        "int8_top3": round(sum(int8_hits) / max(1, words), 6),
+        "int8_only_misses": lost,
+        "int8_only_hits": gained,
+        "p_loss": round(p_loss, 6),
+        "significant_loss": p_loss < SIGNIFICANCE,
+    }
+
+
+def write_record(artifacts: ArtifactSet, test: dict[str, Any], **extra: Any) -> dict:
+    """Store a paired measurement (`paired_top3_test`) and the decision it implies."""
     record = {
         "inference_sha256": _sha256(artifacts.inference_model),
-        "fp32": fp32,
-        "int8": int8,
-        "max_top3_loss": MAX_TOP3_LOSS,
-        "int8_ok": int8["top3"] >= fp32["top3"] - MAX_TOP3_LOSS,
+        "variant": int8_variant(),
+        "test": test,
+        "min_words": MIN_WORDS,
+        "significance": SIGNIFICANCE,
+        "int8_ok": test["words"] >= MIN_WORDS and not test["significant_loss"],
         **extra,
     }
     text = json.dumps(record, indent=2) + "\n"

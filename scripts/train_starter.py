@@ -670,10 +670,18 @@ def run(args: argparse.Namespace) -> dict:
     sampler = SequenceSampler(streams["train"], cfg.weights, cfg.seq_len, cfg.seed)
     opt = make_optimizer(model, cfg, device)
     state_path = work / "run" / STATE_FILE
+    if args.branch_from and not state_path.exists():
+        # A milestone: cool down a copy of a running run's state; the run itself goes on.
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(args.branch_from) / "run" / STATE_FILE, state_path)
+        args.resume = True
     progress = Progress()
     if args.resume and state_path.exists():
         progress = load_state(state_path, model, opt, sampler, cfg)
         log(f"resumed: step {progress.step} of {cfg.max_steps}, {progress.tokens_seen:,} tokens")
+        if args.decay_now and progress.step < decay_start(cfg):
+            cfg.max_steps, cfg.decay_steps = progress.step + args.decay_now, args.decay_now
+            log(f"decaying now: the learning rate falls over steps {progress.step}-{cfg.max_steps}")
     elif args.resume:
         log(f"--resume: no state at {state_path} yet, starting afresh")
     # The exported manifest names the model after this directory (ArtifactSet.name).
@@ -808,6 +816,18 @@ def parser() -> argparse.ArgumentParser:
         help="torch.compile the loss step (auto: on where a C++ compiler or GPU is present)",
     )
     p.add_argument("--resume", action="store_true", help="continue from WORK/run/state.pt")
+    p.add_argument(
+        "--branch-from",
+        metavar="WORK",
+        help="start from a copy of another run's state (with --decay-now: a milestone model)",
+    )
+    p.add_argument(
+        "--decay-now",
+        type=int,
+        default=0,
+        metavar="N",
+        help="on resume, end the run with the wsd decay over the next N steps",
+    )
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument(
         "--stop-at-step", type=int, default=0, help="checkpoint and exit there (resume later)"

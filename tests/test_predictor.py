@@ -386,15 +386,36 @@ def test_int8_graph_is_used_when_asked_and_adapters_still_apply(
     artifacts = ArtifactSet.open(model)
     assert not Predictor(model).quantized  # no measurement: fp32
     int8 = Predictor(model, quantize=True)
-    assert int8.quantized and int8.model_path == model / quantize.INT8_FILE
+    variant = quantize.INT8_FILE if quantize.cpu_has_vnni() else quantize.INT8_7BIT_FILE
+    assert int8.quantized and int8.model_path == model / variant
     assert_whole_words(int8.predict("I'm away on ", k=3), 3)
     base = int8.predict("I'm away on hol", k=3).words
     assert int8.load_adapter(holiday_adapter, "holiday")
     assert int8.predict("I'm away on hol", k=3).words != base
-    quantize.write_record(artifacts, {"top3": 0.30}, {"top3": 0.29})
+    same = quantize.paired_top3_test([0, 1, -1] * 2000, [1, 0, -1] * 2000)
+    quantize.write_record(artifacts, quantize.paired_top3_test([0, 1], [0, 1]))
+    assert not Predictor(model).quantized  # too few words to decide
+    worse = quantize.paired_top3_test([0] * 6000, [0] * 5940 + [-1] * 60)
+    quantize.write_record(artifacts, worse)
     assert not Predictor(model).quantized  # int8 lost accuracy: not the default
-    quantize.write_record(artifacts, {"top3": 0.30}, {"top3": 0.30})
+    quantize.write_record(artifacts, same)
     assert Predictor(model).quantized
+
+
+def test_paired_top3_test_counts_only_the_words_the_graphs_disagree_on():
+    from keyboard import quantize
+
+    # 30 words only fp32 gets, 10 only int8 gets, 960 both: int8 is significantly worse.
+    fp32 = [0] * 30 + [-1] * 10 + [2] * 960
+    int8 = [-1] * 30 + [1] * 10 + [0] * 960
+    test = quantize.paired_top3_test(fp32, int8)
+    assert (test["int8_only_misses"], test["int8_only_hits"]) == (30, 10)
+    assert test["p_loss"] < 0.01 and test["significant_loss"]
+    # 12 against 10 is noise; rank 3 or worse is a miss like -1.
+    even = quantize.paired_top3_test([0] * 12 + [5] * 10, [3] * 12 + [2] * 10)
+    assert not even["significant_loss"] and even["p_loss"] > 0.3
+    with pytest.raises(ValueError):
+        quantize.paired_top3_test([0], [0, 1])
 
 
 def test_gpt2_models_predict_too(tiny_gpt2: Path):

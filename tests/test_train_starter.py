@@ -119,6 +119,13 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path):
     assert stopped["stopped_at"] == 3
     state = torch.load(tmp_path / "b" / "run" / ts.STATE_FILE, weights_only=False)
     assert state["progress"]["step"] == 3
+    # A milestone branch cools down a copy of the state; the run it came from is untouched.
+    before = (tmp_path / "b" / "run" / ts.STATE_FILE).read_bytes()
+    branch = ts.run(_args(corpus, tmp_path / "c", *extra, "--branch-from", str(tmp_path / "b"),
+                          "--decay-now", "1"))  # fmt: skip
+    assert branch["train"]["step"] == 4 and branch["heldout"]["all"]["tokens"] > 0
+    assert branch["train"]["lr"] == pytest.approx(3e-3 * 0.1)  # the end of the decay
+    assert (tmp_path / "b" / "run" / ts.STATE_FILE).read_bytes() == before
     resumed = ts.run(_args(corpus, tmp_path / "b", *extra, "--resume"))
     assert resumed["heldout"]["all"]["loss"] == straight["heldout"]["all"]["loss"]
     a = torch.load(tmp_path / "a" / "run" / ts.STATE_FILE, weights_only=False)["model"]
