@@ -758,19 +758,22 @@ def run(args: argparse.Namespace) -> dict:
             log(f"export skipped ({exc}); run `keyboard export --base-model {hf_dir} ...` later")
             log("result: " + json.dumps(result))
             return result
-        export_model(
-            os.path.relpath(hf_dir),  # the manifest records it: no build machine's home in it
-            args.out,
-            ExportConfig(
-                rank=8,
-                alpha=16,
-                target_modules="q_proj,k_proj,v_proj,o_proj",
-                layers="all",
-                seq_len=64,
-                seed=cfg.seed,
-            ),
+        out = Path(args.out).resolve()
+        config = ExportConfig(
+            rank=8,
+            alpha=16,
+            target_modules="q_proj,k_proj,v_proj,o_proj",
+            layers="all",
+            seq_len=64,
+            seed=cfg.seed,
         )
-        n_words = write_lexicon(Path(args.corpus), Path(args.out) / LEXICON_FILE)
+        here = Path.cwd()
+        os.chdir(work)  # the manifest records the model as "keyboard-starter": no machine's path
+        try:
+            export_model(MODEL_NAME, out, config)
+        finally:
+            os.chdir(here)
+        n_words = write_lexicon(Path(args.corpus).resolve(), out / LEXICON_FILE)
         log(f"exported -> {args.out} (lexicon: {n_words:,} words)")
     log("result: " + json.dumps(result))
     return result
