@@ -48,7 +48,7 @@ def perplexity(model_dir: Path, max_tokens: int) -> dict[str, Any]:
     from keyboard.trainer import LoraTrainer, make_batches
 
     artifacts = ArtifactSet.open(model_dir)
-    trainer = LoraTrainer(artifacts, threads=2)
+    trainer = LoraTrainer(artifacts, threads=1)
     tok = artifacts.tokenizer()
     out: dict[str, Any] = {}
     total_loss = total_tokens = 0.0

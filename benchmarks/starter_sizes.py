@@ -75,7 +75,7 @@ def heldout_quality(hf: Path, eval_tokens: int) -> dict[str, Any]:
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # two OpenMP threads crawl on a busy 2-core machine
     tok = Tokenizer.from_file(str(hf / "tokenizer.json"))
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     total, tokens, top3 = 0.0, 0, 0.0
