@@ -759,14 +759,8 @@ def run(args: argparse.Namespace) -> dict:
             log("result: " + json.dumps(result))
             return result
         out = Path(args.out).resolve()
-        config = ExportConfig(
-            rank=8,
-            alpha=16,
-            target_modules="q_proj,k_proj,v_proj,o_proj",
-            layers="all",
-            seq_len=64,
-            seed=cfg.seed,
-        )
+        # LoRA where the exporter puts it by default (every adapter group), rank 8.
+        config = ExportConfig(rank=8, alpha=16, layers="all", seq_len=64, seed=cfg.seed)
         here = Path.cwd()
         os.chdir(work)  # the manifest records the model as "keyboard-starter": no machine's path
         try:
