@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", action="store_true", help="write quantization.json")
     parser.add_argument("--pause", type=float, default=0.05, help="s between socket keystrokes")
     parser.add_argument("--no-socket", action="store_true", help="skip the daemon and presage")
+    parser.add_argument("--no-accuracy", action="store_true", help="skip fp32 vs int8 accuracy")
     args = parser.parse_args(argv)
 
     from keyboard.artifacts import ArtifactSet
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         result["socket"] = socket_run(args.model, history, lead, typed, args.pause)
     accuracy: dict[str, Any] = {}
     scored = take_words(test, args.accuracy_words)
-    for graph in graphs:
+    for graph in [] if args.no_accuracy else graphs:
         log(f"typing {len(scored)} messages for accuracy: {graph}")
         predictor = Predictor(args.model, quantize=graph == "int8")
         report = simulate(predictor, scored, history=history[-20:], k=3)
