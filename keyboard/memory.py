@@ -3,19 +3,24 @@
 glibc keeps what Python, numpy and ONNX Runtime free in its heaps (one per thread that ever
 allocated, up to 8 per core) and reuses it only for the same sizes: every adapter swap frees
 a whole session and a serialized graph, and a long-running daemon would hold each one's pages.
-`limit_arenas` caps the heaps at two, `trim` returns their free pages; both do nothing where
-the C library is not glibc.
+`limit_arenas` caps the heaps at two and fixes the size from which blocks are mapped on their
+own (glibc raises it to the largest block freed, up to 32 MB, so the key/value arrays of the
+cache slots would stay in the heaps); `trim` collects reference cycles and returns the heaps'
+free pages. Both do nothing where the C library is not glibc.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import sys
 from functools import cache
 from typing import Any
 
-_M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
+_M_ARENA_MAX = -8  # mallopt parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 256 * 1024  # blocks this large are mapped, and unmapped when freed
 
 
 @cache
@@ -31,12 +36,19 @@ def _glibc() -> Any | None:
 
 
 def limit_arenas(count: int = 2) -> bool:
-    """At most `count` malloc heaps for all threads (call before starting threads)."""
+    """At most `count` malloc heaps for all threads, and large blocks always mapped on their
+    own (call before starting threads)."""
     libc = _glibc()
-    return bool(libc is not None and libc.mallopt(_M_ARENA_MAX, count))
+    if libc is None:
+        return False
+    return bool(
+        libc.mallopt(_M_ARENA_MAX, count) and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    )
 
 
 def trim() -> bool:
-    """Return the free pages of every malloc heap to the system."""
+    """Free what only reference cycles still hold, then return the free pages of every malloc
+    heap to the system (after an adapter swap: rare, so a full collection is affordable)."""
+    gc.collect()
     libc = _glibc()
     return bool(libc is not None and libc.malloc_trim(0))

@@ -224,7 +224,6 @@ class PhraseModel:
         self.next_ids = next_ids if next_ids is not None else empty.astype(np.int32)
         self.next_counts = next_counts if next_counts is not None else empty.astype(np.int32)
         self.weight = weight
-        self.unigrams: Mapping[str, int] = _Unigrams(self)
         self._n = int(self.counts.sum())
         order = np.argsort(-self.counts[:n_words], kind="stable")[:CANDIDATES]
         self._top = order.astype(np.int64)  # the likeliest words, for an empty prefix
@@ -259,7 +258,13 @@ class PhraseModel:
 
     def _become(self, other: PhraseModel) -> None:
         self.__dict__.update(other.__dict__)
-        self.unigrams = _Unigrams(self)
+
+    @property
+    def unigrams(self) -> Mapping[str, int]:
+        """word -> times typed. A view made on each use: kept as an attribute it would make a
+        reference cycle, and a daemon would hold every replaced model until the next full
+        garbage collection."""
+        return _Unigrams(self)
 
     @property
     def words(self) -> int:

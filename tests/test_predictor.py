@@ -433,7 +433,7 @@ def _rss_mb() -> float:
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="RSS from /proc")
-def test_memory_stays_flat_across_adapter_swaps(tiny_llama: Path):
+def test_memory_stays_flat_across_adapter_swaps(tiny_llama: Path, tmp_path: Path):
     from keyboard.phrases import PhraseModel
 
     predictor = Predictor(tiny_llama, threads=1)
@@ -443,7 +443,11 @@ def test_memory_stays_flat_across_adapter_swaps(tiny_llama: Path):
         {n: (v + rng.normal(0, 0.01, v.shape)).astype(np.float32) for n, v in initial.items()}
         for _ in range(2)
     ]
-    phrases = PhraseModel.from_texts([TYPED, HOLIDAY] * 50)
+    # As the daemon does: the phrases read from their file at every swap (about 60,000 n-grams).
+    words = [f"w{n}" for n in range(6000)]
+    lines = [" ".join(rng.choice(words, 12)) for _ in range(6000)]
+    phrases = tmp_path / "phrases.bin"
+    phrases.write_bytes(PhraseModel.from_texts([TYPED, HOLIDAY, *lines]).to_bytes())
 
     def swap(i: int) -> None:
         assert predictor.load_adapter(adapters[i % 2], version=f"v{i}", phrases=phrases)
