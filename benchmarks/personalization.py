@@ -1,11 +1,22 @@
-"""What personalization buys per user: `keyboard eval --personalize` over every corpus user file.
+"""What personalization buys per user, part by part: base, phrases only, LoRA only,
+LoRA + phrases, and continuous use, over every corpus user file.
 
 For each user file (JSON Lines, ../shared/corpus/users by default) the first 80% of the lines
 are the user's history: the real personalization job (`keyboard.personalize.run_job`, as
 `keyboard eval --personalize` runs it, in a throwaway keyboard home) trains on them, and the
-last 20% (the first --max-test-lines of them) are typed through the Predictor before and
-after, with the same typing simulation (`keyboard.evaluation.simulate`). The job's gate may
-refuse the adapter: then "after" is the base model again, and the table says so.
+last 20% (the first --max-test-lines of them) are typed through the Predictor with the same
+typing simulation (`keyboard.evaluation.simulate`) under each condition:
+
+    base          the shipped model, no phrases
+    phrases       the base model with the job's phrases (the user's word n-grams)
+    lora          the job's adapter alone
+    lora+phrases  what the daemon serves after the job ("after")
+    continuous    lora+phrases, and each test message is learned (keyboard.live_phrases)
+                  right after it is typed, as the daemon's observe does
+
+The job's gate may refuse the adapter (then "lora" is the base model: what the user gets) or
+keep the old adapter with new phrases; the table says so. Means come with a paired 95%
+confidence interval over the users (t distribution) and the number of files that gained.
 
 Each user runs in its own process and the job in a child of it, so the job's peak RSS is its
 own (VmHWM of the job process, read from /proc at its end; ru_maxrss would also count the
@@ -15,6 +26,8 @@ Prints a table on stderr and JSON on stdout.
 
     nice python benchmarks/personalization.py [USERS_DIR] [--model models/starter]
         [--max-test-lines 10] [--time-budget 120] [--users 'blogger_*'] [--jobs 1]
+        [--conditions base,phrases,lora,lora+phrases,continuous]
+        [--job-config '{"groups": "mlp,lm_head", "lr": 0.002}']
         [--out results.json] [--markdown table.md]
 """
 
@@ -37,6 +50,10 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_USERS = REPO.parent / "shared" / "corpus" / "users"
 DEFAULT_MODEL = REPO / "models" / "starter"
 METRICS = ("top1", "top3", "ksr")
+CONDITIONS = ("base", "phrases", "lora", "lora+phrases", "continuous")
+# Two-sided 95% t quantiles by degrees of freedom (paired CIs over a handful of users).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+       9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
 
 
 def log(message: str) -> None:
@@ -51,13 +68,19 @@ def split(path: Path, max_test_lines: int | None) -> tuple[list[str], list[str]]
 
 
 # --- the job process: the personalization job alone, so its peak RSS is its own -------------
-def job_main(path: Path, model: Path, home: Path, time_budget: float | None) -> int:
+def job_main(
+    path: Path, model: Path, home: Path, time_budget: float | None, job_config: dict[str, Any]
+) -> int:
     from keyboard.evaluation import personalize_in_throwaway_home
     from keyboard.personalize import JobConfig, peak_rss_mb
 
     history, _ = split(path, None)
-    if time_budget is not None:  # the job's own setting, in its home, as a user would set it
-        JobConfig.update(home / "personalize.json", time_budget_s=time_budget)
+    settings = dict(job_config)
+    if time_budget is not None:
+        settings["time_budget_s"] = time_budget
+    if settings:  # the job's own settings, in its home, as a user would set them
+        home.mkdir(mode=0o700, exist_ok=True)
+        JobConfig.update(home / "personalize.json", **settings)
     job = personalize_in_throwaway_home(history, model, home)
     print(json.dumps({"job": job.to_json(), "peak_rss_mb": round(peak_rss_mb(), 1)}))
     return 0
@@ -65,21 +88,31 @@ def job_main(path: Path, model: Path, home: Path, time_budget: float | None) -> 
 
 # --- the user process: simulate, run the job (child), simulate with its adapter --------------
 def user_main(
-    path: Path, model: Path, k: int, max_test_lines: int | None, time_budget: float | None
+    path: Path,
+    model: Path,
+    k: int,
+    max_test_lines: int | None,
+    time_budget: float | None,
+    job_config: str,
+    conditions: list[str],
 ) -> int:
     from keyboard.evaluation import simulate
+    from keyboard.live_phrases import LivePhrases
     from keyboard.personalize import peak_rss_mb
+    from keyboard.phrases import PhraseModel
     from keyboard.predictor import Predictor
 
     history, test = split(path, max_test_lines)
     if not history or not test:
         raise SystemExit(f"{path}: too few lines for a history/test split")
     predictor = Predictor(model, threads=1)
-    before = simulate(predictor, test, history=history, k=k)
+    reports: dict[str, Any] = {}
+    if "base" in conditions:
+        reports["base"] = simulate(predictor, test, history=history, k=k)
     gc.collect()
     with tempfile.TemporaryDirectory(prefix="keyboard-bench-personalization-") as home:
         cmd = [sys.executable, __file__, "--job-process", str(path), "--model", str(model)]
-        cmd += ["--home", home]
+        cmd += ["--home", home, "--job-config", job_config]
         if time_budget is not None:
             cmd += ["--time-budget", str(time_budget)]
         t0 = time.perf_counter()
@@ -89,28 +122,52 @@ def user_main(
             raise SystemExit(f"job process failed ({child.returncode}):\n{child.stderr[-3000:]}")
         out = json.loads(child.stdout.strip().splitlines()[-1])
         job = out["job"]
-        after = before  # the gate kept the base model: the user keeps typing with it
-        if job["status"] == "promoted":
-            if not predictor.load_adapter(job["adapter_path"], phrases=job["phrases_path"]):
-                raise SystemExit(f"cannot load the adapter {job['adapter_path']}")
-            after = simulate(predictor, test, history=history, k=k)
-    metrics = job.get("metrics", {})
+        metrics = job.get("metrics", {})
+        promoted = job["status"] == "promoted"
+        # The adapter the user gets: the job's, unless the gate kept the old one (the base).
+        adapter = job["adapter_path"] if promoted and "phrases_only" not in metrics else None
+        stored = PhraseModel.load(job["phrases_path"]) if job.get("phrases_path") else None
+        served = {
+            "phrases": (None, stored),
+            "lora": (adapter, None),
+            "lora+phrases": (adapter, stored),
+        }
+        for condition in ("phrases", "lora", "lora+phrases", "continuous"):
+            if condition not in conditions:
+                continue
+            learn = None
+            if condition == "continuous":
+                live = LivePhrases(stored)
+                ok = predictor.load_adapter(adapter, phrases=live)
+
+                def learn(message: str, live: LivePhrases = live) -> None:
+                    live.learn(message)
+                    predictor.user_phrases_changed()
+            else:
+                tensors, phrases = served[condition]
+                ok = predictor.load_adapter(tensors, phrases=phrases)
+            if not ok:
+                raise SystemExit(f"cannot load the job's adapter/phrases for {condition}")
+            reports[condition] = simulate(
+                predictor, test, history=history, k=k, after_message=learn
+            )
+            gc.collect()
     result = {
         "file": path.name,
         "history": len(history),
         "typed": len(test),
-        "before": before.to_json(),
-        "after": after.to_json(),
-        "delta": {m: round(getattr(after, m) - getattr(before, m), 6) for m in METRICS},
+        "conditions": {c: r.to_json() for c, r in reports.items()},
         "job": {
             "status": job["status"],
             "reason": job["reason"],
-            "promoted": job["status"] == "promoted",
+            "promoted": promoted,
+            "adapter_trained": adapter is not None,
             "seconds": job["seconds"],
             "process_seconds": round(wall, 1),  # with Python start-up and logging the history
             "peak_rss_mb": out["peak_rss_mb"],
             "steps": metrics.get("steps"),
             "stopped": metrics.get("stopped"),
+            "train_seconds": metrics.get("train_seconds"),
             "gate_before": metrics.get("before"),
             "gate_after": metrics.get("after"),
             "data": metrics.get("data"),
@@ -161,52 +218,96 @@ def snapshot(model: Path, into: Path) -> tuple[Path, bool]:
     return copy, int8
 
 
+def paired(results: list[dict[str, Any]], a: str, b: str, metric: str = "ksr") -> dict[str, Any]:
+    """Mean over users of (a - b) in points, a 95% confidence interval (paired t), and the
+    number of users where a > b."""
+    diffs = [
+        100 * (r["conditions"][a][metric] - r["conditions"][b][metric])
+        for r in results
+        if a in r["conditions"] and b in r["conditions"]
+    ]
+    n = len(diffs)
+    if not n:
+        return {}
+    mean = sum(diffs) / n
+    half = 0.0
+    if n > 1:
+        sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
+        df = n - 1
+        t = T95.get(df) or T95[max(d for d in T95 if d <= df)] if df <= 30 else 1.96
+        half = t * sd / n**0.5
+    return {
+        "mean": round(mean, 3),
+        "ci95": [round(mean - half, 3), round(mean + half, 3)],
+        "positive": sum(d > 0 for d in diffs),
+        "n": n,
+    }
+
+
+COMPARISONS = (  # (a, b): the gains the issue's targets are stated in
+    ("phrases", "base"),
+    ("lora", "base"),
+    ("lora+phrases", "base"),
+    ("lora+phrases", "phrases"),
+    ("continuous", "base"),
+    ("continuous", "lora+phrases"),
+)
+
+
 def averages(results: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(results)
     if not n:
         return {}
-    mean = {
-        f"{side}_{m}": round(sum(r[side][m] for r in results) / n, 6)
-        for side in ("before", "after", "delta")
+    present = [c for c in CONDITIONS if all(c in r["conditions"] for r in results)]
+    mean: dict[str, Any] = {
+        f"{c}_{m}": round(sum(r["conditions"][c][m] for r in results) / n, 6)
+        for c in present
         for m in METRICS
+    }
+    mean["gains_ksr_points"] = {
+        f"{a} - {b}": paired(results, a, b) for a, b in COMPARISONS if a in present and b in present
     }
     mean["job_seconds"] = round(sum(r["job"]["seconds"] for r in results) / n, 1)
     mean["job_peak_rss_mb"] = round(sum(r["job"]["peak_rss_mb"] for r in results) / n, 1)
     mean["steps"] = round(sum(r["job"]["steps"] or 0 for r in results) / n, 1)
     mean["promoted"] = sum(r["job"]["promoted"] for r in results)
+    mean["adapter_trained"] = sum(r["job"]["adapter_trained"] for r in results)
     mean["users"] = n
     return mean
 
 
 def markdown(results: list[dict[str, Any]], k: int) -> str:
-    """One row per user: before -> after (percent), the job's cost and its decision."""
-    head = (
-        f"| user file | typed words | top-1 before | top-1 after | top-3 before | top-3 after "
-        f"| KSR@{k} before | KSR@{k} after | Δ KSR@{k} | job s | job peak RSS MB | steps "
-        f"| adapter |"
-    )
-    lines = [head, "|---|" + "---:|" * 11 + "---|"]
-
-    def pct(x: float) -> str:
-        return f"{100 * x:.2f}"
-
+    """KSR@k per user and condition, the gains, and the job's cost and decision."""
+    present = [c for c in CONDITIONS if results and all(c in r["conditions"] for r in results)]
+    head = "| user file | typed words | " + " | ".join(f"KSR@{k} {c}" for c in present)
+    head += " | job s | job peak RSS MB | steps | adapter |"
+    lines = [head, "|---|" + "---:|" * (len(present) + 4) + "---|"]
     for r in results:
-        b, a, j = r["before"], r["after"], r["job"]
+        c, j = r["conditions"], r["job"]
+        words = next(iter(c.values()))["words"] if c else 0
+        decision = "promoted" if j["adapter_trained"] else (
+            "phrases only" if j["promoted"] else j["status"]
+        )  # fmt: skip
         lines.append(
-            f"| {r['file']} | {b['words']} | {pct(b['top1'])} | {pct(a['top1'])} "
-            f"| {pct(b['top3'])} | {pct(a['top3'])} | {pct(b['ksr'])} | {pct(a['ksr'])} "
-            f"| {100 * r['delta']['ksr']:+.2f} | {j['seconds']:.0f} | {j['peak_rss_mb']:.0f} "
-            f"| {j['steps']} | {'promoted' if j['promoted'] else j['status']} |"
+            f"| {r['file']} | {words} | "
+            + " | ".join(f"{100 * c[x]['ksr']:.2f}" for x in present)
+            + f" | {j['seconds']:.0f} | {j['peak_rss_mb']:.0f} | {j['steps']} | {decision} |"
         )
     m = averages(results)
     if m:
         lines.append(
-            f"| **mean** | | {pct(m['before_top1'])} | {pct(m['after_top1'])} "
-            f"| {pct(m['before_top3'])} | {pct(m['after_top3'])} | {pct(m['before_ksr'])} "
-            f"| {pct(m['after_ksr'])} | **{100 * m['delta_ksr']:+.2f}** | {m['job_seconds']:.0f} "
-            f"| {m['job_peak_rss_mb']:.0f} | {m['steps']:.0f} "
-            f"| {m['promoted']}/{m['users']} promoted |"
+            "| **mean** | | "
+            + " | ".join(f"{100 * m[f'{x}_ksr']:.2f}" for x in present)
+            + f" | {m['job_seconds']:.0f} | {m['job_peak_rss_mb']:.0f} | {m['steps']:.0f} "
+            f"| {m['adapter_trained']}/{m['users']} adapters |"
         )
+        lines += ["", f"| KSR@{k} gain (points) | mean | 95% CI (paired) | files gaining |"]
+        lines.append("|---|---:|---|---:|")
+        for name, g in m["gains_ksr_points"].items():
+            lines.append(
+                f"| {name} | {g['mean']:+.2f} | [{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}] "
+                f"| {g['positive']}/{g['n']} |"
+            )
     return "\n".join(lines)
 
 
@@ -221,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the job's time budget in seconds (default: the job's own, 600)")  # fmt: skip
     parser.add_argument("--users", default="*.jsonl", help="glob of user files in USERS_DIR")
     parser.add_argument("--jobs", type=int, default=1, help="users evaluated at a time")
+    parser.add_argument(
+        "--conditions",
+        default=",".join(CONDITIONS),
+        help=f"what to type the test lines with (default: all of {CONDITIONS})",
+    )
+    parser.add_argument("--job-config", default="{}",
+                        help="personalize.json settings for the job, as JSON (groups, lr, ...)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     parser.add_argument("--plot", type=Path, default=None, help="also draw a PNG per user here")
@@ -231,10 +339,17 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
 
     model = args.model.resolve()
+    conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
+    if unknown := set(conditions) - set(CONDITIONS):
+        parser.error(f"unknown conditions {sorted(unknown)}; known: {', '.join(CONDITIONS)}")
+    job_config = json.loads(args.job_config)
     if args.job_process:
-        return job_main(args.job_process, model, args.home, args.time_budget)
+        return job_main(args.job_process, model, args.home, args.time_budget, job_config)
     if args.user_process:
-        return user_main(args.user_process, model, args.k, args.max_test_lines, args.time_budget)
+        return user_main(
+            args.user_process, model, args.k, args.max_test_lines, args.time_budget,
+            args.job_config, conditions,
+        )  # fmt: skip
 
     if not (model / "manifest.json").is_file():
         parser.error(f"no model at {model}")
@@ -248,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_test_lines": args.max_test_lines,
         "time_budget_s": args.time_budget,
         "jobs": args.jobs,
+        "conditions": conditions,
+        "job_config": job_config,
     }
     info = model_info(model)
     workdir = Path(tempfile.mkdtemp(prefix="keyboard-bench-model-"))
@@ -286,7 +403,8 @@ def drive(
 
     def run_user(path: Path) -> tuple[Path, dict[str, Any] | str, float]:
         cmd = [sys.executable, __file__, "--user-process", str(path), "--model", str(model)]
-        cmd += ["--k", str(args.k)]
+        cmd += ["--k", str(args.k), "--conditions", args.conditions]
+        cmd += ["--job-config", args.job_config]
         if args.max_test_lines:
             cmd += ["--max-test-lines", str(args.max_test_lines)]
         if args.time_budget is not None:
@@ -306,10 +424,12 @@ def drive(
                 log(f"{path.name}: FAILED ({seconds:.0f} s)\n{result}")
             else:
                 results[path.name] = result
-                b, a, j = result["before"], result["after"], result["job"]
+                j = result["job"]
+                ksr = ", ".join(
+                    f"{c} {100 * r['ksr']:.2f}" for c, r in result["conditions"].items()
+                )
                 log(
-                    f"{path.name}: KSR@{args.k} {100 * b['ksr']:.2f} -> {100 * a['ksr']:.2f}, "
-                    f"top-3 {100 * b['top3']:.2f} -> {100 * a['top3']:.2f}, job {j['status']} "
+                    f"{path.name}: KSR@{args.k} {ksr}; job {j['status']} "
                     f"({j['steps']} steps, {j['seconds']:.0f} s, {j['peak_rss_mb']:.0f} MB); "
                     f"{seconds:.0f} s"
                 )
@@ -329,13 +449,10 @@ def drive(
         from keyboard.evaluation import TypingReport, plot_reports
 
         rows = {
-            Path(r["file"]).stem: {
-                "before": TypingReport(**r["before"]),
-                "personalized": TypingReport(**r["after"]),
-            }
+            Path(r["file"]).stem: {c: TypingReport(**v) for c, v in r["conditions"].items()}
             for r in final["results"]
         }
-        plot_reports(rows, args.plot, title="keyboard eval --personalize, per user")
+        plot_reports(rows, args.plot, title="benchmarks/personalization.py, per user")
         log(f"plot: {args.plot}")
     return 1 if failures else 0
 

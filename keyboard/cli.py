@@ -34,7 +34,19 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--target-modules",
         default="auto",
-        help="comma-separated module names to adapt (default: attention projections)",
+        help="comma-separated module names to adapt instead of --groups (default: auto)",
+    )
+    p.add_argument(
+        "--groups",
+        default="attention,mlp,lm_head",
+        help="adapter groups that get LoRA: attention, mlp (projections of every layer in "
+        "--layers), lm_head (the output projection, tied to the embedding)",
+    )
+    p.add_argument(
+        "--train-groups",
+        default="mlp,lm_head",
+        help="the groups the nightly job trains by default, of those exported (default: "
+        "mlp,lm_head; '' for all; measure with benchmarks/adapter_groups.py)",
     )
     p.add_argument(
         "--layers",
@@ -53,6 +65,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
             rank=args.rank,
             alpha=args.alpha,
             target_modules=args.target_modules,
+            groups=args.groups,
+            train_groups=args.train_groups,
             layers=args.layers,
             seq_len=args.seq_len,
             seed=args.seed,
@@ -61,7 +75,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         print(f"exported {manifest['base_model']['id']} -> {args.out}")
         print(
             f"  {len(manifest['lora']['tensors'])} LoRA tensors, "
-            f"{manifest['lora']['parameters']:,} trainable parameters"
+            f"{manifest['lora']['parameters']:,} trainable parameters; groups: "
+            + ", ".join(f"{g} ({len(n)})" for g, n in manifest["lora"]["groups"].items())
         )
         return 0
 

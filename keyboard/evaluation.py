@@ -144,8 +144,14 @@ def simulate(
     client_filter: bool = True,
     real_word: Callable[[str], bool] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    after_message: Callable[[str], None] | None = None,
+    per_word: list[tuple[int, int]] | None = None,
 ) -> TypingReport:
     """Type `messages` through `predictor` as docs/evaluation.md defines, and report the cost.
+
+    `after_message(message)` is called once each message is typed (continuous use: the
+    predictor learns it before the next one). `per_word`, when given, receives for each word
+    its next-word rank (-1: not in the top 3) and the keystrokes it cost, for paired tests.
 
     `history` is text the user typed before (context only, not scored). Each message is typed
     after the preceding text (history and earlier messages, joined with newlines, bounded to
@@ -176,6 +182,7 @@ def simulate(
             n_words += 1
             cost = end - start  # typed in full unless a suggestion is accepted
             client = ShownInWord()
+            rank = -1
             for i in range(end - start):
                 want = max(k, 3) if i == 0 else k
                 shown, ms = _suggested(
@@ -194,9 +201,13 @@ def simulate(
                     cost = i + 1  # the characters typed, plus one to accept
                     break
             keystrokes += cost
+            if per_word is not None:
+                per_word.append((rank, cost))
             typed_to = end
         keystrokes += len(message) - typed_to
         prior = _bounded(lead + message, context_chars)
+        if after_message is not None:
+            after_message(message)
         if progress is not None:
             progress(index + 1, len(messages))
     return TypingReport(

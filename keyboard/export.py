@@ -5,8 +5,9 @@ one artifact set (layout in docs/design.md):
 
     manifest.json              what the set is: base model, LoRA config, tensor names, versions
     tokenizer.json             the tokenizer (tokenizers library format)
-    training/                  ORT training artifacts: training_model.onnx, eval_model.onnx,
-                               optimizer_model.onnx, checkpoint
+    training/loss_model.onnx   the forward loss graph, every LoRA tensor a named initializer: the
+                               device makes the ORT training artifacts for the adapter groups
+                               a job trains from it (keyboard.training_graphs)
     inference.onnx             next-token logits (last position) with a key/value cache
     adapters/initial.npz       the LoRA tensors as exported (B = 0: the base model itself)
 """
@@ -35,11 +36,26 @@ INFERENCE = "inference.onnx"
 TRAINING_DIR = "training"
 INITIAL_ADAPTER = "adapters/initial.npz"
 
-# Per model family: default LoRA targets and the name of the ModuleList holding the layers.
+LOSS_MODEL = f"{TRAINING_DIR}/loss_model.onnx"
+
+# Per model family: the name of the ModuleList holding the layers, and the adapter groups:
+# the modules each one puts LoRA on, inside a layer (a regex over the module path after the
+# layer index) or at the top (lm_head: the output projection, tied to the embedding).
 _FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {"targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "layers_pattern": "layers"},
-    "gpt2": {"targets": ["c_attn", "attn.c_proj"], "layers_pattern": "h"},
+    "llama": {
+        "layers_pattern": "layers",
+        "groups": {
+            "attention": r"self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+            "mlp": r"mlp\.(gate_proj|up_proj|down_proj)",
+        },
+    },
+    "gpt2": {
+        "layers_pattern": "h",
+        "groups": {"attention": r"attn\.(c_attn|c_proj)", "mlp": r"mlp\.(c_fc|c_proj)"},
+    },
 }
+TOP_GROUPS = {"lm_head": "lm_head"}
+ALL_GROUPS = ("attention", "mlp", "lm_head")
 
 
 @dataclass
@@ -48,8 +64,12 @@ class ExportConfig:
 
     rank: int = 8
     alpha: float = 16.0
-    target_modules: str | list[str] = "auto"  # "auto" or comma-separated names
-    layers: str = "all"  # "all", "top:N", or comma-separated indices
+    target_modules: str | list[str] = "auto"  # "auto" (the groups) or comma-separated names
+    groups: str = "attention,mlp,lm_head"  # adapter groups that get LoRA (with "auto")
+    # The groups the nightly job trains by default ("": all of them): mlp+lm_head kept 91% of
+    # the all-groups dev-loss gain with less work per step (docs/results.md).
+    train_groups: str = "mlp,lm_head"
+    layers: str = "all"  # "all", "top:N", or comma-separated indices (lm_head is not in one)
     seq_len: int = 64  # length of the sample used to trace the training graph
     seed: int = 0
 
@@ -104,21 +124,27 @@ def wrap_with_lora(model: nn.Module, config: ExportConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     family = _FAMILIES[_family(model)]
-    if config.target_modules == "auto":
-        targets = family["targets"]
-    elif isinstance(config.target_modules, str):
-        targets = [t.strip() for t in config.target_modules.split(",") if t.strip()]
-    else:
-        targets = list(config.target_modules)
     layers = parse_layers(config.layers, model.config.num_hidden_layers)
+    layer_re = rf"(.*\.)?{family['layers_pattern']}\.({'|'.join(map(str, layers))})\."
+    if config.target_modules == "auto":
+        # One regex, not target names plus layers_to_transform: peft's layer filter would
+        # drop lm_head, which is in no layer.
+        groups = _parse_export_groups(config.groups)
+        inner = [family["groups"][g] for g in groups if g in family["groups"]]
+        parts = [f"{layer_re}({'|'.join(inner)})"] if inner else []
+        parts += [rf"(.*\.)?{TOP_GROUPS[g]}" for g in groups if g in TOP_GROUPS]
+        targets: str | list[str] = "|".join(f"({p})" for p in parts)
+    else:
+        names = config.target_modules
+        if isinstance(names, str):
+            names = [t.strip() for t in names.split(",") if t.strip()]
+        targets = rf"{layer_re}(.*\.)?({'|'.join(re.escape(n) for n in names)})"
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
         target_modules=targets,
         lora_dropout=0.0,
         bias="none",
-        layers_to_transform=layers,
-        layers_pattern=family["layers_pattern"],
         fan_in_fan_out=_family(model) == "gpt2",  # GPT-2 uses Conv1D (weights transposed)
     )
     torch.manual_seed(config.seed)
@@ -127,6 +153,34 @@ def wrap_with_lora(model: nn.Module, config: ExportConfig) -> nn.Module:
     if not any(p.requires_grad for p in peft_model.parameters()):
         raise KeyboardError(f"no LoRA target matched {targets} in layers {layers}")
     return peft_model
+
+
+def _parse_export_groups(spec: str) -> list[str]:
+    groups = [g.strip() for g in spec.split(",") if g.strip()]
+    if unknown := [g for g in groups if g not in ALL_GROUPS]:
+        raise KeyboardError(f"unknown adapter group(s) {unknown}; known: {', '.join(ALL_GROUPS)}")
+    if not groups:
+        raise KeyboardError("no adapter group to export")
+    return [g for g in ALL_GROUPS if g in groups]
+
+
+def lora_groups(model_type: str, lora_names: list[str]) -> dict[str, list[str]]:
+    """Group name -> the LoRA tensor names in it (manifest order); a tensor no group's pattern
+    matches (explicit `target_modules`) is in "other"."""
+    family = _FAMILIES[model_type]
+    out: dict[str, list[str]] = {}
+    for name in lora_names:
+        group = "other"
+        for g, pattern in family["groups"].items():
+            if re.search(rf"\.{family['layers_pattern']}\.\d+\.{pattern}\.lora_", name):
+                group = g
+                break
+        else:
+            for g, module in TOP_GROUPS.items():
+                if re.search(rf"(^|\.){module}\.lora_", name):
+                    group = g
+        out.setdefault(group, []).append(name)
+    return out
 
 
 class TrainingGraph(nn.Module):
@@ -188,25 +242,16 @@ def _lora_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _add_layernorm_stat_outputs(model: onnx.ModelProto) -> None:
-    """ORT's LayerNormalization gradient needs the optional Mean/InvStdDev outputs."""
-    for i, node in enumerate(model.graph.node):
-        if node.op_type == "LayerNormalization" and len(node.output) == 1:
-            node.output.extend([f"layernorm_{i}_mean", f"layernorm_{i}_inv_std_dev"])
-
-
 def _save_onnx(model: onnx.ModelProto, path: Path) -> None:
     # ORT training 1.19.2 reads IR version 10 at most.
     model.ir_version = min(model.ir_version, 10)
     onnx.save(model, str(path))
 
 
-def export_training_artifacts(peft_model: nn.Module, out: Path, config: ExportConfig) -> list[str]:
-    """Trace the loss graph and generate training/eval/optimizer graphs + checkpoint."""
-    from keyboard import runtime
-
-    runtime.onnxruntime().set_default_logger_severity(3)
-    from onnxruntime.training import artifacts
+def export_loss_graph(peft_model: nn.Module, out: Path, config: ExportConfig) -> dict[str, Any]:
+    """Trace the loss graph (the device makes training artifacts for any subset of the LoRA
+    tensors from it, keyboard.training_graphs); returns the manifest's `training` part."""
+    from keyboard.training_graphs import add_layernorm_stat_outputs
 
     lora = _lora_names(peft_model)
     wrapper = TrainingGraph(peft_model)
@@ -215,12 +260,13 @@ def export_training_artifacts(peft_model: nn.Module, out: Path, config: ExportCo
     ids = torch.randint(0, vocab, (2, config.seq_len), generator=gen)
     mask = torch.ones_like(ids)
     labels = ids.clone()
-    tmp = out / "training_graph.onnx"
+    path = out / LOSS_MODEL
+    path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         torch.onnx.export(
             wrapper,
             (ids, mask, labels),
-            str(tmp),
+            str(path),
             input_names=["input_ids", "attention_mask", "labels"],
             output_names=["loss"],
             dynamic_axes={
@@ -231,30 +277,23 @@ def export_training_artifacts(peft_model: nn.Module, out: Path, config: ExportCo
             training=torch.onnx.TrainingMode.TRAINING,
             dynamo=False,
         )
-    graph = onnx.load(str(tmp))
-    _add_layernorm_stat_outputs(graph)
+    graph = onnx.load(str(path))
+    add_layernorm_stat_outputs(graph)
     initializers = {i.name for i in graph.graph.initializer}
     names = {f"model.{n}" for n, _ in peft_model.named_parameters(remove_duplicate=False)}
     requires_grad = [f"model.{n}" for n in lora]
     missing = [n for n in requires_grad if n not in initializers]
     if missing:
         raise KeyboardError(f"exporter dropped LoRA tensors: {missing[:3]}")
-    frozen = sorted((initializers & names) - set(requires_grad))
-    training_dir = out / TRAINING_DIR
-    training_dir.mkdir(parents=True, exist_ok=True)
-    artifacts.generate_artifacts(
-        graph,
-        requires_grad=requires_grad,
-        frozen_params=frozen,
-        loss=None,  # the graph's output already is the loss
-        optimizer=artifacts.OptimType.AdamW,
-        artifact_directory=str(training_dir),
-    )
-    tmp.unlink()
-    for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
-        path = training_dir / name
-        _save_onnx(onnx.load(str(path)), path)
-    return requires_grad
+    _save_onnx(graph, path)
+    return {
+        "dir": TRAINING_DIR,
+        "loss_model": LOSS_MODEL,
+        "inputs": ["input_ids", "attention_mask", "labels"],
+        "parameters": sorted(initializers & names),
+        "optimizer": "AdamW",
+        "seq_len": config.seq_len,
+    }
 
 
 def export_inference_graph(peft_model: nn.Module, out: Path) -> dict[str, Any]:
@@ -296,26 +335,16 @@ def export_inference_graph(peft_model: nn.Module, out: Path) -> dict[str, Any]:
 
 
 def _restore_initial_adapter(out: Path, initial: dict[str, np.ndarray]) -> None:
-    from keyboard import runtime
     from keyboard.artifacts import ArtifactSet, bake_inference_model, save_adapter
 
     (out / "adapters").mkdir()
     save_adapter(out / INITIAL_ADAPTER, initial)
-    api = runtime.training_api()
-    checkpoint = out / TRAINING_DIR / "checkpoint"
-    state = api.CheckpointState.load_checkpoint(str(checkpoint))
-    # Parameters can only be written once a Module has placed them (else ORT segfaults).
-    module = api.Module(str(out / TRAINING_DIR / "training_model.onnx"), state)
-    for name, value in initial.items():
-        state.parameters[name] = value
-    api.CheckpointState.save_checkpoint(state, str(checkpoint))
-    del module
-    inference = out / INFERENCE
-    model = onnx.load(str(inference))
-    names = {i.name for i in model.graph.initializer}
-    if missing := sorted(set(initial) - names):
-        raise KeyboardError(f"inference graph lost LoRA tensors: {missing[:3]}")
-    bake_inference_model(ArtifactSet(out), initial, inference, source=inference)
+    for graph in (out / LOSS_MODEL, out / INFERENCE):
+        model = onnx.load(str(graph))
+        names = {i.name for i in model.graph.initializer}
+        if missing := sorted(set(initial) - names):
+            raise KeyboardError(f"{graph.name} lost LoRA tensors: {missing[:3]}")
+        bake_inference_model(ArtifactSet(out), initial, graph, source=graph)
 
 
 def _hash_model_files(base_model: str | Path) -> str:
@@ -357,6 +386,9 @@ def export_model(base_model: str | Path, out_dir: str | Path, config: ExportConf
 
     lora_params = dict(peft_model.named_parameters())
     lora_names = _lora_names(peft_model)
+    groups = lora_groups(family, [f"model.{n}" for n in lora_names])
+    # Only the exported groups (a default the export left out, e.g. with --groups attention).
+    train_groups = [g.strip() for g in config.train_groups.split(",") if g.strip() in groups]
     # Both graphs name parameters "model.<peft name>" (the wrappers' attribute).
     initial = {f"model.{n}": lora_params[n].detach().numpy().copy() for n in lora_names}
     # The exporter merges initializers with equal values, and every LoRA B starts at zero:
@@ -365,7 +397,7 @@ def export_model(base_model: str | Path, out_dir: str | Path, config: ExportConf
     with torch.no_grad():
         for n in lora_names:
             lora_params[n].normal_(0.0, 0.02)
-    training_names = export_training_artifacts(peft_model, staging, config)
+    training = export_loss_graph(peft_model, staging, config)
     cache = export_inference_graph(peft_model, staging)
     _restore_initial_adapter(staging, initial)
     tokenizer.backend_tokenizer.save(str(staging / "tokenizer.json"))
@@ -402,14 +434,10 @@ def export_model(base_model: str | Path, out_dir: str | Path, config: ExportConf
             "layers": layers,
             "parameters": int(sum(v.size for v in initial.values())),
             "tensors": {n: list(v.shape) for n, v in initial.items()},
+            "groups": groups,
+            "train_groups": train_groups,
         },
-        "training": {
-            "dir": TRAINING_DIR,
-            "inputs": ["input_ids", "attention_mask", "labels"],
-            "requires_grad": training_names,
-            "optimizer": "AdamW",
-            "seq_len": config.seq_len,
-        },
+        "training": training,
         "inference": {
             "file": INFERENCE,
             "inputs": [

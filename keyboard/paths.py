@@ -170,6 +170,11 @@ class Home:
         return private_dir(self.root / "adapters")
 
     @property
+    def training_graphs(self) -> Path:
+        """ORT training graphs made for the adapter groups a job trains (a cache)."""
+        return private_dir(self.root / "cache" / "training")
+
+    @property
     def job_config(self) -> Path:
         """The personalization job's settings."""
         return self.root / "personalize.json"

@@ -59,6 +59,8 @@ class JobConfig:
     threads: int = 1
     nice: int = 10  # niceness the job lowers itself to
     keep_versions: int = 5
+    phrases: bool = True  # count the user's word n-grams; false: the adapter alone is served
+    groups: str = ""  # adapter groups trained, e.g. "attention,mlp" ("": the model's choice)
 
     @classmethod
     def load(cls, path: Path) -> JobConfig:
@@ -284,14 +286,16 @@ GATE_Z = 1.645  # one-sided 95%: how sure the gate must be that top-3 got worse 
 
 
 def gate(before: dict[str, Any], after: dict[str, Any], min_loss_gain: float) -> tuple[bool, str]:
-    """The promotion rule: the held-out loss falls by at least `min_loss_gain` (a fraction)
-    AND next-word top-3 accuracy on the held-out words does not get worse.
+    """The promotion rule: the held-out loss falls by at least `min_loss_gain` (a fraction),
+    next-word top-3 accuracy on the held-out words does not get worse, AND typing them does
+    not get costlier (KSR@3, what the user feels).
 
-    Loss is the sensitive signal (every token counts); top-3 guards what the user sees. On a
-    few hundred words top-3 moves by chance, so "worse" is a paired test over the same words:
-    refused when the words the old adapter had in its top 3 and the new one lost outnumber
-    the words it gained by more than GATE_Z standard deviations (lost - gained >
-    1.645 * sqrt(lost + gained)). Without those counts, any fall of top-3 refuses.
+    Loss is the sensitive signal (every token counts); top-3 and KSR guard what the user sees.
+    On a few hundred words they move by chance, so "worse" is a paired test over the same
+    words: refused when the words the old adapter had in its top 3 and the new one lost
+    outnumber the words it gained by more than GATE_Z standard deviations (lost - gained >
+    1.645 * sqrt(lost + gained)), or when the per-word keystrokes rose by more than GATE_Z
+    standard errors. Without those counts, any fall refuses.
     """
     lb, la = before.get("loss"), after.get("loss")
     if la is None or lb is None or not math.isfinite(la) or not math.isfinite(lb):
@@ -310,9 +314,16 @@ def gate(before: dict[str, Any], after: dict[str, Any], min_loss_gain: float) ->
         worse, detail = ta < tb, ""
     if worse:
         return False, f"next-word top-3 accuracy fell: {100 * tb:.2f}% -> {100 * ta:.2f}%{detail}"
+    kb, ka = before.get("ksr"), after.get("ksr")
+    ksr = ""
+    if kb is not None and ka is not None:
+        z = after.get("keystrokes_z", 0.0)
+        if ka < kb and (z is None or z > GATE_Z):  # None: every word got costlier
+            return False, f"KSR@3 on the held-out text fell: {100 * kb:.2f} -> {100 * ka:.2f}"
+        ksr = f", KSR@3 {100 * kb:.2f} -> {100 * ka:.2f}"
     return True, (
         f"held-out loss {lb:.4f} -> {la:.4f}, next-word top-3 {100 * tb:.2f}% -> "
-        f"{100 * ta:.2f}%{detail}"
+        f"{100 * ta:.2f}%{detail}{ksr}"
     )
 
 
@@ -324,7 +335,8 @@ def phrases_gate(before: dict[str, Any], after: dict[str, Any]) -> tuple[bool, s
         f"next-word top-3 {100 * before.get('top3', 0.0):.2f}% -> "
         f"{100 * after.get('top3', 0.0):.2f}% ({lost} words lost, {gained} gained)"
     )
-    if gained > lost:
+    z = after.get("keystrokes_z", 0.0)
+    if gained > lost and not (z is None or z > GATE_Z):
         return True, change
     return False, f"new phrases did not help either: {change}"
 
@@ -374,11 +386,13 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def _accuracy(ranks: list[int]) -> dict[str, Any]:
+def _accuracy(typed: _Typed) -> dict[str, Any]:
+    ranks = typed.ranks
     n = len(ranks)
     return {
         "top1": sum(r == 0 for r in ranks) / n if n else 0.0,
         "top3": sum(0 <= r < 3 for r in ranks) / n if n else 0.0,
+        "ksr": typed.ksr,
         "words": n,
     }
 
@@ -504,7 +518,11 @@ def _locked_job(run: JobRun) -> JobResult:
         # (not just the new text): for the gate without the held-out slice, as it will be
         # typed; the promoted version with it, since the newest text predicts best.
         held = set(text.entry_ids[len(text.entry_ids) - len(text.heldout) :])
-        logged = [(i, t) for i, t, _ in typing_log.iter_text() if i <= text.watermark]
+        logged = (
+            [(i, t) for i, t, _ in typing_log.iter_text() if i <= text.watermark]
+            if config.phrases
+            else []
+        )
         phrase_texts = ([t for i, t in logged if i not in held], [t for _, t in logged])
         del logged
         try:
@@ -570,8 +588,8 @@ def _train_and_gate(
     typed = _eval_slice(text.heldout, run.config.max_eval_words)
     history = text.new[-20:]  # context before the first held-out message
 
-    def measure(tensors: Adapter | None, version: str, phrases: PhraseModel | None) -> list[int]:
-        return _ranks(run.model_dir, run.config.threads, tensors, version, typed, history, phrases)
+    def measure(tensors: Adapter | None, version: str, phrases: PhraseModel | None) -> _Typed:
+        return _typed(run.model_dir, run.config.threads, tensors, version, typed, history, phrases)
 
     # The predictor and the trainer are never alive together: that halves the peak memory.
     measured_at = time.monotonic()
@@ -580,7 +598,7 @@ def _train_and_gate(
     trained = _train(run, start, text, measured_at, _accuracy(ranks_before))
     before = {"loss": trained.loss_before, **_accuracy(ranks_before)}
 
-    gate_phrases = PhraseModel.from_texts(phrase_texts[0])
+    gate_phrases = PhraseModel.from_texts(phrase_texts[0]) if run.config.phrases else None
     ranks_after = measure(trained.candidate, "candidate", gate_phrases)
     after = {
         "loss": trained.loss_after,
@@ -598,11 +616,16 @@ def _train_and_gate(
         "train_loss": trained.fit.train_loss,
         "lr": run.lr,
         "data": data,
-        "phrases": {"words": gate_phrases.words, "ngrams": gate_phrases.ngrams},
+        "phrases": (
+            {"words": gate_phrases.words, "ngrams": gate_phrases.ngrams} if gate_phrases else None
+        ),
     }
 
     adapter_ok, why = gate(before, after, run.config.min_loss_gain)
     candidate = trained.candidate
+    if not adapter_ok and gate_phrases is None:
+        reason = f"kept adapter {start.version}: {why}"
+        return JobResult("rejected", reason, version=start.version, metrics=metrics)
     if not adapter_ok:
         # The new adapter failed; the user's new phrases may still help on their own (they
         # carry most of what a job gains: docs/results.md). Without this, someone whose
@@ -627,6 +650,7 @@ def _train_and_gate(
         "start_adapter": start.version,
         "adapter_trained": adapter_ok,  # False: the start adapter's tensors, with new phrases
     }
+    meta["phrases_through"] = text.watermark  # the live phrases count the entries after it
     result = _promote(run, start.store, candidate, meta, phrase_texts[1])
     result.reason = f"{result.version} replaces {start.version}: {why}"
     result.metrics = metrics
@@ -645,7 +669,7 @@ def _starting_point(run: JobRun) -> _Start:
     version = "base" if active is None else active[0]
     tensors = store.load(version)
     phrases = None
-    if (phrases_file := store.phrases_path(version)) is not None:
+    if run.config.phrases and (phrases_file := store.phrases_path(version)) is not None:
         try:
             phrases = PhraseModel.load(phrases_file)
         except PhraseError as exc:
@@ -667,7 +691,13 @@ def _train(
     from keyboard.trainer import LoraTrainer
 
     config = run.config
-    trainer = LoraTrainer(start.artifacts, adapter=start.tensors, threads=config.threads)
+    trainer = LoraTrainer(
+        start.artifacts,
+        adapter=start.tensors,
+        threads=config.threads,
+        groups=config.groups or None,
+        cache_dir=run.home.training_graphs,
+    )
     seq_len = int(start.artifacts.manifest["training"].get("seq_len", 64))
     train_batches = trainer.batches(text.new + text.replay, seq_len, config.batch_size)
     heldout_batches = trainer.batches(text.heldout, seq_len, config.batch_size)
@@ -712,9 +742,13 @@ def _promote(
     atomic step of the job) and prune old versions."""
     from keyboard.phrases import PhraseModel
 
-    phrases = PhraseModel.from_texts(phrase_texts)
-    meta["phrases"] = {"words": phrases.words, "ngrams": phrases.ngrams}
-    version = store.promote(tensors, meta, phrases.to_bytes())
+    counted = b""
+    if run.config.phrases:  # off: no n-gram of the user's text is stored
+        phrases = PhraseModel.from_texts(phrase_texts)
+        meta["phrases"] = {"words": phrases.words, "ngrams": phrases.ngrams}
+        counted = phrases.to_bytes()
+        del phrases
+    version = store.promote(tensors, meta, counted)
     with contextlib.suppress(KeyboardError, OSError):
         store.prune(run.config.keep_versions)
     return JobResult(
@@ -725,7 +759,17 @@ def _promote(
     )
 
 
-def _ranks(
+@dataclass
+class _Typed:
+    """The held-out text typed through a predictor: per word, its next-word rank (-1: not in
+    the top 3) and the keystrokes it cost; and the KSR@3 of the whole."""
+
+    ranks: list[int]
+    costs: list[int]
+    ksr: float
+
+
+def _typed(
     model_dir: Path,
     threads: int,
     tensors: Adapter | None,
@@ -733,10 +777,10 @@ def _ranks(
     typed: list[str],
     history: list[str],
     phrases: PhraseModel | None = None,
-) -> list[int]:
-    """next_word_ranks with a predictor that serves `tensors` (None: the base model) and the
-    user's `phrases`."""
-    from keyboard.evaluation import next_word_ranks
+) -> _Typed:
+    """`typed` typed (keyboard.evaluation.simulate) with a predictor that serves `tensors`
+    (None: the base model) and the user's `phrases`."""
+    from keyboard.evaluation import simulate
     from keyboard.predictor import Predictor
 
     predictor = Predictor(model_dir, threads=threads)
@@ -744,23 +788,32 @@ def _ranks(
         tensors, version, phrases
     ):
         raise KeyboardError(f"the predictor could not load adapter {version}")
-    ranks = next_word_ranks(predictor, typed, history=history)
+    per_word: list[tuple[int, int]] = []
+    report = simulate(predictor, typed, history=history, k=3, per_word=per_word)
     del predictor
     gc.collect()
-    return ranks
+    return _Typed([r for r, _ in per_word], [c for _, c in per_word], report.ksr)
 
 
-def _paired(before: list[int], after: list[int]) -> dict[str, int]:
-    """Words that left / entered the top 3 between two measurements of the same words."""
-    pairs = list(zip(before, after, strict=True))
+def _paired(before: _Typed, after: _Typed) -> dict[str, Any]:
+    """Words that left / entered the top 3 between two measurements of the same words, and
+    how sure it is that typing them got costlier (z of the mean per-word keystroke change)."""
+    pairs = list(zip(before.ranks, after.ranks, strict=True))
+    diffs = [a - b for b, a in zip(before.costs, after.costs, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n if n else 0.0
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    z = mean / math.sqrt(var / n) if var > 0 else (math.inf if mean > 0 else 0.0)
     return {
         "top3_lost": sum(b >= 0 and a < 0 for b, a in pairs),
         "top3_gained": sum(b < 0 and a >= 0 for b, a in pairs),
+        "keystrokes_z": round(z, 3) if math.isfinite(z) else None,
     }
 
 
 def _describe(m: dict[str, Any]) -> str:
     return (
         f"held-out loss {m['loss']:.4f}, next-word top-1 {100 * m['top1']:.1f}%, "
-        f"top-3 {100 * m['top3']:.1f}% ({m['words']} words)"
+        f"top-3 {100 * m['top3']:.1f}%, KSR@3 {100 * m.get('ksr', 0.0):.1f} "
+        f"({m['words']} words)"
     )

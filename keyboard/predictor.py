@@ -57,6 +57,7 @@ from keyboard.artifacts import (
     tensors_sha256,
 )
 from keyboard.lexicon import Lexicon
+from keyboard.live_phrases import LivePhrases
 from keyboard.phrases import PhraseError, PhraseModel
 from keyboard.protocol import MAX_K, MAX_PUNCT
 from keyboard.types import Candidate, KeyboardError, Prediction
@@ -538,7 +539,7 @@ class Engine:
     def __init__(
         self, model_path: Path, artifacts: ArtifactSet, table: TokenTable,
         adapter: Adapter | None, version: str, threads: int, cache: bool,
-        phrases: PhraseModel | None = None, slots: int = SLOTS,
+        phrases: PhraseModel | LivePhrases | None = None, slots: int = SLOTS,
         lexicon: Lexicon | None = None,
     ) -> None:  # fmt: skip
         ort = runtime.onnxruntime()
@@ -661,7 +662,7 @@ class Engine:
 class RealWords:
     """The words the Predictor may offer: the model's lexicon and the user's own words."""
 
-    def __init__(self, lexicon: Lexicon, phrases: PhraseModel | None = None) -> None:
+    def __init__(self, lexicon: Lexicon, phrases: PhraseModel | LivePhrases | None = None) -> None:
         self.lexicon = lexicon
         self.phrases = phrases
         # A snapshot for prefix checks; membership asks the phrase model itself (it may learn).
@@ -740,7 +741,10 @@ class Predictor:
         self._engine = self._build(None, "base")
 
     def _build(
-        self, adapter: Adapter | None, version: str, phrases: PhraseModel | None = None
+        self,
+        adapter: Adapter | None,
+        version: str,
+        phrases: PhraseModel | LivePhrases | None = None,
     ) -> Engine:
         return Engine(
             self.model_path, self.artifacts, self.table, adapter, version, self.threads,
@@ -753,15 +757,23 @@ class Predictor:
 
     # --- adapters --------------------------------------------------------------------------
     @property
-    def phrases(self) -> PhraseModel | None:
+    def phrases(self) -> PhraseModel | LivePhrases | None:
         """The user phrase model served with the adapter (None: none)."""
         return self._engine.phrases
+
+    def user_phrases_changed(self) -> None:
+        """The served phrases learned something: results computed before are stale."""
+        engine = self._engine
+        with engine.lock:
+            engine.results.clear()
+            if engine.real is not None:  # its snapshot of the user's words, for prefixes
+                engine.real = RealWords(engine.real.lexicon, engine.phrases)
 
     def load_adapter(
         self,
         adapter: str | Path | dict | None,
         version: str = "base",
-        phrases: PhraseModel | str | Path | None = None,
+        phrases: PhraseModel | LivePhrases | str | Path | None = None,
     ) -> bool:
         """Serve `adapter` (an .npz path or LoRA tensors; None: the base model) and the user's
         `phrases` (a PhraseModel or its file; None: none) from now on.
@@ -781,10 +793,10 @@ class Predictor:
         self,
         adapter: str | Path | dict | None,
         version: str,
-        phrases: PhraseModel | str | Path | None,
+        phrases: PhraseModel | LivePhrases | str | Path | None,
     ) -> bool:
         ok = True
-        if phrases is not None and not isinstance(phrases, PhraseModel):
+        if isinstance(phrases, (str, Path)):
             try:
                 phrases = PhraseModel.load(phrases)
             except PhraseError as exc:
@@ -953,7 +965,7 @@ class Predictor:
                 candidates = [Candidate(query.prefix, 0.0, "word")]
         return tuple(candidates[:k])
 
-    def is_real_word(self, word: str, phrases: PhraseModel | None = None) -> bool:
+    def is_real_word(self, word: str, phrases: PhraseModel | LivePhrases | None = None) -> bool:
         """A word the model's lexicon or the user's phrases hold (any word without a lexicon)."""
         return self.lexicon is None or RealWords(self.lexicon, phrases).is_word(word)
 

@@ -16,7 +16,9 @@ from keyboard import __version__
 from keyboard import protocol as rpc
 from keyboard.adapter_store import AdapterStore, forget_phrases
 from keyboard.job_log import JobLog
+from keyboard.live_phrases import LivePhrases
 from keyboard.paths import Home
+from keyboard.personalize import JobConfig
 from keyboard.phrases import PhraseError, PhraseModel
 from keyboard.predictor import Predictor
 from keyboard.protocol import RpcError
@@ -116,6 +118,8 @@ class RpcMethods:
         self._prefetching: asyncio.Future[None] | None = None  # the next keystroke, ahead
         # (version, adapter file, phrase file) served and what was wrong with them then
         self._served: tuple[Any, list[str]] = (None, [])
+        # The user phrases served, learning as the user types (None: phrases are off).
+        self.live: LivePhrases | None = None
         # Set by the daemon once the other parts exist: what `train` and `status` report on.
         self.train: Callable[[bool, bool], Awaitable[dict[str, Any]]] | None = None
         self.extra_status: Callable[[], dict[str, Any]] = dict
@@ -199,7 +203,17 @@ class RpcMethods:
         return recorded.to_json()
 
     def _record(self, text: str, source: str, private: bool) -> Any:
-        return self.typing_log.record(text, source=source, private=private)
+        typing_log = self.typing_log
+        # Under the log's lock: a rebuild of the live phrases from the log (reload, forget)
+        # sees this entry either in the log or through `learn`, never neither or both.
+        with typing_log.lock:
+            recorded = typing_log.record(text, source=source, private=private)
+            live = self.live
+            if recorded.stored and live is not None:
+                live.learn(recorded.text)  # as stored: redacted; private text never gets here
+        if recorded.stored and live is not None:
+            self.predictor.user_phrases_changed()
+        return recorded
 
     async def feedback(self, context: str, accepted: str) -> dict[str, Any]:
         entry = await self.log.run(self.typing_log.add_feedback, context, accepted)
@@ -226,8 +240,11 @@ class RpcMethods:
     def _forget(self, since: str | None, until: str | None, source: str | None, all: bool) -> int:
         deleted = self.typing_log.forget(since, until, source, everything=all)
         # The user phrases are counts of logged text: none may outlive what was forgotten.
-        # The next job rebuilds them from what the log still holds.
-        if deleted and forget_phrases(self.home):
+        # The stored ones go (the next job counts them again from what the log still holds);
+        # the live ones are counted again now from what is left.
+        if deleted:
+            forget_phrases(self.home)
+            self._served = (None, [])
             self.reload_adapter()
         return deleted
 
@@ -266,8 +283,9 @@ class RpcMethods:
             problems.append(f"the adapter store failed ({exc}); serving the base model")
             active = None
         phrases: PhraseModel | None = None
+        use_phrases = JobConfig.load_or_defaults(self.home.job_config).phrases
         if active is None:
-            self.predictor.load_adapter(None, version="base")
+            self.predictor.load_adapter(None, version="base", phrases=self._live(None, {}))
             self.adapter_metadata = {}
             self._served = (None, [])
         else:
@@ -275,18 +293,20 @@ class RpcMethods:
             if metadata.get("fallback"):
                 problems.append(metadata["fallback"])
             phrases_path = self.adapter_store.phrases_path(version)
-            files = (version, _pointer_key(path), phrases_path and _pointer_key(phrases_path))
+            phrases_key = phrases_path and _pointer_key(phrases_path)
+            files = (version, _pointer_key(path), phrases_key, use_phrases)
             if files == self._served[0] and self.predictor.adapter_version == version:
                 problems += self._served[1]  # already served, as it is on disk: no rebuild
             else:
                 part: list[str] = []
-                if phrases_path is not None:
+                if phrases_path is not None and use_phrases:
                     try:
                         phrases = PhraseModel.load(phrases_path)
                     except PhraseError as exc:
                         log.warning("user phrases left out: %s", exc)
                         part.append(f"its phrases are damaged ({exc}); served without them")
-                if not self.predictor.load_adapter(path, version=version, phrases=phrases):
+                live = self._live(phrases, metadata) if use_phrases else None
+                if not self.predictor.load_adapter(path, version=version, phrases=live):
                     part.append(f"adapter {version} could not be loaded; serving the base model")
                 problems += part
                 served_ok = self.predictor.adapter_version == version
@@ -300,6 +320,32 @@ class RpcMethods:
         if problems:
             out["message"] = "; ".join(problems)
         return out
+
+    def _live(self, stored: PhraseModel | None, metadata: dict[str, Any]) -> LivePhrases | None:
+        """The phrases to serve: `stored` (the active version's) with the log's text after
+        what they counted learned on top; None when phrases are off. Set as `self.live`."""
+        if not JobConfig.load_or_defaults(self.home.job_config).phrases:
+            self.live = None
+            return None
+        # The stored phrases counted the log up to `phrases_through`; without them (the base
+        # model, an imported adapter, phrases forgotten) the whole log is recent text.
+        through = 0
+        if stored is not None:  # versions from before `phrases_through`: their data range
+            entries = (metadata.get("data") or {}).get("entries") or [0]
+            through = int(metadata.get("phrases_through") or entries[-1] or 0)
+        try:
+            typing_log = self.typing_log
+        except RpcError:  # the log is unavailable: serve what is stored, learn nothing now
+            self.live = LivePhrases(stored)
+            return self.live
+        with typing_log.lock:  # no observed entry slips between the read and the swap
+            try:
+                texts = [t for _, t, _ in typing_log.iter_text(after=through)]
+            except KeyboardError as exc:
+                log.warning("typed text since the last job is left out of the phrases: %s", exc)
+                texts = []
+            self.live = LivePhrases(stored, texts=texts)
+        return self.live
 
     def adapter_changed(self) -> bool:
         """True when the store's active pointer moved since the last reload."""

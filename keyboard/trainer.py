@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from keyboard import runtime
+from keyboard import runtime, training_graphs
 from keyboard.artifacts import Adapter, ArtifactSet
 
 IGNORE = -100  # label value the loss skips (padding)
@@ -86,14 +88,26 @@ class FitResult:
 
 
 class LoraTrainer:
-    """ORT Module + Optimizer over an artifact set; only the LoRA tensors are trainable."""
+    """ORT Module + Optimizer over an artifact set; only LoRA tensors are trainable: those of
+    the chosen adapter `groups` (default: the model's, keyboard.training_graphs). The other
+    LoRA tensors keep the values they are given (`adapter`), frozen."""
 
     def __init__(
-        self, artifacts: ArtifactSet, adapter: Adapter | None = None, threads: int = 1
+        self,
+        artifacts: ArtifactSet,
+        adapter: Adapter | None = None,
+        threads: int = 1,
+        groups: str | list[str] | None = None,
+        cache_dir: Path | None = None,
     ) -> None:
         api = runtime.training_api()
         self.artifacts = artifacts
-        training = artifacts.training_dir
+        self.groups = training_graphs.parse_groups(artifacts, groups)
+        self._scratch = None
+        if cache_dir is None:  # nowhere to keep them: made for this trainer, then deleted
+            self._scratch = tempfile.TemporaryDirectory(prefix="keyboard-graphs-")
+            cache_dir = Path(self._scratch.name)
+        training = training_graphs.training_files(artifacts, self.groups, cache_dir)
         self.state = api.CheckpointState.load_checkpoint(str(training / "checkpoint"))
         options = runtime.session_options(threads)
         self.module = api.Module(
@@ -103,18 +117,21 @@ class LoraTrainer:
             session_options=options,
         )
         self.optimizer = api.Optimizer(str(training / "optimizer_model.onnx"), self.module)
-        self.lora_names = list(artifacts.lora_shapes)
+        members = training_graphs.groups_of(artifacts)
+        # the trained tensors, and all of them (the frozen groups are read and set alike)
+        self.lora_names = [n for g in self.groups for n in members[g]]
+        self.all_lora_names = list(artifacts.lora_shapes)
         self._buffer_names: list[str] | None = None
         if adapter is not None:
             self.set_adapter(adapter)
 
     def set_adapter(self, adapter: Adapter) -> None:
-        for name in self.lora_names:
+        for name in self.all_lora_names:
             self.state.parameters[name] = np.ascontiguousarray(adapter[name], dtype=np.float32)
 
     def adapter(self) -> Adapter:
-        """The current LoRA tensors (copies)."""
-        return {n: np.array(self.state.parameters[n].data, copy=True) for n in self.lora_names}
+        """The current LoRA tensors, all groups (copies)."""
+        return {n: np.array(self.state.parameters[n].data, copy=True) for n in self.all_lora_names}
 
     def trainable_names(self) -> list[str]:
         """The LoRA tensor names in the order of the session's contiguous trainable buffer.
@@ -123,9 +140,10 @@ class LoraTrainer:
         layout is what ORT does, not what the manifest happens to list."""
         if self._buffer_names is None:
             saved = self.adapter()
-            self.set_adapter(
-                {n: np.full(a.shape, i + 1, np.float32) for i, (n, a) in enumerate(saved.items())}
-            )
+            marked = dict(saved)
+            for i, name in enumerate(self.lora_names):
+                marked[name] = np.full(saved[name].shape, i + 1, np.float32)
+            self.set_adapter(marked)
             flat = self.module.get_contiguous_parameters(trainable_only=True).numpy()
             order: list[str] = []
             offset = 0

@@ -14,7 +14,7 @@ import threading
 import time
 import unicodedata
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ class Recorded:
 
     id: int | None
     reason: str = ""  # "paused", "private", "excluded source (*.env)" when id is None
+    text: str = field(default="", repr=False)  # what was stored (redacted); "" when nothing
 
     @property
     def stored(self) -> bool:
@@ -490,7 +491,7 @@ class TypingLog:
                 table.insert(row)
                 rowid = table.last_rowid
             assert rowid is not None
-            return Recorded(int(rowid))
+            return Recorded(int(rowid), text=stored)
 
     def add_feedback(
         self, context: str, accepted: str, source: str = "", ts: datetime | None = None

@@ -135,6 +135,10 @@ def test_neovim_types_and_completes(served: Served, tmp_path: Path) -> None:
         XDG_CONFIG_HOME=str(tmp_path / "config"),
     )
     assert NVIM is not None
+    # What the menu will show, asked now: once Neovim sends the typed line, the daemon learns
+    # it (keyboard.live_phrases) and its next words after "I would like to " may change.
+    with DaemonClient(served.socket) as client:
+        expected = client.call("predict", context="I would like to ", k=5)
     proc = subprocess.run(
         [NVIM, "--headless", "-u", "NONE", "-i", "NONE", "-n", "-c", f"luafile {driver}"],
         env=env,
@@ -150,8 +154,6 @@ def test_neovim_types_and_completes(served: Served, tmp_path: Path) -> None:
     assert result["commands"] == [2, 2, 2]  # :KeyboardPause, :KeyboardResume, :KeyboardStatus
 
     # The menu holds the daemon's next words for the text typed before the cursor.
-    with DaemonClient(served.socket) as client:
-        expected = client.call("predict", context="I would like to ", k=5)
     words = [c["word"] for c in expected["candidates"] if c["kind"] == "word"]
     assert [item["word"] for item in result["items"]] == words
     # A probability only where it means something: never "0%".

@@ -122,6 +122,14 @@ def test_gate_rule() -> None:
     clear = {"loss": 2.5, "top3": 0.15, "top3_lost": 12, "top3_gained": 2}  # 10 > 5.9
     ok, why = gate(before, clear, 0.001)
     assert not ok and "12 words lost, 2 gained" in why
+    # KSR: a fall refuses only when the per-word keystrokes rose beyond chance.
+    typed = {"loss": 3.0, "top3": 0.20, "ksr": 0.30}
+    slower = {"loss": 2.5, "top3": 0.20, "ksr": 0.27, "top3_lost": 3, "top3_gained": 3}
+    ok, why = gate(typed, {**slower, "keystrokes_z": 2.5}, 0.001)
+    assert not ok and "KSR@3 on the held-out text fell: 30.00 -> 27.00" in why
+    assert gate(typed, {**slower, "keystrokes_z": 1.0}, 0.001)[0]  # within chance
+    ok, why = gate(typed, {**slower, "ksr": 0.33, "keystrokes_z": -2.0}, 0.001)
+    assert ok and "KSR@3 30.00 -> 33.00" in why
 
 
 def _damage(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

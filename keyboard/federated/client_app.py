@@ -31,6 +31,7 @@ from keyboard.federated.local import (
     round_text,
     train_round,
 )
+from keyboard.paths import Home
 
 log = logging.getLogger("keyboard.federated")
 
@@ -53,7 +54,11 @@ class CommunityClient(NumPyClient):
         try:
             texts, last_entry = round_text(self.home, self.run_id)
             arrays, metrics = train_round(
-                self.model_dir, parameters, texts, RoundConfig.from_server(config)
+                self.model_dir,
+                parameters,
+                texts,
+                RoundConfig.from_server(config),
+                cache_dir=Home.at(self.home).training_graphs,
             )
         except Declined as exc:
             log.info("round %s declined: %s", config.get("server-round"), exc)

@@ -142,7 +142,11 @@ def check_tensors(artifacts: ArtifactSet, arrays: list[np.ndarray]) -> Adapter:
 
 
 def train_round(
-    model_dir: Path, community: list[np.ndarray], texts: list[str], config: RoundConfig
+    model_dir: Path,
+    community: list[np.ndarray],
+    texts: list[str],
+    config: RoundConfig,
+    cache_dir: Path | None = None,
 ) -> tuple[list[np.ndarray], dict[str, float]]:
     """Train the community adapter on `texts` with the ORT trainer; return the new adapter
     tensors (manifest order, read from the session's trainable buffer) and a few numbers.
@@ -154,7 +158,8 @@ def train_round(
 
     artifacts = ArtifactSet.open(model_dir)
     start = check_tensors(artifacts, community)
-    trainer = LoraTrainer(artifacts, adapter=start, threads=config.threads)
+    # The model's default groups: every machine trains the same tensors, so updates add up.
+    trainer = LoraTrainer(artifacts, adapter=start, threads=config.threads, cache_dir=cache_dir)
     seq_len = int(artifacts.manifest["training"].get("seq_len", 64))
     batches = trainer.batches(texts[-config.max_entries :], seq_len, config.batch_size)
     if not batches:
@@ -169,7 +174,7 @@ def train_round(
     flat = trainer.trainable_buffer()
     if not np.isfinite(flat).all():
         raise Declined("local training diverged (non-finite adapter)")
-    tensors, offset = {}, 0
+    tensors, offset = trainer.adapter(), 0  # the groups left out of training as they came
     for name in trainer.trainable_names():
         shape = artifacts.lora_shapes[name]
         size = int(np.prod(shape))
