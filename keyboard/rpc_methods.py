@@ -377,6 +377,7 @@ class RpcMethods:
                 "name": predictor.artifacts.name,
                 "base_model": (manifest.get("base_model") or {}).get("id"),
                 "dir": str(predictor.artifacts.root),
+                "int8": predictor.quantized,  # the int8 graph (quantization.json allowed it)
             },
             "adapter": {
                 "version": predictor.adapter_version,
