@@ -38,11 +38,7 @@ SIGNIFICANCE = 0.05  # one-sided p-value below which int8's top-3 loss counts as
 
 def cpu_has_vnni() -> bool:
     """Whether this CPU sums int8 products in int32 (AVX512-VNNI or AVX-VNNI)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return " avx512_vnni" in flags or " avx_vnni" in flags
+    return bool(runtime.cpu_flags() & {"avx512_vnni", "avx_vnni"})
 
 
 def int8_variant() -> str:

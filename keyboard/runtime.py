@@ -1,4 +1,4 @@
-"""Load ONNX Runtime (inference and the on-device training API) without importing torch.
+"""Load ONNX Runtime (inference and the on-device training API) without importing torch; CPU flags.
 
 Why this exists: in the onnxruntime-training 1.19.2 wheels, `import onnxruntime` runs
 `onnxruntime_validation.validate_build_package_info()`, which imports
@@ -80,3 +80,15 @@ def session_options(threads: int = 1) -> Any:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     return options
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this CPU (/proc/cpuinfo; empty where there is none)."""
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()

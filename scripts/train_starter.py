@@ -354,11 +354,9 @@ def pick_device(spec: str) -> str:
 
 def cpu_has_bf16() -> bool:
     """Native bf16 matrix instructions (AVX-512 BF16 or AMX): without them bf16 autocast is slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    from keyboard.runtime import cpu_flags
+
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def make_optimizer(model, cfg: TrainConfig, device: str):
