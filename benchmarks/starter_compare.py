@@ -71,41 +71,27 @@ def perplexity(model_dir: Path, max_tokens: int) -> dict[str, Any]:
 
 
 def base_typing(model_dir: Path, max_words: int) -> dict[str, Any]:
-    import train_starter as ts
-    from evaluate_starter import Totals, capped
+    from evaluate_starter import evaluate_base
 
-    from keyboard.evaluation import simulate
     from keyboard.predictor import Predictor
 
-    predictor = Predictor(model_dir, threads=1)
-    totals = Totals()
-    for path in ts.source_files(BASE):
-        _, held_docs = ts.read_source(path)
-        words = 0
-        for doc in held_docs:
-            if words >= max_words:
-                break
-            report = simulate(predictor, capped(doc, max_words - words), k=3)
-            totals.add(report)
-            words += report.words
-    return totals.to_json()
+    return evaluate_base(Predictor(model_dir, threads=1), BASE, max_words, lambda _: None)["all"]
 
 
 def user_typing(model_dir: Path, user: Path, max_lines: int, lexicon: Path) -> dict[str, Any]:
+    from starter_sizes import real_word_check
+
     from keyboard.evaluation import read_messages, simulate, split_history
     from keyboard.lexicon import Lexicon
     from keyboard.predictor import Predictor
-    from keyboard.words import words as words_of
 
     history, test = split_history(read_messages(user))
-    corpus_words = Lexicon.load(lexicon)
-    own = {w.lower() for m in history for w in words_of(m)}
     report = simulate(
         Predictor(model_dir, threads=1),
         test[:max_lines],
         history=history,
         k=3,
-        real_word=lambda w: w in corpus_words or w.lower() in own,
+        real_word=real_word_check(Lexicon.load(lexicon), history),
     )
     return {
         "words": report.words,

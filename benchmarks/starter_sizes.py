@@ -94,6 +94,15 @@ def heldout_quality(hf: Path, eval_tokens: int) -> dict[str, Any]:
     }
 
 
+def real_word_check(corpus_words: Any, history: list[str]) -> Any:
+    """Is a suggestion a word? Non-words are those neither the base corpus (its lexicon) nor the
+    user's history holds."""
+    from keyboard.words import words as words_of
+
+    own = {w.lower() for m in history for w in words_of(m)}
+    return lambda w: w in corpus_words or w.lower() in own
+
+
 def dev_typing(model_dir: Path, dev_lines: int, lexicon: Path) -> dict[str, Any]:
     """KSR@3, top-3 and non-words shown on the last dev_lines messages of every user's history.
 
@@ -101,7 +110,6 @@ def dev_typing(model_dir: Path, dev_lines: int, lexicon: Path) -> dict[str, Any]
     from keyboard.evaluation import read_messages, simulate, split_history
     from keyboard.lexicon import Lexicon
     from keyboard.predictor import Predictor
-    from keyboard.words import words as words_of
 
     predictor = Predictor(model_dir, threads=1)
     corpus_words = Lexicon.load(lexicon)
@@ -111,13 +119,8 @@ def dev_typing(model_dir: Path, dev_lines: int, lexicon: Path) -> dict[str, Any]
     for path in sorted(USERS.glob("*.jsonl")):
         history, _test = split_history(read_messages(path))
         context, dev = history[:-dev_lines], history[-dev_lines:]
-        own = {w.lower() for m in context for w in words_of(m)}
         r = simulate(
-            predictor,
-            dev,
-            history=context,
-            k=3,
-            real_word=lambda w, own=own: w in corpus_words or w.lower() in own,
+            predictor, dev, history=context, k=3, real_word=real_word_check(corpus_words, context)
         )
         nonwords += r.nonwords
         per_user[path.stem] = round(100 * r.ksr, 2)

@@ -35,7 +35,7 @@ class Lexicon:
     """Lower-cased words; membership and prefixes, case-insensitive."""
 
     def __init__(self, words: Iterable[str]) -> None:
-        self._words = sorted({w.lower() for w in words if w})
+        self._words = sorted({w.lower() for w in words if w})  # what `save` writes, too
 
     def __len__(self) -> int:
         return len(self._words)
@@ -60,7 +60,7 @@ class Lexicon:
     @staticmethod
     def save(path: str | Path, words: Iterable[str]) -> int:
         """Write `words` (lower-cased, deduplicated, sorted); returns how many."""
-        unique = sorted({w.lower() for w in words if w})
+        unique = Lexicon(words)._words
         # No name and mtime 0 in the header: the same words give the same bytes.
         with open(path, "wb") as raw, gzip.GzipFile("", "wb", fileobj=raw, mtime=0) as f:
             f.write(("\n".join(unique) + "\n").encode("utf-8"))

@@ -666,8 +666,7 @@ class RealWords:
         self.lexicon = lexicon
         self.phrases = phrases
         # A snapshot for prefix checks; membership asks the phrase model itself (it may learn).
-        own = phrases.unigrams if phrases is not None else ()
-        self._own = sorted({w.lower() for w in own})
+        self._own = Lexicon(phrases.unigrams if phrases is not None else ())
 
     def is_word(self, word: str) -> bool:
         if word in self.lexicon:
@@ -680,11 +679,7 @@ class RealWords:
 
     def can_start(self, part: str) -> bool:
         """Whether some real word starts with `part`."""
-        if self.lexicon.has_prefix(part):
-            return True
-        part = part.lower()
-        i = bisect.bisect_left(self._own, part)
-        return i < len(self._own) and self._own[i].startswith(part)
+        return self.lexicon.has_prefix(part) or self._own.has_prefix(part)
 
     def accept(self, raw: bytes) -> bool:
         try:

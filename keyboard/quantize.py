@@ -77,12 +77,10 @@ def quantize_model(
     out: Path,
     keep: set[str],
     exclude: tuple[str, ...] = (),
-    reduce_range: bool | None = None,
 ) -> Path:
-    """Write an int8 (dynamic, per-channel) copy of `source` to `out`, with 7-bit weights when
-    `reduce_range` (default: when this CPU has no VNNI); the initializers named in `keep` (the
-    LoRA tensors) stay float32 and keep their names, and so do the MatMuls whose node names
-    end with one of `exclude`."""
+    """Write an int8 (dynamic, per-channel) copy of `source` to `out`, with 7-bit weights where
+    this CPU has no VNNI; the initializers named in `keep` (the LoRA tensors) stay float32 and
+    keep their names, and so do the MatMuls whose node names end with one of `exclude`."""
     import onnx
 
     q = runtime.quantization_api()
@@ -101,7 +99,7 @@ def quantize_model(
             str(quantized),
             weight_type=q.QuantType.QInt8,
             per_channel=True,
-            reduce_range=not cpu_has_vnni() if reduce_range is None else reduce_range,
+            reduce_range=int8_variant() == "7-bit",
             op_types_to_quantize=["MatMul"],
             nodes_to_exclude=skip,
             extra_options={"MatMulConstBOnly": True},

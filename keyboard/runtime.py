@@ -14,6 +14,7 @@ uses). This module is the only place that knows.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -82,13 +83,14 @@ def session_options(threads: int = 1) -> Any:
     return options
 
 
-def cpu_flags() -> set[str]:
-    """The instruction-set flags of this CPU (/proc/cpuinfo; empty where there is none)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this CPU (/proc/cpuinfo, read once; empty where there is none)."""
     try:
-        text = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
     except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
+        pass
+    return frozenset()

@@ -188,9 +188,6 @@ def encode_documents(tok, docs: list[list[str]]) -> np.ndarray:
     return np.asarray(out, dtype=np.int32)
 
 
-LEXICON_FILE = "lexicon.txt.gz"  # keyboard.lexicon.FILE (this script imports keyboard lazily)
-
-
 LEXICON_MIN_COUNT = 2  # a word seen once is as often a run-together typo ("toforeign") as a word
 
 
@@ -359,8 +356,8 @@ def cpu_has_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
-def make_optimizer(model, cfg: TrainConfig, device: str):
-    """AdamW (weight decay on matrices only); the fused kernel where torch has one for the device."""
+def make_optimizer(model, cfg: TrainConfig):
+    """AdamW (weight decay on matrices only), its fused kernel (CPU and GPU have one)."""
     import torch
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -426,7 +423,7 @@ def train(
     """
     import torch
 
-    opt = opt or make_optimizer(model, cfg, device)
+    opt = opt or make_optimizer(model, cfg)
     progress = progress or Progress()
     loss_fn = make_loss_fn(model, cfg.precision, device, compile_)
     model.train()
@@ -642,9 +639,11 @@ def run(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     if cfg.precision == "auto":
         cfg.precision = "bf16" if device == "cuda" or cpu_has_bf16() else "fp32"
-    compile_ = args.compile == "on" or (args.compile == "auto" and device == "cuda")
-    if args.compile == "auto" and device == "cpu":
-        compile_ = shutil.which(os.environ.get("CXX", "g++")) is not None  # inductor builds C++
+    if args.compile == "auto":  # on the CPU, inductor builds C++
+        has_cxx = shutil.which(os.environ.get("CXX", "g++")) is not None
+        compile_ = device == "cuda" or (device == "cpu" and has_cxx)
+    else:
+        compile_ = args.compile == "on"
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
@@ -666,7 +665,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     )
     sampler = SequenceSampler(streams["train"], cfg.weights, cfg.seq_len, cfg.seed)
-    opt = make_optimizer(model, cfg, device)
+    opt = make_optimizer(model, cfg)
     state_path = work / "run" / STATE_FILE
     if args.branch_from and not state_path.exists():
         # A milestone: cool down a copy of a running run's state; the run itself goes on.
@@ -752,6 +751,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.out and not args.no_export:
         try:
             from keyboard.export import ExportConfig, export_model
+            from keyboard.lexicon import FILE as LEXICON_FILE
         except ImportError as exc:
             log(f"export skipped ({exc}); run `keyboard export --base-model {hf_dir} ...` later")
             log("result: " + json.dumps(result))
