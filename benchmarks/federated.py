@@ -15,6 +15,12 @@ rounds.jsonl). Prints JSON on stdout, progress on stderr.
     nice python benchmarks/federated.py [--heldout blogger_739687,president_ronald_reagan]
         [--rounds 5] [--local-steps 30] [--lr 0.002] [--clipping-norm 2.0]
         [--noise 0.05,0.5] [--max-test-lines 40] [--dev] [--out federated.json]
+        [--server-optimizer fedadam --server-lr 0.003] [--groups mlp,lm_head]
+        [--pooled-steps 1500]
+
+`--pooled-steps N` also trains one adapter for N steps on the six users' history pooled in
+one place (no federation, clipping or noise) and types it the same way: a reference for what
+the six users' text can buy the held-out users at all, whatever the federated recipe.
 
 `--dev` types the held-out users' last history lines instead of their test lines: settings
 are chosen there, the test lines are typed once with the chosen ones.
@@ -94,7 +100,10 @@ def federate(
     )  # fmt: skip
     run_config = (
         f"num-server-rounds={args.rounds} min-clients={clients} local-steps={args.local_steps} "
-        f"lr={args.lr} clipping-norm={args.clipping_norm} noise-multiplier={noise} "
+        f"lr={args.lr} batch-size={args.batch_size} groups='{args.groups}' "
+        f"clipping-norm={args.clipping_norm} noise-multiplier={noise} "
+        f"server-optimizer='{args.server_optimizer}' server-lr={args.server_lr} "
+        f"server-momentum={args.server_momentum} server-tau={args.server_tau} "
         f"out-dir='{out}' model='{model}' simulation-homes='{homes}' round-timeout=3600.0"
     )
     try:
@@ -136,6 +145,26 @@ def evaluate(
     return out
 
 
+def pooled_adapter(model: Path, users: list[Path], args: argparse.Namespace) -> dict:
+    """The adapter one trainer makes from all the training users' history pooled in one place
+    (no federation, no clipping, no noise): a reference for what this text can buy the
+    held-out users at all, whatever the federated recipe."""
+    from keyboard.artifacts import ArtifactSet
+    from keyboard.evaluation import read_messages, split_history
+    from keyboard.trainer import LoraTrainer
+
+    artifacts = ArtifactSet.open(model)
+    trainer = LoraTrainer(artifacts, threads=1, groups=args.groups or None)
+    seq_len = int(artifacts.manifest["training"].get("seq_len", 64))
+    batches = []
+    for path in users:
+        history, _ = split_history(read_messages(path))
+        batches += trainer.batches(history, seq_len, args.batch_size)
+    steps = args.pooled_steps
+    trainer.fit(batches, max_steps=steps, lr=args.lr, warmup=max(1, steps // 10), seed=0)
+    return trainer.adapter()
+
+
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     def per_client(key: str) -> float:
         values = [v for r in rounds for v in r[key].values()]
@@ -160,13 +189,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=0.002)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--groups", default="", help="adapter groups trained (default: model's)")
     parser.add_argument("--clipping-norm", type=float, default=2.0)
+    parser.add_argument("--server-optimizer", default="fedavg", help="fedavg, fedavgm, fedadam")
+    parser.add_argument("--server-lr", type=float, default=1.0)
+    parser.add_argument("--server-momentum", type=float, default=0.9)
+    parser.add_argument("--server-tau", type=float, default=1e-3)
     parser.add_argument("--noise", default="0.05,0.5", help="noise multipliers besides none")
     parser.add_argument("--max-test-lines", type=int, default=40)
     parser.add_argument(
         "--dev",
         action="store_true",
         help="type the held-out users' last history lines instead (for choosing settings)",
+    )
+    parser.add_argument(
+        "--pooled-steps",
+        type=int,
+        default=0,
+        help="also train one adapter on the training users' pooled history (a reference)",
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -195,6 +236,18 @@ def main(argv: list[str] | None = None) -> int:
     base = evaluate(model, None, heldout, args.max_test_lines, args.dev)
     result["base"] = base
     log(f"  KSR@3 {100 * base['mean']['ksr']:.2f} ({time.perf_counter() - t0:.0f} s)")
+    if args.pooled_steps:
+        log(f"pooled history, one trainer, {args.pooled_steps} steps ...")
+        scores = evaluate(
+            model, pooled_adapter(model, training, args), heldout, args.max_test_lines, args.dev
+        )
+        result["pooled"] = {
+            "steps": args.pooled_steps,
+            "heldout": scores,
+            "ksr_gain": round(100 * (scores["mean"]["ksr"] - base["mean"]["ksr"]), 2),
+            "top3_gain": round(100 * (scores["mean"]["top3"] - base["mean"]["top3"]), 2),
+        }
+        log(f"  KSR@3 {100 * scores['mean']['ksr']:.2f} ({result['pooled']['ksr_gain']:+.2f})")
     with tempfile.TemporaryDirectory(prefix="keyboard-bench-federated-") as tmp:
         template = Path(tmp) / "homes"
         result["training_words"] = make_homes(training, template)

@@ -21,6 +21,7 @@ from keyboard.federated.local import (
     train_round,
 )
 from keyboard.federated.privacy import gaussian_epsilon
+from keyboard.federated.server_optimizer import ServerOptimizer
 from keyboard.types import KeyboardError
 from keyboard.typing_log import TypingLog
 
@@ -78,6 +79,16 @@ def test_a_run_trains_on_text_new_since_the_last_run(tmp_path: Path):
 def test_server_round_config_is_bounded():
     config = RoundConfig.from_server({"local-steps": 10**6, "lr": 5.0, "batch-size": 0})
     assert (config.steps, config.lr, config.batch_size) == (500, 0.1, 1)
+    assert config.groups == ""  # the model's default groups
+    assert RoundConfig.from_server({"groups": "mlp,lm_head"}).groups == "mlp,lm_head"
+
+
+def test_a_round_asking_for_unknown_groups_is_declined(tiny_llama):
+    from keyboard.artifacts import ArtifactSet
+
+    start = ArtifactSet.open(tiny_llama).initial_adapter()
+    with pytest.raises(Declined, match="groups"):
+        train_round(tiny_llama, list(start.values()), ["some text"] * 20, RoundConfig(groups="x"))
 
 
 def test_train_round_returns_the_trainable_buffer_as_named_tensors(tmp_path: Path, tiny_llama):
@@ -154,6 +165,106 @@ def test_epsilon_grows_with_rounds_and_falls_with_noise():
         assert 0 < eps <= classic
     # One Gaussian release with sigma = 1 (the analytic calibration gives ~4.9 at 1e-6).
     assert 4.5 < gaussian_epsilon(1.0, 1) < 5.6
+
+
+@pytest.mark.notorch
+def test_server_optimizers_step_on_the_released_mean():
+    current = [np.zeros((3, 4)), np.ones((2,))]
+    delta = [np.full((3, 4), 0.5), np.full((2,), 0.25)]
+    released = [c + d for c, d in zip(current, delta)]
+    # FedAvg at lr 1 publishes the released mean; a frozen tensor keeps its value.
+    new = ServerOptimizer("fedavg").step(current, released, [False, True])
+    assert np.allclose(new[0], 0.5) and np.array_equal(new[1], current[1])
+    assert all(a.dtype == np.float32 for a in new)
+    # FedAvgM: the second step with the same delta moves (1 + momentum) times as far.
+    opt = ServerOptimizer("fedavgm", lr=0.5, momentum=0.9)
+    first = opt.step(current, released)
+    second = opt.step(first, [f + d for f, d in zip(first, delta)])
+    assert np.allclose(second[0] - first[0], 0.5 * 1.9 * 0.5)
+    # FedAdam: the first step moves every coordinate by about lr whatever the delta's scale,
+    # and with momentum it keeps moving when a round brings nothing new.
+    opt = ServerOptimizer("fedadam", lr=0.01, momentum=0.9, beta2=0.99, tau=1e-9)
+    first = opt.step(current, [c + 1e-4 * np.sign(d) for c, d in zip(current, delta)])
+    assert np.allclose(first[0], 0.01, rtol=1e-4) and np.allclose(first[1] - 1, 0.01, rtol=1e-4)
+    still = opt.step(first, first)
+    assert (still[0] > first[0]).all()
+    with pytest.raises(ValueError, match="fedadam"):
+        ServerOptimizer("adam")
+    with pytest.raises(ValueError):
+        ServerOptimizer("fedadam", momentum=1.0)
+
+
+@pytest.mark.skipif(find_spec("flwr") is None, reason="needs the federated extra")
+def test_dp_noise_is_added_to_the_mean_before_the_server_optimizer(tmp_path: Path, tiny_llama):
+    """The release is the clipped updates' mean plus noise of std z C / n, and FedAdam steps
+    on it (post-processing: the same epsilon as FedAvg). Were the noise added after Adam (as
+    Flower's wrapper does to whatever its inner strategy returns), the published adapter
+    would move by the noise (0.25 here), not by at most the server lr (1e-3)."""
+    import json
+
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    from keyboard.artifacts import ArtifactSet
+    from keyboard.federated.community import CommunityStore
+    from keyboard.federated.server_app import (
+        CheckedGrid,
+        CommunityStrategy,
+        ServerSettings,
+    )
+    from keyboard.training_graphs import default_groups, groups_of
+
+    with pytest.raises(ValueError, match="server-optimizer"):
+        ServerSettings.from_run_config({"min-clients": 4, "server-optimizer": "sgd"})
+    settings = ServerSettings.from_run_config(
+        {
+            "min-clients": 4,
+            "clipping-norm": 1.0,
+            "noise-multiplier": 1.0,
+            "server-optimizer": "fedadam",
+            "server-lr": 1e-3,
+            "server-tau": 1e-9,
+        }
+    )
+    artifacts = ArtifactSet.open(tiny_llama)
+    community = CommunityStore(tmp_path / "server", artifacts)
+    start = community.current()
+    names = list(artifacts.lora_shapes)
+    strategy = CommunityStrategy(
+        settings,
+        community,
+        CheckedGrid(None, None, 1.0),  # type: ignore[arg-type]
+        [start[n] for n in names],
+    )
+    released: list[list[np.ndarray]] = []
+    step = strategy.optimizer.step
+    strategy.optimizer.step = lambda cur, rel, frozen: (
+        released.append(rel) or step(cur, rel, frozen)
+    )
+    rng = np.random.default_rng(0)
+    updates = []
+    for _ in range(4):  # clipped updates (norm 1 at most), as fixedclipping_mod sends them
+        d = [rng.standard_normal(start[n].shape) for n in names]
+        norm = math.sqrt(sum(float(np.sum(x * x)) for x in d))
+        updates.append([start[n] + x / norm for n, x in zip(names, d)])
+    results = [
+        (None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(u), 1, {})) for u in updates
+    ]
+    parameters, metrics = strategy.aggregate_fit(1, results, [])  # type: ignore[arg-type]
+    assert parameters is not None
+    trained = {n for g in default_groups(artifacts) for n in groups_of(artifacts)[g]}
+    mean = [np.mean([u[i] for u in updates], axis=0) for i in range(len(names))]
+    noise = np.concatenate([(r - m).ravel() for r, m in zip(released[0], mean)])
+    assert noise.std() == pytest.approx(1.0 * 1.0 / 4, rel=0.1)  # z C / n
+    published = community.current()
+    for name in names:
+        move = np.abs(published[name] - start[name])
+        if name in trained:
+            assert 0 < move.max() <= 1e-3 * 1.01  # an Adam step, no noise after it
+        else:  # a group the federation does not train: its noise is dropped
+            assert move.max() == 0
+    record = json.loads((tmp_path / "server" / "rounds.jsonl").read_text().splitlines()[-1])
+    assert record["server_optimizer"] == "fedadam"
+    assert record["epsilon"] == pytest.approx(gaussian_epsilon(1.0, 1)) == metrics["epsilon"]
 
 
 @pytest.mark.skipif(find_spec("flwr") is None, reason="needs the federated extra")

@@ -76,6 +76,7 @@ class RoundConfig:
     seed: int = 0
     threads: int = 1
     max_entries: int = 20_000  # the newest entries of the run's text: a round stays short
+    groups: str = ""  # the adapter groups trained ("": the model's default groups)
 
     @classmethod
     def from_server(cls, config: dict[str, Any]) -> RoundConfig:
@@ -85,6 +86,7 @@ class RoundConfig:
             lr=min(float(config.get("lr", cls.lr)), 1e-1),
             batch_size=max(1, min(int(config.get("batch-size", cls.batch_size)), 32)),
             seed=int(config.get("seed", 0)) + int(config.get("server-round", 0)),
+            groups=str(config.get("groups", "")),
         )
 
 
@@ -155,11 +157,22 @@ def train_round(
     sum, where the server can no longer single it out.
     """
     from keyboard.trainer import LoraTrainer
+    from keyboard.training_graphs import GroupError
 
     artifacts = ArtifactSet.open(model_dir)
     start = check_tensors(artifacts, community)
-    # The model's default groups: every machine trains the same tensors, so updates add up.
-    trainer = LoraTrainer(artifacts, adapter=start, threads=config.threads, cache_dir=cache_dir)
+    # The groups the server names (the model's default ones unless it names others): every
+    # machine trains the same tensors, so updates add up.
+    try:
+        trainer = LoraTrainer(
+            artifacts,
+            adapter=start,
+            threads=config.threads,
+            groups=config.groups or None,
+            cache_dir=cache_dir,
+        )
+    except GroupError as exc:
+        raise Declined(f"cannot train the groups asked for: {exc}") from None
     seq_len = int(artifacts.manifest["training"].get("seq_len", 64))
     batches = trainer.batches(texts[-config.max_entries :], seq_len, config.batch_size)
     if not batches:

@@ -1,8 +1,10 @@
-"""The ServerApp: FedAvg of the machines' community-adapter updates, clipped on the machines,
-noised centrally, summed under SecAgg+; every round's adapter saved as an importable artifact.
+"""The ServerApp: the mean of the machines' community-adapter updates, clipped on the machines,
+summed under SecAgg+, noised centrally, then applied by a server optimizer (FedAvg, FedAvgM or
+FedAdam); every round's adapter saved as an importable artifact.
 
 Run config (pyproject.toml, `[tool.flwr.app.config]`; `flwr run --run-config` overrides):
-num-server-rounds, min-clients, local-steps, lr, batch-size, clipping-norm, noise-multiplier,
+num-server-rounds, min-clients, local-steps, lr, batch-size, groups, clipping-norm,
+noise-multiplier, server-optimizer, server-lr, server-momentum, server-beta2, server-tau,
 secure-aggregation, round-timeout, out-dir, model.
 """
 
@@ -39,6 +41,8 @@ from flwr.serverapp import Grid, ServerApp
 from keyboard.artifacts import ArtifactSet
 from keyboard.federated.community import CommunityStore, UpdateRules, resolve_model
 from keyboard.federated.privacy import DELTA, gaussian_epsilon
+from keyboard.federated.server_optimizer import ServerOptimizer
+from keyboard.training_graphs import groups_of, parse_groups
 
 log = logging.getLogger("keyboard.federated")
 
@@ -55,8 +59,14 @@ class ServerSettings:
     local_steps: int = 20
     lr: float = 1e-3
     batch_size: int = 8
+    groups: str = ""  # adapter groups the machines train ("": the model's default groups)
     clipping_norm: float = 1.0
     noise_multiplier: float = 1.0
+    server_optimizer: str = "fedavg"  # or fedavgm, fedadam (keyboard.federated.server_optimizer)
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
     secure_aggregation: bool = True
     round_timeout: float = 600.0  # a machine that has not answered by then is left out
     out_dir: str = "community"
@@ -70,8 +80,14 @@ class ServerSettings:
             "local-steps": ("local_steps", int),
             "lr": ("lr", float),
             "batch-size": ("batch_size", int),
+            "groups": ("groups", str),
             "clipping-norm": ("clipping_norm", float),
             "noise-multiplier": ("noise_multiplier", float),
+            "server-optimizer": ("server_optimizer", str),
+            "server-lr": ("server_lr", float),
+            "server-momentum": ("server_momentum", float),
+            "server-beta2": ("server_beta2", float),
+            "server-tau": ("server_tau", float),
             "secure-aggregation": ("secure_aggregation", bool),
             "round-timeout": ("round_timeout", float),
             "out-dir": ("out_dir", str),
@@ -81,7 +97,17 @@ class ServerSettings:
         settings = cls(**values)
         if settings.min_clients < 2 or (settings.secure_aggregation and settings.min_clients < 3):
             raise ValueError("min-clients must be at least 2 (3 with secure aggregation)")
+        settings.optimizer()  # fails here on a bad server-* value, before any round
         return settings
+
+    def optimizer(self) -> ServerOptimizer:
+        return ServerOptimizer(
+            self.server_optimizer,
+            lr=self.server_lr,
+            momentum=self.server_momentum,
+            beta2=self.server_beta2,
+            tau=self.server_tau,
+        )
 
 
 @dataclass
@@ -192,8 +218,14 @@ class SecAggPlus(SecAggPlusWorkflow):
 
 
 class CommunityStrategy(DifferentialPrivacyClientSideFixedClipping):
-    """Flower's client-side fixed-clipping DP wrapper around FedAvg, which also keeps each
-    round's adapter, its epsilon at delta = 1e-6 and the round's traffic.
+    """Flower's client-side fixed-clipping DP wrapper around FedAvg, followed by the server
+    optimizer; keeps each round's adapter, its epsilon at delta = 1e-6 and the round's traffic.
+
+    The wrapper releases the mean of the clipped updates plus noise (its inner strategy is
+    plain FedAvg, so that is what the noise is calibrated to); the optimizer then steps on
+    that release, which is post-processing: epsilon does not depend on it. Tensors of groups
+    the federation does not train keep their value (their noise is dropped, also
+    post-processing).
 
     Two changes to the wrapper: machines that dropped out, declined or were rejected are
     left out instead of cancelling the round (SecAgg+ has already removed them from the sum),
@@ -225,6 +257,11 @@ class CommunityStrategy(DifferentialPrivacyClientSideFixedClipping):
         self.community = community
         self.grid = grid
         self.names = list(community.artifacts.lora_shapes)
+        members = groups_of(community.artifacts)
+        groups = parse_groups(community.artifacts, settings.groups)
+        trained = {n for g in groups for n in members[g]}
+        self.frozen = [n not in trained for n in self.names]
+        self.optimizer = settings.optimizer()
         self.releases = 0
         self.round_started = time.monotonic()
 
@@ -236,6 +273,7 @@ class CommunityStrategy(DifferentialPrivacyClientSideFixedClipping):
             "local-steps": self.settings.local_steps,
             "lr": self.settings.lr,
             "batch-size": self.settings.batch_size,
+            "groups": self.settings.groups,
         }
 
     def aggregate_fit(
@@ -263,21 +301,22 @@ class CommunityStrategy(DifferentialPrivacyClientSideFixedClipping):
         parameters, metrics = super().aggregate_fit(server_round, results, [])
         if parameters is None:
             return None, {}
-        # float32, as the machines train it (SecAgg+ dequantizes to float64: twice the bytes)
-        arrays = [np.asarray(a, dtype=np.float32) for a in parameters_to_ndarrays(parameters)]
-        parameters = ndarrays_to_parameters(arrays)
-        problem = UpdateRules.for_model(self.community.artifacts).problem(arrays)
+        released = parameters_to_ndarrays(parameters)  # the noised mean (SecAgg+: float64)
+        problem = UpdateRules.for_model(self.community.artifacts).problem(released)
         if problem is not None:  # e.g. overflow in the secure sum: never publish it
             log.warning("round %s: aggregate rejected (%s); adapter kept", server_round, problem)
             self.community.save_round(server_round, self._current(), {**record, "kept": True})
             return None, {}
+        previous = self.community.current()
+        # float32, as the machines train it
+        arrays = self.optimizer.step([previous[n] for n in self.names], released, self.frozen)
+        parameters = ndarrays_to_parameters(arrays)
         epsilon = None  # without noise there is no DP guarantee at all
         if self.noise_multiplier > 0:
             self.releases += 1
             epsilon = gaussian_epsilon(self.noise_multiplier, self.releases, DELTA)
-        record.update(epsilon=epsilon, delta=DELTA)
+        record.update(epsilon=epsilon, delta=DELTA, server_optimizer=self.optimizer.kind)
         tensors = dict(zip(self.names, arrays))
-        previous = self.community.current()
         change = sum(float(np.sum((tensors[n] - previous[n]) ** 2)) for n in self.names)
         record["update_norm"] = round(change**0.5, 6)  # the round's step, noise included
         path = self.community.save_round(server_round, tensors, record)
