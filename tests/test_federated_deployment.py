@@ -60,9 +60,13 @@ def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
+    """Kill the process's whole group (its helpers too), also when the leader already exited:
+    a failing test must not leave a SuperLink or SuperNodes behind."""
+    try:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+    except ProcessLookupError:  # no such group: a process started in ours (flwr run)
+        proc.kill()  # a no-op once it has exited
+    proc.wait(10)
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:
