@@ -28,7 +28,7 @@ Prints a table on stderr and JSON on stdout.
         [--max-test-lines 10] [--time-budget 120] [--users 'blogger_*'] [--jobs 1]
         [--conditions base,phrases,lora,lora+phrases,continuous]
         [--job-config '{"groups": "mlp,lm_head", "lr": 0.002}']
-        [--out results.json] [--markdown table.md]
+        [--dev] [--out results.json] [--markdown table.md]
 """
 
 from __future__ import annotations
@@ -60,21 +60,30 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def split(path: Path, max_test_lines: int | None) -> tuple[list[str], list[str]]:
+def split(path: Path, max_test_lines: int | None, dev: bool) -> tuple[list[str], list[str]]:
+    """The user's history and the lines typed: the test lines, or with `dev` the history
+    split once more by the same rule (its last fifth typed), for tuning without a test line."""
     from keyboard.evaluation import read_messages, split_history
 
     history, test = split_history(read_messages(path))
+    if dev:
+        history, test = split_history(history)
     return history, test[:max_test_lines] if max_test_lines else test
 
 
 # --- the job process: the personalization job alone, so its peak RSS is its own -------------
 def job_main(
-    path: Path, model: Path, home: Path, time_budget: float | None, job_config: dict[str, Any]
+    path: Path,
+    model: Path,
+    home: Path,
+    time_budget: float | None,
+    job_config: dict[str, Any],
+    dev: bool,
 ) -> int:
     from keyboard.evaluation import personalize_in_throwaway_home
     from keyboard.personalize import JobConfig, peak_rss_mb
 
-    history, _ = split(path, None)
+    history, _ = split(path, None, dev)
     settings = dict(job_config)
     if time_budget is not None:
         settings["time_budget_s"] = time_budget
@@ -95,6 +104,7 @@ def user_main(
     time_budget: float | None,
     job_config: str,
     conditions: list[str],
+    dev: bool,
 ) -> int:
     from keyboard.evaluation import simulate
     from keyboard.live_phrases import LivePhrases
@@ -102,7 +112,7 @@ def user_main(
     from keyboard.phrases import PhraseModel
     from keyboard.predictor import Predictor
 
-    history, test = split(path, max_test_lines)
+    history, test = split(path, max_test_lines, dev)
     if not history or not test:
         raise SystemExit(f"{path}: too few lines for a history/test split")
     predictor = Predictor(model, threads=1)
@@ -112,7 +122,7 @@ def user_main(
     gc.collect()
     with tempfile.TemporaryDirectory(prefix="keyboard-bench-personalization-") as home:
         cmd = [sys.executable, __file__, "--job-process", str(path), "--model", str(model)]
-        cmd += ["--home", home, "--job-config", job_config]
+        cmd += ["--home", home, "--job-config", job_config] + (["--dev"] if dev else [])
         if time_budget is not None:
             cmd += ["--time-budget", str(time_budget)]
         t0 = time.perf_counter()
@@ -329,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--job-config", default="{}",
                         help="personalize.json settings for the job, as JSON (groups, lr, ...)")  # fmt: skip
+    parser.add_argument("--dev", action="store_true",
+                        help="tune: train on the first 80%% of each history, type its last 20%%")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     parser.add_argument("--plot", type=Path, default=None, help="also draw a PNG per user here")
@@ -344,11 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown conditions {sorted(unknown)}; known: {', '.join(CONDITIONS)}")
     job_config = json.loads(args.job_config)
     if args.job_process:
-        return job_main(args.job_process, model, args.home, args.time_budget, job_config)
+        return job_main(args.job_process, model, args.home, args.time_budget, job_config, args.dev)
     if args.user_process:
         return user_main(
             args.user_process, model, args.k, args.max_test_lines, args.time_budget,
-            args.job_config, conditions,
+            args.job_config, conditions, args.dev,
         )  # fmt: skip
 
     if not (model / "manifest.json").is_file():
@@ -365,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         "jobs": args.jobs,
         "conditions": conditions,
         "job_config": job_config,
+        "dev": args.dev,
     }
     info = model_info(model)
     workdir = Path(tempfile.mkdtemp(prefix="keyboard-bench-model-"))
@@ -404,7 +417,7 @@ def drive(
     def run_user(path: Path) -> tuple[Path, dict[str, Any] | str, float]:
         cmd = [sys.executable, __file__, "--user-process", str(path), "--model", str(model)]
         cmd += ["--k", str(args.k), "--conditions", args.conditions]
-        cmd += ["--job-config", args.job_config]
+        cmd += ["--job-config", args.job_config] + (["--dev"] if args.dev else [])
         if args.max_test_lines:
             cmd += ["--max-test-lines", str(args.max_test_lines)]
         if args.time_budget is not None:

@@ -2,12 +2,13 @@
 over them, so a word typed an hour ago is suggested now and not only after the nightly job.
 
 The stored `PhraseModel` (the active adapter version's, counted by the last job) is read only
-through `candidates` and `probability`; the recent text has a small `PhraseModel` of its own.
-The user model the Predictor blends in is their mixture, a cache model in the classic sense:
+through `candidates` and `evidence`; the recent text has a small `PhraseModel` of its own.
+The user model the Predictor blends in counts both, the recent text `recent_boost` times: as if
+the job had just run, with the newest text weighing more (a cache model: what was typed an
+hour ago predicts the next message better than its share of the counts says):
 
-    P_user(w | c) = (1 - recent_weight) * P_stored(w | c) + recent_weight * P_recent(w | c)
-
-(P_recent alone while nothing is stored). The recent counts are rebuilt from the typing log
+    P_user(w | c) = Witten-Bell over counts_stored(c, w) + recent_boost * counts_recent(c, w)
+ The recent counts are rebuilt from the typing log
 whenever the served version changes or text is forgotten, so they hold exactly the log's
 entries after the ones the stored phrases counted: nothing acknowledged is lost on a restart,
 and nothing forgotten survives in memory.
@@ -19,11 +20,19 @@ import heapq
 import threading
 from collections.abc import Iterable, Iterator
 
-from keyboard.phrases import CANDIDATES, CONTEXT_CHARS, DEFAULT_WEIGHT, ORDER, PhraseModel, tokens
+from keyboard.phrases import (
+    CANDIDATES,
+    CONTEXT_CHARS,
+    DEFAULT_WEIGHT,
+    ORDER,
+    PhraseModel,
+    tokens,
+    witten_bell,
+)
 
-# The recent text's share of P_user, set on the users' history (docs/results.md, "Learning as
-# you type"): recent text predicts the next message better than its count share says.
-RECENT_WEIGHT = 0.3
+# How many times a recently typed n-gram counts, set on the users' history (docs/results.md,
+# "Learning as you type").
+RECENT_BOOST = 3.0
 MAX_RECENT_NGRAMS = 200_000  # the same pruning as a stored model, at half its size
 
 
@@ -33,11 +42,11 @@ class LivePhrases:
     def __init__(
         self,
         stored: PhraseModel | None,
-        recent_weight: float = RECENT_WEIGHT,
+        recent_boost: float = RECENT_BOOST,
         texts: Iterable[str] = (),
     ) -> None:
         self.stored = stored
-        self.recent_weight = recent_weight
+        self.recent_boost = recent_boost
         self.recent = PhraseModel()
         self._lock = threading.Lock()  # learn (typing-log thread) vs blend (prediction threads)
         for text in texts:
@@ -65,18 +74,18 @@ class LivePhrases:
             if self.recent.ngrams > 2 * MAX_RECENT_NGRAMS:  # prune rarely: it is a full pass
                 self.recent.prune(MAX_RECENT_NGRAMS)
 
-    def _mix(self) -> float:
-        """The recent model's share now (1 with nothing stored, 0 with nothing recent)."""
-        if not self.recent.unigrams:
-            return 0.0
-        return 1.0 if self.stored is None else self.recent_weight
+    def _scores(self, words: list[str], context: tuple[str, ...]) -> list[float]:
+        """P_user of each of `words` after `context`, from both models' counts."""
+        if self.stored is None:
+            evidence = self.recent.evidence(words, context)
+        else:
+            evidence = self.stored.evidence(words, context)
+            if self.recent.unigrams:
+                evidence = evidence.plus(self.recent.evidence(words, context), self.recent_boost)
+        return witten_bell(evidence).tolist()
 
     def probability(self, word: str, context: tuple[str, ...]) -> float:
-        mix = self._mix()
-        p = 0.0 if mix == 0.0 else mix * self.recent.probability(word, context)
-        if self.stored is not None and mix < 1.0:
-            p += (1.0 - mix) * self.stored.probability(word, context)
-        return p
+        return self._scores([word], context)[0]
 
     def candidates(self, context: tuple[str, ...], prefix: str, limit: int) -> dict[str, float]:
         pool: set[str] = set()
@@ -84,8 +93,9 @@ class LivePhrases:
             pool.update(self.stored.candidates(context, prefix, limit))
         if self.recent.unigrams:
             pool.update(self.recent.candidates(context, prefix, limit))
-        scored = {w: self.probability(w, context) for w in pool}
-        return {w: scored[w] for w in heapq.nlargest(limit, scored, key=scored.__getitem__)}
+        words = sorted(pool)
+        scored = dict(zip(words, self._scores(words, context), strict=True))
+        return {w: scored[w] for w in heapq.nlargest(limit, words, key=scored.__getitem__)}
 
     def _knows(self, word: str) -> bool:
         return word in self.recent.unigrams or (
@@ -97,14 +107,16 @@ class LivePhrases:
     ) -> dict[str, float]:
         """As `PhraseModel.blend`, with the mixture of the stored and the recent model."""
         with self._lock:
-            if self.stored is None and not self.recent.unigrams:
-                return lm
+            if not self.recent.unigrams:  # nothing typed since the job: the stored model's own
+                return lm if self.stored is None else self.stored.blend(
+                    lm, before, at_start, prefix, k
+                )  # fmt: skip
             whole = at_start and len(before) <= CONTEXT_CHARS
             context = tuple(tokens(before[-CONTEXT_CHARS:], at_start=whole)[1 - ORDER :])
             user = self.candidates(context, prefix, max(CANDIDATES, k))
-            for w in lm:
-                if w not in user and self._knows(w):
-                    user[w] = self.probability(w, context)
+            known = [w for w in lm if w not in user and self._knows(w)]
+            if known:
+                user.update(zip(known, self._scores(known, context), strict=True))
         out = {w: (1.0 - self.weight) * p for w, p in lm.items()}
         for w, p in user.items():
             out[w] = out.get(w, 0.0) + self.weight * p

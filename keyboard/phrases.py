@@ -27,6 +27,7 @@ import re
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from sys import intern
 
@@ -169,6 +170,53 @@ class PhraseCounts:
         )
 
 
+@dataclass
+class Level:
+    """One context order's counts: how often each word followed the context, how often the
+    context was followed at all, and by how many different tokens."""
+
+    seen: np.ndarray
+    total: float  # counts may be weighted (Evidence.plus)
+    types: int
+
+
+@dataclass
+class Evidence:
+    """The counts P_user of some words is made of: each word's count, the count of all
+    words, and the context levels (the last 1, then 2 tokens, as far as they were seen)."""
+
+    counts: np.ndarray
+    n: float
+    levels: list[Level]
+
+    def plus(self, other: Evidence, boost: float) -> Evidence:
+        """These counts with `other`'s added `boost` times (the distinct continuations are
+        added once: the union of the two sets, counted twice where they meet)."""
+        levels = []
+        for i in range(max(len(self.levels), len(other.levels))):
+            a = self.levels[i] if i < len(self.levels) else None
+            b = other.levels[i] if i < len(other.levels) else None
+            if a is None or b is None:
+                one = a or b
+                assert one is not None
+                scale = 1.0 if a is not None else boost
+                levels.append(Level(one.seen * scale, one.total * scale, one.types))
+            else:
+                levels.append(Level(a.seen + boost * b.seen, a.total + boost * b.total,
+                                    a.types + b.types))  # fmt: skip
+        return Evidence(self.counts + boost * other.counts, self.n + boost * other.n, levels)
+
+
+def witten_bell(evidence: Evidence) -> np.ndarray:
+    """Interpolated Witten-Bell: the 1-gram estimate, refined by each context level in turn."""
+    if not evidence.n:
+        return np.zeros(len(evidence.counts))
+    p = evidence.counts / evidence.n
+    for level in evidence.levels:
+        p = (level.seen + level.types * p) / (level.total + level.types)
+    return p
+
+
 def _key(ctx_ids: list[int], size: int) -> int:
     """A context's key: a token id, or (a + 1) * size + b for two."""
     return ctx_ids[0] if len(ctx_ids) == 1 else (ctx_ids[0] + 1) * size + ctx_ids[1]
@@ -308,17 +356,30 @@ class PhraseModel:
             rows.append(row)
         return rows
 
-    def _scores(self, word_ids: np.ndarray, rows: list[int]) -> np.ndarray:
-        """P_user of each word id after the contexts `rows` (vectorised Witten-Bell)."""
-        p = self.counts[word_ids] / self._n
+    def _evidence(self, word_ids: np.ndarray, rows: list[int]) -> Evidence:
+        """The counts behind P_user of each word id (-1: not a word here) after the context
+        rows `rows`."""
+        known = word_ids >= 0
+        ids = np.where(known, word_ids, 0)
+        levels = []
         for row in rows:
             s, e = int(self.starts[row]), int(self.starts[row + 1])
             nxt = self.next_ids[s:e]
-            at = np.minimum(np.searchsorted(nxt, word_ids), e - s - 1)
-            seen = np.where(nxt[at] == word_ids, self.next_counts[s:e][at], 0)
-            types = e - s
-            p = (seen + types * p) / (int(self.totals[row]) + types)
-        return p
+            at = np.minimum(np.searchsorted(nxt, ids), e - s - 1)
+            seen = np.where(known & (nxt[at] == ids), self.next_counts[s:e][at], 0)
+            levels.append(Level(seen, int(self.totals[row]), e - s))
+        return Evidence(np.where(known, self.counts[ids], 0), self._n, levels)
+
+    def evidence(self, words: list[str], context: tuple[str, ...]) -> Evidence:
+        """The counts behind P_user(word | context) for each of `words`: what `witten_bell`
+        turns into probabilities, and what can be added to another model's."""
+        ids = [self.ids.get(w, -1) for w in words]
+        word_ids = np.array([i if i < self.n_words else -1 for i in ids], dtype=np.int64)
+        return self._evidence(word_ids, self._contexts(context))
+
+    def _scores(self, word_ids: np.ndarray, rows: list[int]) -> np.ndarray:
+        """P_user of each word id after the contexts `rows` (vectorised Witten-Bell)."""
+        return witten_bell(self._evidence(word_ids, rows))
 
     def probability(self, word: str, context: tuple[str, ...]) -> float:
         """P_user(word | the last two tokens of `context`), interpolated Witten-Bell."""

@@ -12,7 +12,7 @@ import pytest
 
 from keyboard.client import DaemonClient
 from keyboard.live_phrases import LivePhrases
-from keyboard.phrases import PhraseModel
+from keyboard.phrases import START, PhraseModel
 from tests.daemon_process import Served, short_dir, start_daemon
 
 NAME = "Zorblaxian"  # a word no tiny model offers on its own
@@ -32,17 +32,26 @@ def test_a_word_typed_once_is_offered_in_its_context() -> None:
     assert live.recent_words == 7
 
 
-def test_the_mixture_keeps_the_stored_model_and_weighs_recent_text() -> None:
+def test_recent_text_counts_as_if_typed_boost_times_more() -> None:
     stored = PhraseModel.from_texts(["I like tea."] * 10)
-    live = LivePhrases(stored, recent_weight=0.25)
+    live = LivePhrases(stored, recent_boost=3)
     ctx = ("I", "like")
     assert live.probability("tea", ctx) == pytest.approx(stored.probability("tea", ctx))
-    live.learn("I like coffee.")
-    recent = PhraseModel.from_texts(["I like coffee."])
-    for word in ("tea", "coffee"):
-        want = 0.75 * stored.probability(word, ctx) + 0.25 * recent.probability(word, ctx)
-        assert live.probability(word, ctx) == pytest.approx(want)
+    live.learn("We love coffee.")
+    # No context of the two texts is followed by the same token in both: the live model is
+    # exactly the counts of all the text, the recent message counted three times.
+    both = PhraseModel.from_texts(["I like tea."] * 10 + ["We love coffee."] * 3)
+    for word in ("tea", "coffee", "We", "I", "love"):
+        for context in (("I", "like"), ("We", "love"), (START,), ("love",), ("nothing",), ()):
+            want = both.probability(word, context)
+            assert live.probability(word, context) == pytest.approx(want), (word, context)
+    once = LivePhrases(stored, recent_boost=1, texts=["We love coffee."])
+    assert live.probability("We", (START,)) > once.probability("We", (START,)) > 0
+    assert live.candidates(("We", "love"), "", 3)["coffee"] == pytest.approx(
+        both.probability("coffee", ("We", "love"))
+    )
     alone = LivePhrases(None, texts=["I like coffee."])  # nothing stored: the recent text alone
+    recent = PhraseModel.from_texts(["I like coffee."])
     assert alone.probability("coffee", ctx) == pytest.approx(recent.probability("coffee", ctx))
     assert LivePhrases(None).blend({"a": 1.0}, "x ", False, "", 3) == {"a": 1.0}
 
