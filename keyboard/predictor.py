@@ -665,8 +665,17 @@ class RealWords:
     def __init__(self, lexicon: Lexicon, phrases: PhraseModel | LivePhrases | None = None) -> None:
         self.lexicon = lexicon
         self.phrases = phrases
-        # A snapshot for prefix checks; membership asks the phrase model itself (it may learn).
-        self._own = Lexicon(phrases.unigrams if phrases is not None else ())
+        # Snapshots for prefix checks (membership asks the phrase model itself, which may
+        # learn): the stored words once, the few typed since on each change.
+        stored = phrases.stored if isinstance(phrases, LivePhrases) else phrases
+        self._stored = Lexicon(stored.unigrams if stored is not None else ())
+        self._recent = Lexicon(())
+        self.user_words_changed()
+
+    def user_words_changed(self) -> None:
+        """The live phrases learned a message: take in its words for prefix checks."""
+        if isinstance(self.phrases, LivePhrases):
+            self._recent = Lexicon(self.phrases.recent.unigrams)
 
     def is_word(self, word: str) -> bool:
         if word in self.lexicon:
@@ -679,7 +688,7 @@ class RealWords:
 
     def can_start(self, part: str) -> bool:
         """Whether some real word starts with `part`."""
-        return self.lexicon.has_prefix(part) or self._own.has_prefix(part)
+        return any(words.has_prefix(part) for words in (self.lexicon, self._stored, self._recent))
 
     def accept(self, raw: bytes) -> bool:
         try:
@@ -761,8 +770,8 @@ class Predictor:
         engine = self._engine
         with engine.lock:
             engine.results.clear()
-            if engine.real is not None:  # its snapshot of the user's words, for prefixes
-                engine.real = RealWords(engine.real.lexicon, engine.phrases)
+            if engine.real is not None:
+                engine.real.user_words_changed()
 
     def load_adapter(
         self,
