@@ -105,11 +105,12 @@ def user_main(
     job_config: str,
     conditions: list[str],
     dev: bool,
+    phrase_weights: list[float],
 ) -> int:
     from keyboard.evaluation import simulate
     from keyboard.live_phrases import LivePhrases
     from keyboard.personalize import peak_rss_mb
-    from keyboard.phrases import PhraseModel
+    from keyboard.phrases import PhraseModel, blend_weight
     from keyboard.predictor import Predictor
 
     history, test = split(path, max_test_lines, dev)
@@ -137,8 +138,12 @@ def user_main(
         # The adapter the user gets: the job's, unless the gate kept the old one (the base).
         adapter = job["adapter_path"] if promoted and "phrases_only" not in metrics else None
         stored = PhraseModel.load(job["phrases_path"]) if job.get("phrases_path") else None
+        alone = None  # the phrases on the base model: their share as the job gives it there
+        if stored is not None:
+            alone = PhraseModel.load(job["phrases_path"])
+            alone.weight = blend_weight(adapted=False)
         served = {
-            "phrases": (None, stored),
+            "phrases": (None, alone),
             "lora": (adapter, None),
             "lora+phrases": (adapter, stored),
         }
@@ -162,6 +167,13 @@ def user_main(
                 predictor, test, history=history, k=k, after_message=learn
             )
             gc.collect()
+        # Tuning the phrase model's share of the blend: lora+phrases again at other weights.
+        for weight in phrase_weights if stored is not None else ():
+            tuned = PhraseModel.load(job["phrases_path"])
+            tuned.weight = weight
+            if not predictor.load_adapter(adapter, phrases=tuned):
+                raise SystemExit("cannot load the job's adapter/phrases")
+            reports[f"lora+phrases@{weight:g}"] = simulate(predictor, test, history=history, k=k)
     result = {
         "file": path.name,
         "history": len(history),
@@ -341,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="personalize.json settings for the job, as JSON (groups, lr, ...)")  # fmt: skip
     parser.add_argument("--dev", action="store_true",
                         help="tune: train on the first 80%% of each history, type its last 20%%")  # fmt: skip
+    parser.add_argument("--phrase-weights", default="", metavar="W,W",
+                        help="also type lora+phrases with these phrase weights (tuning, with --dev)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     parser.add_argument("--plot", type=Path, default=None, help="also draw a PNG per user here")
@@ -355,12 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(conditions) - set(CONDITIONS):
         parser.error(f"unknown conditions {sorted(unknown)}; known: {', '.join(CONDITIONS)}")
     job_config = json.loads(args.job_config)
+    weights = [float(w) for w in args.phrase_weights.split(",") if w.strip()]
     if args.job_process:
         return job_main(args.job_process, model, args.home, args.time_budget, job_config, args.dev)
     if args.user_process:
         return user_main(
             args.user_process, model, args.k, args.max_test_lines, args.time_budget,
-            args.job_config, conditions, args.dev,
+            args.job_config, conditions, args.dev, weights,
         )  # fmt: skip
 
     if not (model / "manifest.json").is_file():
@@ -378,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         "conditions": conditions,
         "job_config": job_config,
         "dev": args.dev,
+        "phrase_weights": weights,
     }
     info = model_info(model)
     workdir = Path(tempfile.mkdtemp(prefix="keyboard-bench-model-"))
@@ -418,6 +434,7 @@ def drive(
         cmd = [sys.executable, __file__, "--user-process", str(path), "--model", str(model)]
         cmd += ["--k", str(args.k), "--conditions", args.conditions]
         cmd += ["--job-config", args.job_config] + (["--dev"] if args.dev else [])
+        cmd += ["--phrase-weights", args.phrase_weights]
         if args.max_test_lines:
             cmd += ["--max-test-lines", str(args.max_test_lines)]
         if args.time_budget is not None:

@@ -579,7 +579,7 @@ def _train_and_gate(
     run: JobRun, text: TrainingText, data: dict[str, Any], phrase_texts: tuple[list[str], list[str]]
 ) -> JobResult:
     """Measure the active adapter, train a candidate, measure it, decide, promote."""
-    from keyboard.phrases import PhraseModel
+    from keyboard.phrases import PhraseModel, blend_weight
 
     start = _starting_point(run)
     run.progress.event(
@@ -601,7 +601,11 @@ def _train_and_gate(
     trained = _train(run, start, text, measured_at, _accuracy(ranks_before))
     before = {"loss": trained.loss_before, **_accuracy(ranks_before)}
 
-    gate_phrases = PhraseModel.from_texts(phrase_texts[0]) if run.config.phrases else None
+    gate_phrases = (
+        PhraseModel.from_texts(phrase_texts[0], weight=blend_weight(adapted=True))
+        if run.config.phrases
+        else None
+    )
     ranks_after = measure(trained.candidate, "candidate", gate_phrases)
     after = {
         "loss": trained.loss_after,
@@ -633,6 +637,8 @@ def _train_and_gate(
         # The new adapter failed; the user's new phrases may still help on their own (they
         # carry most of what a job gains: docs/results.md). Without this, someone whose
         # adapter stopped improving would never get the phrases of their newer text.
+        assert gate_phrases is not None  # without phrases the job returned above
+        gate_phrases.weight = blend_weight(adapted=start.served is not None)
         ranks_kept = measure(start.served, start.version, gate_phrases)
         kept = {**_accuracy(ranks_kept), **_paired(ranks_before, ranks_kept)}
         metrics["phrases_only"] = kept
@@ -654,7 +660,8 @@ def _train_and_gate(
         "adapter_trained": adapter_ok,  # False: the start adapter's tensors, with new phrases
     }
     meta["phrases_through"] = text.watermark  # the live phrases count the entries after it
-    result = _promote(run, start.store, candidate, meta, phrase_texts[1])
+    adapted = adapter_ok or start.served is not None
+    result = _promote(run, start.store, candidate, meta, phrase_texts[1], adapted)
     result.reason = f"{result.version} replaces {start.version}: {why}"
     result.metrics = metrics
     return result
@@ -740,14 +747,16 @@ def _promote(
     tensors: Adapter,
     meta: dict[str, Any],
     phrase_texts: list[str],
+    adapted: bool,
 ) -> JobResult:
     """Store `tensors` with the phrases of all the text as the new active version (the last,
-    atomic step of the job) and prune old versions."""
-    from keyboard.phrases import PhraseModel
+    atomic step of the job) and prune old versions. `adapted`: `tensors` are a trained
+    adapter (the phrases then take a smaller share of the blend)."""
+    from keyboard.phrases import PhraseModel, blend_weight
 
     counted = b""
     if run.config.phrases:  # off: no n-gram of the user's text is stored
-        phrases = PhraseModel.from_texts(phrase_texts)
+        phrases = PhraseModel.from_texts(phrase_texts, weight=blend_weight(adapted))
         meta["phrases"] = {"words": phrases.words, "ngrams": phrases.ngrams}
         counted = phrases.to_bytes()
         del phrases

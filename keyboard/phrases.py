@@ -39,8 +39,18 @@ from keyboard.words import WORD_RE
 FORMAT = "keyboard-phrases"
 FORMAT_VERSION = 2  # 1: JSON of dicts (still read)
 START = "<s>"  # the start of a message: the context of its first word
-# The user model's share of the blend, set on the users' held-out history (docs/evaluation.md).
+# The user model's share of the blend, set on the users' held-out history: with the base model
+# (docs/evaluation.md), and with an adapter trained on the same text, which already moved the
+# model towards the user's words (docs/results.md, "Personalization II").
 DEFAULT_WEIGHT = 0.4
+ADAPTED_WEIGHT = 0.2
+
+
+def blend_weight(adapted: bool) -> float:
+    """The phrases' share of the blend, served with a trained adapter or the base model."""
+    return ADAPTED_WEIGHT if adapted else DEFAULT_WEIGHT
+
+
 ORDER = 3  # 4-grams were no better on the users' held-out history (docs/evaluation.md)
 MAX_NGRAMS = 400_000  # stored 2- and 3-grams; beyond that the rarest 3-grams, then 2-grams go
 CONTEXT_CHARS = 200  # text before the word that is tokenized for the n-gram context

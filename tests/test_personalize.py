@@ -22,6 +22,7 @@ from keyboard.cli import main
 from keyboard.job_log import JobLog
 from keyboard.paths import Home
 from keyboard.personalize import JobConfig, gate, run_job
+from keyboard.phrases import ADAPTED_WEIGHT, DEFAULT_WEIGHT, PhraseModel
 from keyboard.progress import Progress
 from keyboard.types import KeyboardError
 from keyboard.typing_log import TypingLog
@@ -87,6 +88,8 @@ def test_job_learns_the_users_word(home: Home, tiny_llama: Path) -> None:
     # offer the word too, and first.
     assert result.phrases_path == store.phrases_path(version) == path.parent / "phrases.zlib"
     assert meta["phrases"]["words"] == sum(len(line.split()) for line in _user_lines())
+    # Served with the trained adapter, they take the smaller share of the blend.
+    assert PhraseModel.load(result.phrases_path).weight == ADAPTED_WEIGHT < DEFAULT_WEIGHT
     assert predictor.load_adapter(None, phrases=result.phrases_path)
     assert predictor.predict("I love ", k=3).words[0] == WORD
 
@@ -144,14 +147,12 @@ def _damage(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def test_gate_rejects_a_worse_adapter(
     home: Home, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from keyboard.phrases import PhraseModel
-
     store = AdapterStore.in_home(home, ArtifactSet.open(tiny_llama))
     start = {n: v + 0.001 for n, v in store.artifacts.initial_adapter().items()}
     store.promote(start, {"source": "test"})
     _log(home, _user_lines())
     # Phrases that know nothing: they cannot rescue the job either.
-    monkeypatch.setattr(PhraseModel, "from_texts", classmethod(lambda cls, texts: cls()))
+    monkeypatch.setattr(PhraseModel, "from_texts", classmethod(lambda cls, texts, weight: cls()))
 
     result = run_job(home, tiny_llama, config=_fast(), progress=_quiet(), after_training=_damage)
     assert result.status == "rejected", result.reason
@@ -167,22 +168,32 @@ def test_gate_rejects_a_worse_adapter(
         assert job["metrics"]["after"]["loss"] == result.metrics["after"]["loss"]
 
 
-def test_new_phrases_are_promoted_when_the_adapter_is_not(home: Home, tiny_llama: Path) -> None:
+@pytest.mark.parametrize("from_base", [False, True])
+def test_new_phrases_are_promoted_when_the_adapter_is_not(
+    home: Home, tiny_llama: Path, from_base: bool
+) -> None:
     store = AdapterStore.in_home(home, ArtifactSet.open(tiny_llama))
     start = {n: v + 0.001 for n, v in store.artifacts.initial_adapter().items()}
-    store.promote(start, {"source": "test"})
+    if from_base:
+        start = store.artifacts.initial_adapter()
+    else:
+        store.promote(start, {"source": "test"})
     _log(home, _user_lines())
 
     result = run_job(home, tiny_llama, config=_fast(), progress=_quiet(), after_training=_damage)
     assert result.status == "promoted", result.reason
-    assert "adapter v0001 kept" in result.reason and "did not improve" in result.reason
+    kept_name = "base" if from_base else "v0001"
+    assert f"adapter {kept_name} kept" in result.reason and "did not improve" in result.reason
     kept = result.metrics["phrases_only"]
     assert kept["top3_gained"] > kept["top3_lost"]
     version, path, meta = store.active()
-    assert version == "v0002" and meta["adapter_trained"] is False
-    tensors = store.load("v0002")
+    assert version == ("v0001" if from_base else "v0002") and meta["adapter_trained"] is False
+    tensors = store.load(version)
     assert all(np.array_equal(tensors[n], start[n]) for n in start)  # the damage is not kept
     assert result.phrases_path is not None and result.phrases_path.exists()
+    # The phrases' share of the blend is the one for the model they are served with.
+    want = DEFAULT_WEIGHT if from_base else ADAPTED_WEIGHT
+    assert PhraseModel.load(result.phrases_path).weight == want
 
 
 def test_lock_refuses_a_second_job(
