@@ -58,7 +58,7 @@ def main() -> int:
         env = dict(os.environ, KEYBOARD_HOME=home, KEYBOARD_MODEL=str(Path(args.model).resolve()))
         with TypingLog(Path(home) / "typing_log.db") as log:
             for message in messages:
-                log.add(message[:60_000], source="benchmark")
+                log.record(message[:60_000], source="benchmark")
             logged_words = log.stats()["words"]
         command = [sys.executable, "-m", "keyboard", "train", "--json", "--force"]
         command += ["--threads", str(args.threads)]
