@@ -8,7 +8,7 @@ import logging
 import os
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -248,6 +248,64 @@ def graph_with_adapter(model_path: str | Path, adapter: Adapter) -> bytes:
     if replaced != len(adapter):
         raise ArtifactError(f"{model_path} lacks {len(adapter) - replaced} of the LoRA tensors")
     return model.SerializeToString()
+
+
+@dataclass(frozen=True)
+class LoraInputs:
+    """How an adapter is fed to a graph whose LoRA tensors are inputs (`adaptable_graph`)."""
+
+    feeds: dict[str, tuple[str, bool]]  # graph input -> (LoRA tensor, fed transposed)
+    own: Adapter  # the graph's own LoRA tensors: what serves when no adapter is given
+
+    def values(self, adapter: Adapter | None) -> dict[str, np.ndarray]:
+        """The inputs' values for `adapter` (None: the graph's own tensors)."""
+        tensors = self.own if adapter is None else adapter
+        return {
+            name: np.ascontiguousarray(tensors[lora].T if transposed else tensors[lora])
+            for name, (lora, transposed) in self.feeds.items()
+        }
+
+
+def adaptable_graph(model_path: str | Path, lora: Iterable[str]) -> tuple[bytes, LoraInputs]:
+    """`model_path` serialized with each LoRA tensor named in `lora` turned into a graph
+    input, so one session serves every adapter: a swap builds no session (no parsing,
+    optimisation or weight packing, and none of the native memory those leave behind).
+
+    The exporter multiplies by `Transpose(tensor)`: such a Transpose goes and its output
+    becomes the input, fed the transposed tensor (once per adapter, not at every run).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    names = set(lora)
+    inits = {i.name: i for i in graph.initializer if i.name in names}
+    if len(inits) != len(names):
+        raise ArtifactError(f"{model_path} lacks {len(names) - len(inits)} of the LoRA tensors")
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name in inits:
+                readers.setdefault(name, []).append(node)
+    feeds: dict[str, tuple[str, bool]] = {}
+    own: Adapter = {}
+    for name, init in inits.items():
+        value = own[name] = numpy_helper.to_array(init).copy()
+        nodes = readers.get(name, [])
+        node = nodes[0] if len(nodes) == 1 and nodes[0].op_type == "Transpose" else None
+        perm = [list(a.ints) for a in node.attribute if a.name == "perm"] if node else []
+        if node is not None and value.ndim == 2 and (not perm or perm[0] == [1, 0]):
+            graph.node.remove(node)
+            fed, transposed = node.output[0], True
+        else:
+            fed, transposed = name, False
+        feeds[fed] = (name, transposed)
+        shape = value.shape[::-1] if transposed else value.shape
+        graph.initializer.remove(init)
+        dtype = helper.np_dtype_to_tensor_dtype(value.dtype)
+        graph.input.append(helper.make_tensor_value_info(fed, dtype, list(shape)))
+    return model.SerializeToString(), LoraInputs(feeds, own)
 
 
 def bake_inference_model(

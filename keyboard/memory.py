@@ -1,12 +1,13 @@
 """Giving freed memory back to the system, so a daemon that runs all day stays its size.
 
 glibc keeps what Python, numpy and ONNX Runtime free in its heaps (one per thread that ever
-allocated, up to 8 per core) and reuses it only for the same sizes: every adapter swap frees
-a whole session and a serialized graph, and a long-running daemon would hold each one's pages.
-`limit_arenas` caps the heaps at two and fixes the size from which blocks are mapped on their
-own (glibc raises it to the largest block freed, up to 32 MB, so the key/value arrays of the
-cache slots would stay in the heaps); `trim` collects reference cycles and returns the heaps'
-free pages. Both do nothing where the C library is not glibc.
+allocated, up to 8 per core) and gives back only what lies at the top of a heap: every adapter
+swap frees an engine's caches, every prediction its temporaries, and a long-running daemon
+would keep each one's pages. `limit_arenas` caps the heaps at two and fixes the size from which
+blocks are mapped on their own (glibc raises it to the largest block freed, up to 32 MB, so the
+key/value arrays of the cache slots would stay in the heaps); `trim` collects reference cycles
+and returns the heaps' free pages (after a swap, and when the daemon goes idle). Both do
+nothing where the C library is not glibc.
 """
 
 from __future__ import annotations
@@ -46,9 +47,12 @@ def limit_arenas(count: int = 2) -> bool:
     )
 
 
-def trim() -> bool:
-    """Free what only reference cycles still hold, then return the free pages of every malloc
-    heap to the system (after an adapter swap: rare, so a full collection is affordable)."""
-    gc.collect()
+def trim(collect: bool = True) -> bool:
+    """Free what only reference cycles still hold (`collect`), then return the free pages of
+    every malloc heap to the system. The collection holds the interpreter for a moment: after
+    an adapter swap (rare) it is affordable; a daemon gone idle trims without it (the C call
+    lets other threads run)."""
+    if collect:
+        gc.collect()
     libc = _glibc()
     return bool(libc is not None and libc.malloc_trim(0))

@@ -26,8 +26,10 @@ those of the previous keystroke); finished results are kept in an LRU. The conte
 deterministic window of the text (see `model_window`), so results with and without the caches
 are the same (up to float rounding of differently batched runs).
 
-Adapters: an `Engine` (session + adapter version + its caches) is built completely, then
-swapped in by replacing one reference; predictions in flight finish on the old engine.
+Adapters: one session serves every adapter (the graph takes the LoRA tensors as inputs), so a
+swap builds no session. An `Engine` (the adapter's tensors, its version and its caches) is built
+completely, then swapped in by replacing one reference; predictions in flight finish on the
+old engine.
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ from keyboard.artifacts import (
     Adapter,
     ArtifactError,
     ArtifactSet,
+    adaptable_graph,
     check_adapter,
-    graph_with_adapter,
     load_adapter,
     tensors_sha256,
 )
@@ -77,6 +79,7 @@ SLOTS = (
 HOT_SLOTS = 2  # slots that keep batch copies of their key/values (one per inference thread)
 TOKENIZED_SIZE = 2 * SLOTS  # tokenized context windows kept
 SLOT_WAIT_S = 0.05  # how long a prediction waits for the busy slot holding its context
+SLOT_KEEP_TAKES = 4 * SLOTS  # a slot not taken for this many predictions lets its key/values go
 PREFETCH = 2  # next keystrokes computed ahead (the letters the top suggestions go on with)
 TOP_TOKENS = 24  # likeliest tokens of a kind memoised per distribution (>= MAX_K)
 _SURROGATES = re.compile("[\ud800-\udfff]")
@@ -426,7 +429,11 @@ def _next_tokens(
     return ids, ps
 
 
-# --- the engine: one session (one adapter) and its caches ---------------------------------------
+# --- the engine: one adapter and its caches ------------------------------------------------------
+class Stopped(Exception):
+    """Work ahead given up: a real request wants the CPU (see `Predictor.prefetch`)."""
+
+
 class _Nexts:
     """Next-token distributions by absolute token sequence, most recently used last; shared by
     every slot of an engine (a sequence's distribution is the same whoever asks)."""
@@ -465,6 +472,7 @@ class _State:
         self.nexts = nexts if nexts is not None else _Nexts()
         self.busy = False
         self.used = 0  # when it was last taken (the slots' clock)
+        self.stop: Callable[[], bool] | None = None  # asked before each run (work ahead)
 
     def get(self, seq: tuple[int, ...]) -> Next | None:
         return self.nexts.get(seq)
@@ -478,11 +486,16 @@ class _State:
 
 
 def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    """How many leading tokens `a` and `b` share (a binary search of slice comparisons, done
+    in C: every prediction compares its context with every slot's)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class _Slots:
@@ -525,6 +538,10 @@ class _Slots:
             for other in sorted(self.states, key=lambda s: -s.used)[HOT_SLOTS:]:
                 if not other.busy:
                     other.repeated = []
+                    # A context nobody asked about for a while (a window the text moved past,
+                    # a client gone) is unlikely to come back: its memory goes.
+                    if other.used < self.clock - SLOT_KEEP_TAKES:
+                        other.base, other.kv = (), []
             return state
 
     def give_back(self, state: _State) -> None:
@@ -533,27 +550,31 @@ class _Slots:
             self.free.notify()
 
 
+def open_session(model: bytes, threads: int, source: Path) -> Any:
+    """The inference session of a serialized graph (`source` names it in errors)."""
+    ort = runtime.onnxruntime()
+    options = runtime.session_options(threads)
+    # No arena: it keeps its peak for good; runs this small allocate little (measured: the
+    # same time per run).
+    options.enable_cpu_mem_arena = False
+    try:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types
+        raise ArtifactError(f"cannot load {source}: {exc}") from exc
+
+
 class Engine:
-    """An inference session with one adapter applied, and the caches that belong to it."""
+    """One adapter served by the predictor's session: its LoRA inputs, and the caches that
+    belong to it."""
 
     def __init__(
-        self, model_path: Path, artifacts: ArtifactSet, table: TokenTable,
-        adapter: Adapter | None, version: str, threads: int, cache: bool,
+        self, session: Any, lora: dict[str, np.ndarray], artifacts: ArtifactSet,
+        table: TokenTable, version: str, cache: bool,
         phrases: PhraseModel | LivePhrases | None = None, slots: int = SLOTS,
         lexicon: Lexicon | None = None,
     ) -> None:  # fmt: skip
-        ort = runtime.onnxruntime()
-        source: str | bytes = str(model_path)
-        if adapter is not None:
-            source = graph_with_adapter(model_path, adapter)
-        options = runtime.session_options(threads)
-        # No arena: it keeps its peak for good; runs this small allocate little (measured: the
-        # same time per run).
-        options.enable_cpu_mem_arena = False
-        try:
-            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own exception types
-            raise ArtifactError(f"cannot load {model_path}: {exc}") from exc
+        self.session = session
+        self.lora = lora  # the adapter's tensors, as the graph's inputs take them
         self.table = table
         self.version = version
         self.cache = cache
@@ -570,8 +591,14 @@ class Engine:
         self.lock = threading.Lock()  # guards `results`
         self.results: OrderedDict[Any, tuple[Candidate, ...]] = OrderedDict()
 
-    def run(self, ids: np.ndarray, past: Sequence[np.ndarray], past_len: int, presents: bool):
-        """One session run: logits of the last position, and the key/values if asked."""
+    def run(
+        self, ids: np.ndarray, past: Sequence[np.ndarray], past_len: int, presents: bool,
+        stop: Callable[[], bool] | None = None,
+    ):  # fmt: skip
+        """One session run: logits of the last position, and the key/values if asked.
+        Raises Stopped instead when `stop` (work ahead: is a request waiting?) says so."""
+        if stop is not None and stop():
+            raise Stopped
         batch, new = ids.shape
         feeds = {
             "input_ids": ids,
@@ -581,6 +608,7 @@ class Engine:
             ).copy(),
         }
         feeds.update(zip(self.past_names, past, strict=True))
+        feeds.update(self.lora)
         out = self.session.run(self.output_names if presents else ["logits"], feeds)
         return out[0], out[1:]
 
@@ -616,10 +644,8 @@ class Engine:
 
     def rebase(self, state: _State, context: tuple[int, ...]) -> Next:
         """Make `context` the base: run the tokens after its common prefix with the old base."""
-        common = 0
-        limit = min(len(state.base), len(context) - 1)  # the last token runs for its logits
-        while common < limit and state.base[common] == context[common]:
-            common += 1
+        # The last token runs for its logits even when the base holds it.
+        common = min(_common(state.base, context), len(context) - 1)
         if common == 0:
             past = self._empty_past()
         elif common == len(state.base):
@@ -627,7 +653,7 @@ class Engine:
         else:
             past = [np.ascontiguousarray(kv[:, :, :common, :]) for kv in state.kv]
         new = np.array([context[common:]], dtype=np.int64)
-        logits, kv = self.run(new, past, common, presents=True)
+        logits, kv = self.run(new, past, common, presents=True, stop=state.stop)
         state.base, state.kv, state.repeated = context, kv, []
         nxt = next_distributions(self.table, logits)[0]
         state.put(context, nxt)
@@ -649,7 +675,7 @@ class Engine:
                     state.repeated = [np.repeat(kv, rows, axis=0) for kv in state.kv]
                 past = [kv[: len(todo)] for kv in state.repeated]
                 ids = np.array([seqs[i][n:] for i in todo], dtype=np.int64)
-                logits, _ = self.run(ids, past, n, presents=False)
+                logits, _ = self.run(ids, past, n, presents=False, stop=state.stop)
                 for i, nxt in zip(todo, next_distributions(self.table, logits), strict=True):
                     out[i] = nxt
                     state.put(seqs[i], nxt)
@@ -739,6 +765,9 @@ class Predictor:
             self.model_path = int8_model(self.artifacts)
         else:
             self.model_path = self.artifacts.inference_model
+        model, self._lora = adaptable_graph(self.model_path, self.artifacts.lora_shapes)
+        self._session = open_session(model, threads, self.model_path)
+        del model
         self._swap = threading.Lock()  # one adapter load at a time
         self._tokenized: dict[tuple[str, bool], tuple[int, ...]] = {}  # oldest first
         self._tokenized_lock = threading.Lock()
@@ -751,7 +780,7 @@ class Predictor:
         phrases: PhraseModel | LivePhrases | None = None,
     ) -> Engine:
         return Engine(
-            self.model_path, self.artifacts, self.table, adapter, version, self.threads,
+            self._session, self._lora.values(adapter), self.artifacts, self.table, version,
             self.cache, phrases, self.slots, self.lexicon,
         )  # fmt: skip
 
@@ -866,13 +895,15 @@ class Predictor:
             return None
         return Prediction(query.prefix, list(candidates), engine.version, _ms(started))
 
-    def prefetch(self, context: str, k: int = 3) -> int:
+    def prefetch(self, context: str, k: int = 3, stop: Callable[[], bool] | None = None) -> int:
         """Compute ahead what the next keystroke after `context` will likely ask: the word
         continued by the next letter of each of the top suggestions, and the next word once
         the typed word is complete. Only fills the caches (the results, the next-token
         distributions), so answers are the same with or without it; the daemon runs it while
-        it has nothing else to do. Returns how many predictions it computed (0 with the cache
-        off, or when all were cached already)."""
+        it has nothing else to do. `stop` is asked before every session run: once it says
+        True, the work ahead is dropped (what was computed stays cached), so a real request
+        never waits behind it for more than one run. Returns how many predictions it
+        finished (0 with the cache off, when all were cached already, or when stopped first)."""
         engine = self._engine
         if not engine.cache:
             return 0
@@ -895,7 +926,10 @@ class Predictor:
             nxt = make_query(context + typed, k, self.context_tokens)
             if isinstance(nxt, str) or engine.cached(nxt) is not None:
                 continue
-            engine.remember(nxt, self._compute(engine, nxt))
+            try:
+                engine.remember(nxt, self._compute(engine, nxt, stop))
+            except Stopped:
+                break
             computed += 1
         return computed
 
@@ -918,12 +952,16 @@ class Predictor:
                     self._tokenized.pop(next(iter(self._tokenized)))
         return out
 
-    def _compute(self, engine: Engine, query: Query) -> tuple[Candidate, ...]:
+    def _compute(
+        self, engine: Engine, query: Query, stop: Callable[[], bool] | None = None
+    ) -> tuple[Candidate, ...]:
         context = self.context_ids(query)
         state = engine.take_state(context)
+        state.stop = stop
         try:
             return self._search(engine, state, context, query)
         finally:
+            state.stop = None
             engine.give_back(state)
 
     def _search(

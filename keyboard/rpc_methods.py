@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from keyboard import __version__
+from keyboard import __version__, memory
 from keyboard import protocol as rpc
 from keyboard.adapter_store import AdapterStore, forget_phrases
 from keyboard.job_log import JobLog
@@ -29,6 +31,36 @@ log = logging.getLogger("keyboard.server")
 
 T = TypeVar("T")
 REOPEN_S = 10.0  # how often an unavailable typing log is tried again
+AHEAD_SHARE = 0.25  # of one core, at most, for computing ahead (averaged over AHEAD_BURST_S)
+AHEAD_BURST_S = 1.0
+IDLE_TRIM_S = 0.5  # without a prediction for this long, freed memory goes back to the system
+
+
+class AheadBudget:
+    """The CPU time computing ahead may spend: it refills at `share` seconds per second, up
+    to `burst` seconds. One person typing needs a few percent of it; many clients at once
+    find it spent, and their keystrokes are answered, not guessed."""
+
+    def __init__(
+        self,
+        share: float = AHEAD_SHARE,
+        burst: float = AHEAD_BURST_S * AHEAD_SHARE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.share = share
+        self.burst = burst
+        self.left = burst
+        self.clock = clock
+        self._at = clock()
+
+    def allows(self) -> bool:
+        now = self.clock()
+        self.left = min(self.burst, self.left + (now - self._at) * self.share)
+        self._at = now
+        return self.left > 0
+
+    def spend(self, seconds: float) -> None:
+        self.left -= seconds
 
 
 class TypingLogThread:
@@ -94,7 +126,9 @@ class RpcMethods:
     """One method per entry of `protocol.METHODS`, each with the parameters it names there.
 
     Predictions run on the inference pool, typing-log calls on the log's one thread, adapter
-    loads on their own thread, so none of them waits behind another kind.
+    loads on their own thread, so none of them waits behind another kind. Computing ahead
+    (the next keystroke's answer, guessed) has a thread of its own, runs only while no
+    prediction is asked, gives up as soon as one is, and spends at most its `AheadBudget`.
     """
 
     def __init__(
@@ -105,6 +139,7 @@ class RpcMethods:
         adapter_store: AdapterStore,
         infer_pool: ThreadPoolExecutor,
         adapter_pool: ThreadPoolExecutor,
+        ahead_pool: ThreadPoolExecutor | None = None,
     ) -> None:
         self.home = home
         self.predictor = predictor
@@ -113,9 +148,13 @@ class RpcMethods:
         self.adapter_metadata: dict[str, Any] = {}
         self._infer_pool = infer_pool
         self._adapter_pool = adapter_pool
+        self._ahead_pool = ahead_pool or infer_pool
+        self.ahead_budget = AheadBudget()
         self._pointer_seen: tuple[int, int] | None = None
         self._predicting = 0  # predict requests in flight
-        self._prefetching: asyncio.Future[None] | None = None  # the next keystroke, ahead
+        self._last_asked = 0.0  # when the last prediction was asked (loop time)
+        self._idle_trim: asyncio.TimerHandle | None = None
+        self._prefetching: asyncio.Future[float] | None = None  # the next keystroke, ahead
         # (version, adapter file, phrase file) served and what was wrong with them then
         self._served: tuple[Any, list[str]] = (None, [])
         # The user phrases served, learning as the user types (None: phrases are off).
@@ -149,6 +188,9 @@ class RpcMethods:
     async def predict(self, context: str, k: int) -> dict[str, Any]:
         rpc.check_predict({"context": context, "k": k})
         loop = asyncio.get_running_loop()
+        self._last_asked = loop.time()
+        if self._idle_trim is None:
+            self._idle_trim = loop.call_later(IDLE_TRIM_S, self._trim_when_idle)
         # Known already (computed ahead while the user typed): answered here, without the
         # two thread switches of the pool, which cost milliseconds on a busy machine.
         known = self._predict_cached(context, k)
@@ -165,6 +207,17 @@ class RpcMethods:
         loop.call_soon(self._prefetch_when_idle, context, k)
         return result
 
+    def _trim_when_idle(self) -> None:
+        """Once predictions stop (the user paused): the memory their work freed goes back."""
+        loop = asyncio.get_running_loop()
+        wait = self._last_asked + IDLE_TRIM_S - loop.time()
+        if wait > 0 or self._predicting or self._prefetching is not None:
+            self._idle_trim = loop.call_later(max(wait, 0.05), self._trim_when_idle)
+            return
+        self._idle_trim = None
+        with contextlib.suppress(RuntimeError):  # the daemon is shutting down
+            loop.run_in_executor(self._ahead_pool, memory.trim, False)
+
     def _predict_cached(self, context: str, k: int) -> dict[str, Any] | None:
         try:
             known = self.predictor.predict_cached(context, k)
@@ -173,20 +226,30 @@ class RpcMethods:
         return None if known is None else known.to_json()
 
     def _prefetch_when_idle(self, context: str, k: int) -> None:
-        if self._predicting or self._prefetching is not None:
+        if self._predicting or self._prefetching is not None or not self.ahead_budget.allows():
             return
         loop = asyncio.get_running_loop()
-        self._prefetching = loop.run_in_executor(self._infer_pool, self._prefetch, context, k)
+        self._prefetching = loop.run_in_executor(self._ahead_pool, self._prefetch, context, k)
         self._prefetching.add_done_callback(self._prefetched)
 
-    def _prefetched(self, _: Any) -> None:
+    def _prefetched(self, done: asyncio.Future[float]) -> None:
         self._prefetching = None
+        if not done.cancelled():  # cancelled: the daemon is shutting down
+            self.ahead_budget.spend(done.result())
 
-    def _prefetch(self, context: str, k: int) -> None:
+    def _prefetch(self, context: str, k: int) -> float:
+        """Compute ahead after `context` until a prediction is asked; returns the CPU seconds
+        it took."""
+        started = time.thread_time()
         try:
-            self.predictor.prefetch(context, k)
+            self.predictor.prefetch(context, k, stop=self._asked)
         except Exception:  # noqa: BLE001 - only a guess; the real request will say what is wrong
             log.debug("prefetch failed", exc_info=True)
+        return time.thread_time() - started
+
+    def _asked(self) -> bool:
+        """Whether a prediction waits for the inference pool (read from the thread ahead)."""
+        return self._predicting > 0
 
     def _predict(self, context: str, k: int) -> dict[str, Any]:
         try:

@@ -210,6 +210,7 @@ class Daemon:
         )
         self._log_pool = ThreadPoolExecutor(1, thread_name_prefix="keyboard-typing-log")
         self._adapter_pool = ThreadPoolExecutor(1, thread_name_prefix="keyboard-adapters")
+        self._ahead_pool = ThreadPoolExecutor(1, thread_name_prefix="keyboard-ahead")
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock_fd: int | None = None
@@ -256,8 +257,9 @@ class Daemon:
         finally:
             opened.result()  # a log that will not open is reported; predictions are served
         methods = RpcMethods(
-            home, predictor, typing_log, store, self._infer_pool, self._adapter_pool
-        )
+            home, predictor, typing_log, store, self._infer_pool, self._adapter_pool,
+            self._ahead_pool,
+        )  # fmt: skip
         methods.reload_adapter()
         supervisor = JobSupervisor(methods, model_dir)
         methods.train = supervisor.train
@@ -371,7 +373,7 @@ class Daemon:
                 self._log_pool.submit(self.methods.log.close).result(timeout=30)
             except Exception as exc:  # noqa: BLE001 - shutting down: report, keep going
                 log.error("closing the typing log failed: %s", exc)
-        for pool in (self._infer_pool, self._log_pool, self._adapter_pool):
+        for pool in (self._ahead_pool, self._infer_pool, self._log_pool, self._adapter_pool):
             pool.shutdown(wait=True, cancel_futures=True)
         for fd in (self._pid_fd, self._lock_fd):
             if fd is not None:

@@ -230,9 +230,12 @@ def test_clients_typing_at_once_get_their_own_answers(tiny_llama: Path):
     assert not any(s.busy for s in shared._engine.slots.states)  # every slot given back
 
 
-def _spared_runs(predictor: Predictor, reference: Predictor, ahead: bool) -> tuple[int, int]:
+def _spared_runs(
+    predictor: Predictor, reference: Predictor, ahead: bool, stop_after: int | None = None
+) -> tuple[int, int]:
     """Replay TYPED keystroke by keystroke, checking every answer against `reference`; how
-    many keystrokes needed no model run, and how many predictions were computed ahead."""
+    many keystrokes needed no model run, and how many predictions were computed ahead (given
+    up after `stop_after` session runs each time, when given)."""
     engine = predictor._engine
     runs = 0
     run = engine.run
@@ -253,7 +256,12 @@ def _spared_runs(predictor: Predictor, reference: Predictor, ahead: bool) -> tup
         )
         spared += runs == before
         if ahead:
-            computed += predictor.prefetch(context, k=3)
+            allowed = runs + stop_after if stop_after is not None else None
+            computed += predictor.prefetch(
+                context,
+                k=3,
+                stop=allowed and (lambda: runs >= allowed),  # noqa: B023
+            )
     return spared, computed
 
 
@@ -266,6 +274,23 @@ def test_computing_ahead_changes_no_answer_and_spares_model_runs(tiny_llama: Pat
     assert computed > 0
     assert spared > 2 * plain  # keystrokes that needed no model run of their own
     assert Predictor(tiny_llama, cache=False).prefetch("Thank you so", k=3) == 0
+
+
+def test_work_ahead_gives_way_at_once_and_changes_no_answer(tiny_llama: Path):
+    # Work ahead is given up between session runs (a request waits): whatever run it stops
+    # at, the caches it leaves give the answers computed from scratch.
+    reference = Predictor(tiny_llama, cache=False, context_tokens=16)
+    for stop_after in (1, 2, 3, 5):
+        predictor = Predictor(tiny_llama, context_tokens=16)
+        _spared_runs(predictor, reference, ahead=True, stop_after=stop_after)
+        assert not any(s.busy or s.stop for s in predictor._engine.slots.states)
+    predictor = Predictor(tiny_llama)
+    predictor.predict("Thank you so", k=3)
+    engine = predictor._engine
+    session, engine.session = engine.session, None  # a run would fail
+    assert predictor.prefetch("Thank you so", k=3, stop=lambda: True) == 0
+    engine.session = session
+    assert predictor.prefetch("Thank you so", k=3, stop=lambda: False) > 0
 
 
 def test_answers_computed_ahead_are_known_without_the_model(tiny_llama: Path):
@@ -434,30 +459,52 @@ def _rss_mb() -> float:
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="RSS from /proc")
 def test_memory_stays_flat_across_adapter_swaps(tiny_llama: Path, tmp_path: Path):
-    from keyboard.phrases import PhraseModel
+    import gc
+    from concurrent.futures import ThreadPoolExecutor
 
+    from keyboard import memory
+    from keyboard.live_phrases import LivePhrases
+    from keyboard.phrases import PhraseModel
+    from keyboard.predictor import Engine
+
+    # As the daemon runs: predictions and the work ahead on two threads, swaps on a third,
+    # the phrases read from their file at every swap (about 60,000 n-grams), and freed
+    # memory given back once the typing stops.
     predictor = Predictor(tiny_llama, threads=1)
+    session = predictor._engine.session
     initial = predictor.artifacts.initial_adapter()
     rng = np.random.default_rng(0)
     adapters = [
         {n: (v + rng.normal(0, 0.01, v.shape)).astype(np.float32) for n, v in initial.items()}
         for _ in range(2)
     ]
-    # As the daemon does: the phrases read from their file at every swap (about 60,000 n-grams).
     words = [f"w{n}" for n in range(6000)]
     lines = [" ".join(rng.choice(words, 12)) for _ in range(6000)]
     phrases = tmp_path / "phrases.bin"
     phrases.write_bytes(PhraseModel.from_texts([TYPED, HOLIDAY, *lines]).to_bytes())
+    typists, swapper = ThreadPoolExecutor(2), ThreadPoolExecutor(1)
+
+    def type_text(text: str) -> None:
+        for end in range(10, len(text), 3):
+            predictor.predict(text[:end], k=3)
+            predictor.prefetch(text[:end], k=3)
 
     def swap(i: int) -> None:
-        assert predictor.load_adapter(adapters[i % 2], version=f"v{i}", phrases=phrases)
-        for end in range(10, len(TYPED), 7):
-            predictor.predict(TYPED[:end], k=3)
+        live = LivePhrases(PhraseModel.load(phrases))
+        loaded = swapper.submit(predictor.load_adapter, adapters[i % 2], f"v{i}", live)
+        typing = [typists.submit(type_text, t) for t in (TYPED, HOLIDAY + " " + TYPED)]
+        assert loaded.result()
+        for done in typing:
+            done.result()
+        memory.trim(collect=False)
 
-    swap(0)
+    swap(0)  # from the base model: the first predictions fill the caches and the heaps
     swap(1)
     after_one = _rss_mb()
     for i in range(2, 22):
         swap(i)
     assert predictor.adapter_version == "v21"
+    assert predictor._engine.session is session  # a swap builds no session
+    gc.collect()
+    assert sum(isinstance(o, Engine) for o in gc.get_objects()) == 1  # none kept alive
     assert _rss_mb() <= after_one + 5.0

@@ -741,3 +741,21 @@ def test_cli_client(tiny_llama: Path, root: Path) -> None:
         log.record("written while the daemon was down", source="diary")
     forgot = keyboard("forget", "--source", "diary")
     assert forgot.returncode == 0 and "forgot 1 entry" in forgot.stdout
+
+
+def test_work_ahead_keeps_to_its_share_of_the_cpu():
+    from keyboard.rpc_methods import AheadBudget
+
+    now = [100.0]
+    budget = AheadBudget(share=0.25, burst=0.25, clock=lambda: now[0])
+    assert budget.allows()
+    budget.spend(0.3)  # one long guess overdraws it: nothing more until it is paid back
+    assert not budget.allows()
+    now[0] += 0.1  # a quarter of 0.1 s back: still 0.025 s short
+    assert not budget.allows()
+    now[0] += 0.2
+    assert budget.allows()
+    now[0] += 3600.0  # an idle hour refills no more than the burst
+    assert budget.allows()
+    budget.spend(0.25)
+    assert not budget.allows()
