@@ -277,7 +277,10 @@ def adaptable_graph(model_path: str | Path, lora: Iterable[str]) -> tuple[bytes,
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(model_path))
+    try:
+        model = onnx.load(str(model_path))
+    except Exception as exc:  # protobuf's DecodeError, OSError: a damaged or missing graph
+        raise ArtifactError(f"cannot load {model_path}: {exc}") from exc
     graph = model.graph
     names = set(lora)
     inits = {i.name: i for i in graph.initializer if i.name in names}
