@@ -31,7 +31,7 @@ log = logging.getLogger("keyboard.server")
 
 T = TypeVar("T")
 REOPEN_S = 10.0  # how often an unavailable typing log is tried again
-AHEAD_SHARE = 0.25  # of one core, at most, for computing ahead (averaged over AHEAD_BURST_S)
+AHEAD_SHARE = 0.1  # of one core, at most, for computing ahead (averaged over AHEAD_BURST_S)
 AHEAD_BURST_S = 1.0
 IDLE_TRIM_S = 0.5  # without a prediction for this long, freed memory goes back to the system
 
