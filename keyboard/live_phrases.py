@@ -8,8 +8,9 @@ the job had just run, with the newest text weighing more (a cache model: what wa
 hour ago predicts the next message better than its share of the counts says):
 
     P_user(w | c) = Witten-Bell over counts_stored(c, w) + recent_boost * counts_recent(c, w)
- The recent counts are rebuilt from the typing log
-whenever the served version changes or text is forgotten, so they hold exactly the log's
+
+The recent counts are rebuilt from the typing log whenever the served version changes or text
+is forgotten, so they hold exactly the log's
 entries after the ones the stored phrases counted: nothing acknowledged is lost on a restart,
 and nothing forgotten survives in memory.
 """
@@ -22,11 +23,10 @@ from collections.abc import Iterable, Iterator
 
 from keyboard.phrases import (
     CANDIDATES,
-    CONTEXT_CHARS,
     DEFAULT_WEIGHT,
-    ORDER,
     PhraseModel,
-    tokens,
+    last_tokens,
+    mix,
     witten_bell,
 )
 
@@ -47,11 +47,9 @@ class LivePhrases:
     ) -> None:
         self.stored = stored
         self.recent_boost = recent_boost
-        self.recent = PhraseModel()
-        self._lock = threading.Lock()  # learn (typing-log thread) vs blend (prediction threads)
-        for text in texts:
-            self.recent.learn(text)
-        self.recent.prune(MAX_RECENT_NGRAMS)
+        self.recent = PhraseModel.from_texts(texts, max_ngrams=MAX_RECENT_NGRAMS)
+        self._lock = threading.Lock()  # swapping `recent` vs blend (prediction threads)
+        self._learning = threading.Lock()  # one learner at a time
 
     @property
     def weight(self) -> float:
@@ -68,11 +66,16 @@ class LivePhrases:
         return self.recent.words
 
     def learn(self, text: str) -> None:
-        """Count one message the user just typed (as the typing log stored it)."""
-        with self._lock:
-            self.recent.learn(text)
-            if self.recent.ngrams > 2 * MAX_RECENT_NGRAMS:  # prune rarely: it is a full pass
-                self.recent.prune(MAX_RECENT_NGRAMS)
+        """Count one message the user just typed (as the typing log stored it). The recent
+        model is rebuilt aside and swapped in, so predictions never wait for the rebuild."""
+        with self._learning:
+            counts = self.recent.thaw()
+            counts.learn(text)
+            if counts.ngrams > 2 * MAX_RECENT_NGRAMS:  # prune rarely: it is a full pass
+                counts.prune(MAX_RECENT_NGRAMS)
+            fresh = counts.freeze(self.recent.weight)
+            with self._lock:
+                self.recent = fresh
 
     def _scores(self, words: list[str], context: tuple[str, ...]) -> list[float]:
         """P_user of each of `words` after `context`, from both models' counts."""
@@ -111,16 +114,12 @@ class LivePhrases:
                 return lm if self.stored is None else self.stored.blend(
                     lm, before, at_start, prefix, k
                 )  # fmt: skip
-            whole = at_start and len(before) <= CONTEXT_CHARS
-            context = tuple(tokens(before[-CONTEXT_CHARS:], at_start=whole)[1 - ORDER :])
+            context = last_tokens(before, at_start)
             user = self.candidates(context, prefix, max(CANDIDATES, k))
             known = [w for w in lm if w not in user and self._knows(w)]
             if known:
                 user.update(zip(known, self._scores(known, context), strict=True))
-        out = {w: (1.0 - self.weight) * p for w, p in lm.items()}
-        for w, p in user.items():
-            out[w] = out.get(w, 0.0) + self.weight * p
-        return out
+        return mix(lm, user, self.weight)
 
 
 class _Words:

@@ -44,13 +44,6 @@ START = "<s>"  # the start of a message: the context of its first word
 # model towards the user's words (docs/results.md, "Personalization II").
 DEFAULT_WEIGHT = 0.4
 ADAPTED_WEIGHT = 0.2
-
-
-def blend_weight(adapted: bool) -> float:
-    """The phrases' share of the blend, served with a trained adapter or the base model."""
-    return ADAPTED_WEIGHT if adapted else DEFAULT_WEIGHT
-
-
 ORDER = 3  # 4-grams were no better on the users' held-out history (docs/evaluation.md)
 MAX_NGRAMS = 400_000  # stored 2- and 3-grams; beyond that the rarest 3-grams, then 2-grams go
 CONTEXT_CHARS = 200  # text before the word that is tokenized for the n-gram context
@@ -73,6 +66,19 @@ _ARRAYS = {  # version-2 arrays, in file order, and their types
 
 class PhraseError(KeyboardError):
     """A phrase file that cannot be read (damaged, or of another format)."""
+
+
+def blend_weight(adapted: bool) -> float:
+    """The phrases' share of the blend, served with a trained adapter or the base model."""
+    return ADAPTED_WEIGHT if adapted else DEFAULT_WEIGHT
+
+
+def mix(lm: dict[str, float], user: dict[str, float], weight: float) -> dict[str, float]:
+    """(1 - weight) * P_LM + weight * P_user over the words either scored."""
+    out = {w: (1.0 - weight) * p for w, p in lm.items()}
+    for w, p in user.items():
+        out[w] = out.get(w, 0.0) + weight * p
+    return out
 
 
 def tokens(text: str, at_start: bool = True) -> list[str]:
@@ -288,11 +294,13 @@ class PhraseModel:
 
     # --- learning --------------------------------------------------------------------------
     @classmethod
-    def from_texts(cls, texts: Iterable[str], weight: float = DEFAULT_WEIGHT) -> PhraseModel:
+    def from_texts(
+        cls, texts: Iterable[str], weight: float = DEFAULT_WEIGHT, max_ngrams: int = MAX_NGRAMS
+    ) -> PhraseModel:
         counts = PhraseCounts()
         for text in texts:
             counts.learn(text)
-        counts.prune(MAX_NGRAMS)
+        counts.prune(max_ngrams)
         return counts.freeze(weight)
 
     def thaw(self) -> PhraseCounts:
@@ -383,6 +391,8 @@ class PhraseModel:
     def evidence(self, words: list[str], context: tuple[str, ...]) -> Evidence:
         """The counts behind P_user(word | context) for each of `words`: what `witten_bell`
         turns into probabilities, and what can be added to another model's."""
+        if not self.n_words:  # nothing typed: no count to index
+            return Evidence(np.zeros(len(words), dtype=np.int64), 0, [])
         ids = [self.ids.get(w, -1) for w in words]
         word_ids = np.array([i if i < self.n_words else -1 for i in ids], dtype=np.int64)
         return self._evidence(word_ids, self._contexts(context))
@@ -436,15 +446,12 @@ class PhraseModel:
             return lm
         context = last_tokens(before, at_start)
         user = self.candidates(context, prefix, max(CANDIDATES, k))
-        out = {w: (1.0 - self.weight) * p for w, p in lm.items()}
         known = [w for w in lm if w not in user and w in self.unigrams]
         if known:
             ids = np.array([self.ids[w] for w in known])
             scores = self._scores(ids, self._contexts(context)).tolist()
             user.update(zip(known, scores, strict=True))
-        for w, p in user.items():
-            out[w] = out.get(w, 0.0) + self.weight * p
-        return out
+        return mix(lm, user, self.weight)
 
     # --- files -----------------------------------------------------------------------------
     def to_bytes(self) -> bytes:

@@ -54,6 +54,10 @@ def test_recent_text_counts_as_if_typed_boost_times_more() -> None:
     recent = PhraseModel.from_texts(["I like coffee."])
     assert alone.probability("coffee", ctx) == pytest.approx(recent.probability("coffee", ctx))
     assert LivePhrases(None).blend({"a": 1.0}, "x ", False, "", 3) == {"a": 1.0}
+    assert LivePhrases(None).probability("coffee", ctx) == 0.0  # nothing typed at all
+    empty = LivePhrases(PhraseModel(), texts=["I like coffee."])  # a stored model of no words
+    thrice = PhraseModel.from_texts(["I like coffee."] * 3)
+    assert empty.probability("coffee", ctx) == pytest.approx(thrice.probability("coffee", ctx))
 
 
 # --- in the daemon ------------------------------------------------------------------------------
