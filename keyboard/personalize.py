@@ -288,6 +288,13 @@ def skip_reason(config: JobConfig, new_words: int, force: bool = False) -> str |
 GATE_Z = 1.645  # one-sided 95%: how sure the gate must be that top-3 got worse to refuse
 
 
+def _costlier(after: dict[str, Any]) -> bool:
+    """Whether typing the held-out words got significantly costlier: the per-word keystroke
+    increase is beyond GATE_Z standard errors (z None: every word got costlier)."""
+    z = after.get("keystrokes_z", 0.0)
+    return z is None or z > GATE_Z
+
+
 def gate(before: dict[str, Any], after: dict[str, Any], min_loss_gain: float) -> tuple[bool, str]:
     """The promotion rule: the held-out loss falls by at least `min_loss_gain` (a fraction),
     next-word top-3 accuracy on the held-out words does not get worse, AND typing them does
@@ -320,8 +327,7 @@ def gate(before: dict[str, Any], after: dict[str, Any], min_loss_gain: float) ->
     kb, ka = before.get("ksr"), after.get("ksr")
     ksr = ""
     if kb is not None and ka is not None:
-        z = after.get("keystrokes_z", 0.0)
-        if ka < kb and (z is None or z > GATE_Z):  # None: every word got costlier
+        if ka < kb and _costlier(after):
             return False, f"KSR@3 on the held-out text fell: {100 * kb:.2f} -> {100 * ka:.2f}"
         ksr = f", KSR@3 {100 * kb:.2f} -> {100 * ka:.2f}"
     return True, (
@@ -338,8 +344,7 @@ def phrases_gate(before: dict[str, Any], after: dict[str, Any]) -> tuple[bool, s
         f"next-word top-3 {100 * before.get('top3', 0.0):.2f}% -> "
         f"{100 * after.get('top3', 0.0):.2f}% ({lost} words lost, {gained} gained)"
     )
-    z = after.get("keystrokes_z", 0.0)
-    if gained > lost and not (z is None or z > GATE_Z):
+    if gained > lost and not _costlier(after):
         return True, change
     return False, f"new phrases did not help either: {change}"
 
