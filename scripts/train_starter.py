@@ -13,6 +13,14 @@ CPU has native bf16 (AVX-512 BF16, AMX) or on a GPU, a fused AdamW, and the loss
 with `torch.compile` (`benchmarks/starter_throughput.py` measures each against the fp32 eager
 recipe). A GPU is used when present; nothing requires one.
 
+Distillation: with --teacher DIR (a larger model trained by this script on the same tokens, e.g.
+on a GPU), the loss mixes the next token's cross-entropy with the KL divergence from the
+teacher's next-token distribution (--distill-weight), so the small model learns from the
+teacher's whole distribution rather than from one observed token: on a corpus of a few million
+tokens that is more signal per token than another pass over the same text.
+--data DIR trains from a prepared token cache (tokenizer.json, train-*.npy, heldout-*.npy, as
+this script writes under WORK) without the corpus, so a run can go to another machine.
+
 Resumable: every --checkpoint-minutes the whole run state (weights, optimizer, data order, step)
 is written atomically to WORK/run/state.pt; `--resume` continues from it and reaches the same
 weights as an uninterrupted run. The learning rate follows warm-up, a constant stage and a final
@@ -73,6 +81,7 @@ class TrainConfig:
     threads: int = 2
     tokenizer_sample_bytes: int = 4_000_000
     weights: dict[str, float] = field(default_factory=dict)
+    distill_weight: float = 0.0  # the teacher's share of the loss (with --teacher)
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -369,11 +378,17 @@ def make_optimizer(model, cfg: TrainConfig):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
-def make_loss_fn(model, precision: str, device: str, compile_: bool):
-    """(inputs, targets) -> mean next-token cross-entropy, under bf16 autocast when asked."""
+def make_loss_fn(
+    model, precision: str, device: str, compile_: bool, teacher=None, distill_weight: float = 0.0
+):
+    """(inputs, targets) -> mean next-token cross-entropy, under bf16 autocast when asked.
+
+    With a teacher: (1 - w) * cross-entropy + w * KL(teacher || model) per token.
+    """
     import contextlib
 
     import torch
+    import torch.nn.functional as F
 
     def loss_fn(inputs, targets):
         ctx = (
@@ -383,9 +398,15 @@ def make_loss_fn(model, precision: str, device: str, compile_: bool):
         )
         with ctx:
             logits = model(input_ids=inputs).logits
-        return torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1)
-        )
+        logits = logits.float().reshape(-1, logits.size(-1))
+        loss = F.cross_entropy(logits, targets.reshape(-1))
+        if teacher is None or not distill_weight:
+            return loss
+        with torch.no_grad(), ctx:
+            soft = teacher(input_ids=inputs).logits
+        soft = F.log_softmax(soft.float().reshape(-1, soft.size(-1)), dim=-1)
+        kl = F.kl_div(F.log_softmax(logits, dim=-1), soft, log_target=True, reduction="batchmean")
+        return (1 - distill_weight) * loss + distill_weight * kl
 
     # dynamic=False: every step has the same shapes, so one specialised graph serves them all.
     return torch.compile(loss_fn, dynamic=False) if compile_ else loss_fn
@@ -415,6 +436,8 @@ def train(
     checkpoint_minutes: float = 0.0,
     log_every: int = 50,
     stop_at: int = 0,
+    teacher=None,
+    distill_weight: float = 0.0,
 ) -> dict:
     """Run AdamW steps from progress.step to cfg.max_steps (or stop_at); returns the last stats.
 
@@ -425,7 +448,7 @@ def train(
 
     opt = opt or make_optimizer(model, cfg)
     progress = progress or Progress()
-    loss_fn = make_loss_fn(model, cfg.precision, device, compile_)
+    loss_fn = make_loss_fn(model, cfg.precision, device, compile_, teacher, distill_weight)
     model.train()
     t0 = time.perf_counter()
     seconds_before = progress.train_seconds
@@ -614,6 +637,54 @@ def prepare_data(corpus: Path, work: Path, cfg: TrainConfig, log):
     return tok, streams
 
 
+def load_prepared(data: Path, log):
+    """Tokenizer + token streams from a prepared cache directory (what prepare_data writes)."""
+    from tokenizers import Tokenizer
+
+    tok_path = data / "tokenizer.json"
+    if not tok_path.exists():
+        sys.exit(f"--data {data}: no tokenizer.json (a prepared cache has it and *.npy streams)")
+    streams: dict[str, dict[str, np.ndarray]] = {"train": {}, "heldout": {}}
+    for split in streams:
+        for f in sorted(data.glob(f"{split}-*.npy")):
+            streams[split][f.stem.split("-", 1)[1]] = np.load(f)
+    if not streams["train"]:
+        sys.exit(f"--data {data}: no train-*.npy streams")
+    log(f"data: {data} ({sum(map(len, streams['train'].values())):,} training tokens)")
+    return Tokenizer.from_file(str(tok_path)), streams
+
+
+def load_teacher(path: Path, vocab_size: int, device: str):
+    """A trained model to distil from, frozen, in bf16 on a GPU (its matmuls run so anyway)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    teacher = LlamaForCausalLM.from_pretrained(path)
+    if teacher.config.vocab_size != vocab_size:
+        sys.exit(f"--teacher {path}: vocabulary {teacher.config.vocab_size}, not {vocab_size}")
+    if device == "cuda":
+        teacher = teacher.to(torch.bfloat16)
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def export_starter(work: Path, out: Path, corpus: Path, seed: int, log) -> None:
+    """WORK's HF checkpoint -> the shipped artifact set in `out`, with the corpus's lexicon."""
+    from keyboard.export import ExportConfig, export_model
+    from keyboard.lexicon import FILE as LEXICON_FILE
+
+    out = out.resolve()
+    # LoRA where the exporter puts it by default (every adapter group), rank 8.
+    config = ExportConfig(rank=8, alpha=16, layers="all", seq_len=64, seed=seed)
+    here = Path.cwd()
+    os.chdir(work)  # the manifest records the model as "keyboard-starter": no machine's path
+    try:
+        export_model(MODEL_NAME, out, config)
+    finally:
+        os.chdir(here)
+    n_words = write_lexicon(corpus.resolve(), out / LEXICON_FILE)
+    log(f"exported -> {out} (lexicon: {n_words:,} words)")
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
 
@@ -635,6 +706,7 @@ def run(args: argparse.Namespace) -> dict:
         threads=args.threads,
         tokenizer_sample_bytes=args.tokenizer_sample_bytes,
         weights=parse_weights(args.weights),
+        distill_weight=args.distill_weight if args.teacher else 0.0,
     )
     device = pick_device(args.device)
     if cfg.precision == "auto":
@@ -650,11 +722,18 @@ def run(args: argparse.Namespace) -> dict:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
+    if args.export_only:
+        export_starter(work, Path(args.out), Path(args.corpus), cfg.seed, log)
+        return {}
+
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     t_start = time.perf_counter()
-    tok, streams = prepare_data(Path(args.corpus), work, cfg, log)
+    if args.data:
+        tok, streams = load_prepared(Path(args.data), log)
+    else:
+        tok, streams = prepare_data(Path(args.corpus), work, cfg, log)
     tokenizer = wrap_tokenizer(tok)
     eot_id = tok.token_to_id(EOT)
     model = build_model(cfg, eot_id).to(device)
@@ -664,6 +743,10 @@ def run(args: argparse.Namespace) -> dict:
             {"parameters": n_params, "device": device, "compile": compile_, "config": asdict(cfg)}
         )
     )
+    teacher = load_teacher(Path(args.teacher), cfg.vocab_size, device) if args.teacher else None
+    if teacher is not None:
+        teacher_eval = evaluate(teacher, np.concatenate(list(streams["heldout"].values())), 128)
+        log(f"teacher {args.teacher}: held-out {json.dumps(teacher_eval)}")
     sampler = SequenceSampler(streams["train"], cfg.weights, cfg.seq_len, cfg.seed)
     opt = make_optimizer(model, cfg)
     state_path = work / "run" / STATE_FILE
@@ -718,6 +801,8 @@ def run(args: argparse.Namespace) -> dict:
         checkpoint_minutes=args.checkpoint_minutes,
         log_every=args.log_every,
         stop_at=args.stop_at_step,
+        teacher=teacher,
+        distill_weight=cfg.distill_weight,
     )
     if progress.step < cfg.max_steps:
         log(f"stopped at step {progress.step} of {cfg.max_steps}: continue with --resume")
@@ -750,23 +835,9 @@ def run(args: argparse.Namespace) -> dict:
         (hf_dir / "training_result.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.out and not args.no_export:
         try:
-            from keyboard.export import ExportConfig, export_model
-            from keyboard.lexicon import FILE as LEXICON_FILE
+            export_starter(work, Path(args.out), Path(args.corpus), cfg.seed, log)
         except ImportError as exc:
-            log(f"export skipped ({exc}); run `keyboard export --base-model {hf_dir} ...` later")
-            log("result: " + json.dumps(result))
-            return result
-        out = Path(args.out).resolve()
-        # LoRA where the exporter puts it by default (every adapter group), rank 8.
-        config = ExportConfig(rank=8, alpha=16, layers="all", seq_len=64, seed=cfg.seed)
-        here = Path.cwd()
-        os.chdir(work)  # the manifest records the model as "keyboard-starter": no machine's path
-        try:
-            export_model(MODEL_NAME, out, config)
-        finally:
-            os.chdir(here)
-        n_words = write_lexicon(Path(args.corpus).resolve(), out / LEXICON_FILE)
-        log(f"exported -> {args.out} (lexicon: {n_words:,} words)")
+            log(f"export skipped ({exc}); run this script with --export-only later")
     log("result: " + json.dumps(result))
     return result
 
@@ -786,6 +857,23 @@ def parser() -> argparse.ArgumentParser:
         help="exported artifact set ('' to skip export)",
     )
     p.add_argument("--no-export", action="store_true")
+    p.add_argument(
+        "--export-only",
+        action="store_true",
+        help="export WORK's trained checkpoint to --out (with the lexicon) and stop",
+    )
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="a prepared token cache (tokenizer.json, train-*.npy, heldout-*.npy) instead of --corpus",
+    )
+    p.add_argument("--teacher", metavar="DIR", help="an HF checkpoint to distil from")
+    p.add_argument(
+        "--distill-weight",
+        type=float,
+        default=0.5,
+        help="the teacher's share of the loss, with --teacher (0: plain cross-entropy)",
+    )
     p.add_argument("--no-checkpoint", action="store_true", help="(throughput measurements)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=900)

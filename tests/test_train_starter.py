@@ -8,6 +8,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.torch
@@ -154,3 +155,44 @@ def test_lr_schedule_warms_up_then_decays():
     assert lrs[0] < lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
     assert lrs[-1] >= 1e-4 - 1e-12
+
+
+def test_prepared_data_and_distillation(tmp_path):
+    """A run from a prepared token cache trains as one from the corpus; a teacher's KL pulls a
+    student towards it, and the student's KL to a teacher identical to itself is zero."""
+    import torch
+
+    corpus = _corpus(tmp_path)
+    extra = ("--compile", "off", "--precision", "fp32")
+    from_corpus = ts.run(_args(corpus, tmp_path / "a", *extra))
+    (cache,) = (tmp_path / "a").glob("data-*")
+    from_cache = ts.run(_args(tmp_path / "missing", tmp_path / "b", *extra, "--data", str(cache)))
+    assert from_cache["heldout"]["all"]["loss"] == from_corpus["heldout"]["all"]["loss"]
+
+    teacher = tmp_path / "a" / ts.MODEL_NAME
+    model = ts.load_teacher(teacher, 300, "cpu")
+    inputs = torch.randint(0, 300, (2, 8))
+    targets = torch.randint(0, 300, (2, 8))
+    plain = ts.make_loss_fn(model, "fp32", "cpu", False)(inputs, targets)
+    self_taught = ts.make_loss_fn(model, "fp32", "cpu", False, model, 0.25)(inputs, targets)
+    assert float(self_taught) == pytest.approx(0.75 * float(plain), rel=1e-5)
+
+    # Distilled (all KL) for a few steps from a fresh start, the student moves towards the
+    # teacher: its KL to the teacher falls below an untaught student's.
+    distil = ("--max-steps", "12", "--teacher", str(teacher), "--distill-weight", "1.0")
+    taught = ts.run(_args(corpus, tmp_path / "c", *extra, *distil))
+    untaught = ts.run(_args(corpus, tmp_path / "d", *extra, "--max-steps", "12"))
+    stream = np.concatenate([np.load(f) for f in sorted(cache.glob("heldout-*.npy"))])
+    batch = torch.from_numpy(stream[:129].astype(np.int64))[None]
+
+    def kl_to_teacher(work):
+        student = ts.load_teacher(work / ts.MODEL_NAME, 300, "cpu")
+        with torch.no_grad():
+            s = torch.log_softmax(student(input_ids=batch).logits, -1)
+            t = torch.log_softmax(model(input_ids=batch).logits, -1)
+        return float((t.exp() * (t - s)).sum(-1).mean())
+
+    assert taught["train"]["step"] == untaught["train"]["step"] == 12
+    assert kl_to_teacher(tmp_path / "c") < kl_to_teacher(tmp_path / "d")
+    info = json.loads((tmp_path / "c" / ts.MODEL_NAME / "training.json").read_text())
+    assert info["config"]["distill_weight"] == 1.0
