@@ -308,7 +308,96 @@ def adaptable_graph(model_path: str | Path, lora: Iterable[str]) -> tuple[bytes,
         graph.initializer.remove(init)
         dtype = helper.np_dtype_to_tensor_dtype(value.dtype)
         graph.input.append(helper.make_tensor_value_info(fed, dtype, list(shape)))
+    tree_attention(model)
     return model.SerializeToString(), LoraInputs(feeds, own)
+
+
+TREE_BIAS = "attention_bias"  # [batch, 1, new, past + new] float, added to attention scores
+TREE_OUTPUTS = "logit_positions"  # [positions] int64: the new tokens whose logits come back
+
+
+def tree_attention(model: Any) -> bool:
+    """Let one run score a tree of token sequences on one copy of the context's key/values.
+
+    The exported graph builds a causal mask from `attention_mask` and returns the logits of
+    the last position only. Here (in place) the mask becomes the input TREE_BIAS (each new
+    token may attend to the past and to its own ancestors among the new tokens: a tree) and
+    the last-position slice becomes a gather of the positions in TREE_OUTPUTS, so logits come
+    back as [batch, positions, vocab]; what only built the mask goes. The search then scores
+    all hypotheses of a depth as one sequence over the context's key/values, instead of a
+    batch that copies those key/values once per hypothesis. Returns False, changing nothing,
+    for a graph of another shape (it is then served as exported).
+    """
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    if any(a.type in (a.GRAPH, a.GRAPHS) for node in graph.node for a in node.attribute):
+        return False  # subgraphs may read any name: not worth following
+    made = {out: node for node in graph.node for out in node.output}
+    # The additive mask: the one input that every attention's Add before its Softmax shares.
+    shared: set[str] | None = None
+    for node in graph.node:
+        if node.op_type == "Softmax":
+            add = made.get(node.input[0])
+            if add is None or add.op_type != "Add":
+                return False
+            shared = set(add.input) if shared is None else shared & set(add.input)
+    if not shared or len(shared) != 1:
+        return False
+    mask = shared.pop()
+    # The logits: Gather(last position) of lm_head(Slice(last position) of the hidden states).
+    last = made.get("logits")
+    if last is None or last.op_type != "Gather":
+        return False
+    cut, todo, seen = None, [last.input[0]], set()
+    while todo and cut is None:
+        node = made.get(todo.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type == "Slice":
+            cut = node
+        todo.extend(node.input)
+    if cut is None:
+        return False
+    for node in graph.node:
+        node.input[:] = [TREE_BIAS if name == mask else name for name in node.input]
+    nodes = list(graph.node)
+    at = nodes.index(cut)
+    graph.node.remove(cut)
+    gather = helper.make_node("Gather", [cut.input[0], TREE_OUTPUTS], [cut.output[0]], axis=1)
+    graph.node.insert(at, gather)
+    at = list(graph.node).index(last)
+    graph.node.remove(last)
+    graph.node.insert(at, helper.make_node("Identity", [last.input[0]], ["logits"]))
+    graph.input.append(
+        helper.make_tensor_value_info(TREE_BIAS, TensorProto.FLOAT, ["batch", 1, "new", "total"])
+    )
+    graph.input.append(
+        helper.make_tensor_value_info(TREE_OUTPUTS, TensorProto.INT64, ["positions"])
+    )
+    for out in graph.output:
+        if out.name == "logits":
+            out.CopyFrom(helper.make_tensor_value_info(
+                "logits", out.type.tensor_type.elem_type, ["batch", "positions", "vocab"]
+            ))  # fmt: skip
+    _drop_dead_nodes(graph)
+    return True
+
+
+def _drop_dead_nodes(graph: Any) -> None:
+    """Remove the nodes, initializers and inputs no graph output depends on."""
+    needed = {out.name for out in graph.output}
+    keep = []
+    for node in reversed(list(graph.node)):
+        if any(out in needed for out in node.output):
+            keep.append(node)
+            needed.update(name for name in node.input if name)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    for items in (graph.input, graph.initializer):
+        for item in [i for i in items if i.name not in needed]:
+            items.remove(item)
 
 
 def bake_inference_model(

@@ -50,6 +50,8 @@ import numpy as np
 
 from keyboard import memory, runtime
 from keyboard.artifacts import (
+    TREE_BIAS,
+    TREE_OUTPUTS,
     Adapter,
     ArtifactError,
     ArtifactSet,
@@ -550,6 +552,46 @@ class _Slots:
             self.free.notify()
 
 
+_MASKED = float(np.finfo(np.float32).min)  # what the exported graphs add where attention may not go
+
+
+def _as_tree(rows: list[tuple[int, ...]]) -> tuple[np.ndarray, list[int], list[int]]:
+    """Token sequences (after a shared past) as one tree: its tokens [1, nodes], each node's
+    parent (-1: the past) and the node each sequence ends at. Shared beginnings run once."""
+    index: dict[tuple[int, ...], int] = {}
+    tokens: list[int] = []
+    parents: list[int] = []
+    for row in rows:
+        for d in range(len(row)):
+            key = row[: d + 1]
+            if key not in index:
+                index[key] = len(tokens)
+                tokens.append(row[d])
+                parents.append(index[row[:d]] if d else -1)
+    return np.array([tokens], dtype=np.int64), parents, [index[row] for row in rows]
+
+
+def _ancestry(parents: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Which nodes each node of a tree may attend to (itself and its ancestors), and depths."""
+    n = len(parents)
+    seen = np.zeros((n, n), dtype=bool)
+    depth = np.zeros(n, dtype=np.int64)
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            seen[i] = seen[parent]
+            depth[i] = depth[parent] + 1
+        seen[i, i] = True
+    return seen, depth
+
+
+def _tree_bias(seen: np.ndarray, past_len: int) -> np.ndarray:
+    """The additive attention bias [1, 1, new, past + new]: the past for all, and `seen`."""
+    new = len(seen)
+    bias = np.zeros((1, 1, new, past_len + new), dtype=np.float32)
+    bias[0, 0, :, past_len:][~seen] = _MASKED
+    return bias
+
+
 def open_session(model: bytes, threads: int, source: Path) -> Any:
     """The inference session of a serialized graph (`source` names it in errors)."""
     ort = runtime.onnxruntime()
@@ -587,30 +629,47 @@ class Engine:
         layers = int(inference["layers"])
         self.past_names = [f"past.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
         self.output_names = ["logits"] + [n.replace("past", "present") for n in self.past_names]
+        inputs = {i.name for i in session.get_inputs()}
+        self.tree = TREE_BIAS in inputs  # hypotheses scored as a tree (`tree_attention`)
+        self.masked = "attention_mask" in inputs
         self.slots = _Slots(slots)
         self.lock = threading.Lock()  # guards `results`
         self.results: OrderedDict[Any, tuple[Candidate, ...]] = OrderedDict()
 
     def run(
         self, ids: np.ndarray, past: Sequence[np.ndarray], past_len: int, presents: bool,
-        stop: Callable[[], bool] | None = None,
+        stop: Callable[[], bool] | None = None, parents: Sequence[int] | None = None,
+        outputs: Sequence[int] | None = None,
     ):  # fmt: skip
-        """One session run: logits of the last position, and the key/values if asked.
+        """One session run of `ids` [batch, new] after `past_len` tokens whose key/values are
+        `past`: the logits of each row's last position [batch, vocab], and the key/values if
+        asked. On a tree graph, `parents` makes the one row of `ids` a tree (each token follows
+        the token at `parents[i]` < i, or the past for -1) and the logits are those of the
+        tokens at `outputs` [len(outputs), vocab].
         Raises Stopped instead when `stop` (work ahead: is a request waiting?) says so."""
         if stop is not None and stop():
             raise Stopped
         batch, new = ids.shape
-        feeds = {
-            "input_ids": ids,
-            "attention_mask": np.ones((batch, past_len + new), dtype=np.int64),
-            "position_ids": np.broadcast_to(
+        feeds = {"input_ids": ids}
+        if parents is None:
+            feeds["position_ids"] = np.broadcast_to(
                 np.arange(past_len, past_len + new, dtype=np.int64), (batch, new)
-            ).copy(),
-        }
+            ).copy()
+            if self.tree:
+                feeds[TREE_BIAS] = _tree_bias(np.tri(new, dtype=bool), past_len)
+                feeds[TREE_OUTPUTS] = np.array([new - 1], dtype=np.int64)
+        else:
+            seen, depth = _ancestry(parents)
+            feeds["position_ids"] = (depth + past_len)[None]
+            feeds[TREE_BIAS] = _tree_bias(seen, past_len)
+            feeds[TREE_OUTPUTS] = np.asarray(outputs, dtype=np.int64)
+        if self.masked:
+            feeds["attention_mask"] = np.ones((batch, past_len + new), dtype=np.int64)
         feeds.update(zip(self.past_names, past, strict=True))
         feeds.update(self.lora)
         out = self.session.run(self.output_names if presents else ["logits"], feeds)
-        return out[0], out[1:]
+        logits = out[0]
+        return logits.reshape(-1, logits.shape[-1]), out[1:]
 
     def _empty_past(self, batch: int = 1) -> list[np.ndarray]:
         shape = (batch, self.kv_heads, 0, self.head_dim)
@@ -670,12 +729,17 @@ class Engine:
                 if not state.holds(context):
                     self.rebase(state, context)
                 n = len(state.base)
-                if not state.repeated or state.repeated[0].shape[0] < len(todo):
-                    rows = max(len(todo), BEAM_WIDTH)
-                    state.repeated = [np.repeat(kv, rows, axis=0) for kv in state.kv]
-                past = [kv[: len(todo)] for kv in state.repeated]
-                ids = np.array([seqs[i][n:] for i in todo], dtype=np.int64)
-                logits, _ = self.run(ids, past, n, presents=False, stop=state.stop)
+                rows = [seqs[i][n:] for i in todo]
+                if self.tree:  # one sequence: the hypotheses' tokens as a tree
+                    ids, parents, outputs = _as_tree(rows)
+                    logits, _ = self.run(ids, state.kv, n, False, state.stop, parents, outputs)
+                else:  # one row per hypothesis, each with its own copy of the key/values
+                    if not state.repeated or state.repeated[0].shape[0] < len(todo):
+                        batch = max(len(todo), BEAM_WIDTH)
+                        state.repeated = [np.repeat(kv, batch, axis=0) for kv in state.kv]
+                    past = [kv[: len(todo)] for kv in state.repeated]
+                    ids = np.array(rows, dtype=np.int64)
+                    logits, _ = self.run(ids, past, n, presents=False, stop=state.stop)
                 for i, nxt in zip(todo, next_distributions(self.table, logits), strict=True):
                     out[i] = nxt
                     state.put(seqs[i], nxt)

@@ -171,6 +171,45 @@ def test_cached_and_uncached_results_are_identical_over_a_typing_session(tiny_ll
     assert calls == len(TYPED) + 1
 
 
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
+def test_a_tree_of_hypotheses_scores_as_one_row_each(family: str, request: pytest.FixtureRequest):
+    # One run over one copy of the context's key/values, the hypotheses' tokens as a tree
+    # (shared beginnings once), gives each hypothesis the logits of a run of its own.
+    from keyboard.predictor import _as_tree
+
+    predictor = Predictor(request.getfixturevalue(family))
+    engine = predictor._engine
+    assert engine.tree and not engine.masked  # the graph took the tree inputs
+    context = (predictor.eos_id, *predictor.tokenizer.encode("Thank you so much for").ids)
+    _, kv = engine.run(np.array([context]), engine._empty_past(), 0, presents=True)
+    rows = [(5, 9, 14), (5, 9, 20), (5, 11), (7,), (5, 9)]
+    ids, parents, outputs = _as_tree(rows)
+    assert ids.shape == (1, 6) and parents == [-1, 0, 1, 1, 0, -1]
+    tree, _ = engine.run(ids, kv, len(context), False, None, parents, outputs)
+    for row, logits in zip(rows, tree, strict=True):
+        alone, _ = engine.run(np.array([row]), kv, len(context), presents=False)
+        np.testing.assert_allclose(logits, alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_answers_are_the_same_on_a_graph_without_the_tree_inputs(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # A graph the tree rewrite does not recognise is served as exported (a batch row per
+    # hypothesis): the same answers over a replayed typing session.
+    import keyboard.artifacts
+
+    tree = Predictor(tiny_llama, context_tokens=16)
+    monkeypatch.setattr(keyboard.artifacts, "tree_attention", lambda model: False)
+    rows = Predictor(tiny_llama, context_tokens=16)
+    assert tree._engine.tree and not rows._engine.tree and rows._engine.masked
+    for context in _keystrokes(TYPED[:90]):
+        a, b = tree.predict(context, k=3), rows.predict(context, k=3)
+        assert a.words == b.words, context
+        assert [c.score for c in a.candidates] == pytest.approx(
+            [c.score for c in b.candidates], rel=1e-4, abs=1e-6
+        )
+
+
 CLIENTS = [
     "Thank you so much for your help with the project. We are going",
     "Could you please send me the report by Friday afternoon? The meeting",
