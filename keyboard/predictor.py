@@ -74,11 +74,13 @@ MAX_WORD_TOKENS = 4  # tokens a word may take beyond those its typed prefix need
 MAX_DEPTH = 12  # hard limit on search depth (long odd prefixes)
 MIN_SHARE = 1e-3  # a word this much less likely than the best one found is not worth a search
 LRU_SIZE = 1024  # finished results
-HYPOTHESIS_CACHE_SIZE = 384  # token distributions (one float32 vector of the vocabulary each)
-SLOTS = (
-    16  # key/value cache slots: clients typing at once that each keep their context (0.6 MB each)
-)
-HOT_SLOTS = 2  # slots that keep batch copies of their key/values (one per inference thread)
+# Next-token distributions kept (a float32 vector of the vocabulary each, 32 kB for 8k tokens):
+# typing on in a word asks for those of the last keystroke again.
+HYPOTHESIS_CACHE_SIZE = 96  # at least
+NEXTS_PER_SLOT = 24  # ... and this many per slot holding a client's context
+# Key/value cache slots: clients typing at once that each keep their context (0.6 MB each).
+SLOTS = 64
+HOT_SLOTS = 2  # slots taken last that keep batch copies of their key/values (no tree graph)
 TOKENIZED_SIZE = 2 * SLOTS  # tokenized context windows kept
 SLOT_WAIT_S = 0.05  # how long a prediction waits for the busy slot holding its context
 SLOT_KEEP_TAKES = 4 * SLOTS  # a slot not taken for this many predictions lets its key/values go
@@ -487,6 +489,10 @@ class _State:
         return bool(self.kv) and context == self.base
 
 
+def _first(pair: tuple[Any, Any]) -> Any:
+    return pair[0]
+
+
 def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     """How many leading tokens `a` and `b` share (a binary search of slice comparisons, done
     in C: every prediction compares its context with every slot's)."""
@@ -513,37 +519,45 @@ class _Slots:
         self.clock = 0
 
     def take(self, context: tuple[int, ...]) -> _State:
-        # Sharing a token or two (the start of a text) is no reason to take someone's slot.
+        # Sharing a token or two (the start of a text) is no reason to take someone's slot:
+        # a slot counts only if it holds more than the first half of the context, which one
+        # slice comparison tells (most slots hold other clients' texts).
         least = len(context) // 2
+        head = context[: least + 1]
 
         def fit(s: _State) -> tuple[int, int]:
-            common = _common(s.base, context)
-            return (common if common > least else 0, -s.used)
+            common = _common(s.base, context) if s.base[: least + 1] == head else 0
+            return (common, -s.used)
 
         deadline = time.monotonic() + SLOT_WAIT_S
         with self.free:
             while True:
-                best = max(self.states, key=fit)
-                idle = [s for s in self.states if not s.busy]
+                scored = [(fit(s), s) for s in self.states]
+                best_fit, best = max(scored, key=_first)
+                idle = [x for x in scored if not x[1].busy]
                 # The slot holding this context is busy (a prediction computed ahead for the
                 # same client): waiting a moment for it beats recomputing the context.
-                if idle and (not best.busy or fit(best)[0] == 0):
+                if idle and (not best.busy or best_fit[0] == 0):
                     break
                 left = deadline - time.monotonic()
                 if idle and left <= 0:
                     break
                 self.free.wait(left if idle else None)
-            state = max(idle, key=fit)
+            state = max(idle, key=_first)[1]
             self.clock += 1
             state.busy, state.used = True, self.clock
-            # Batch copies of the key/values are large: only the slots in use keep theirs.
-            for other in sorted(self.states, key=lambda s: -s.used)[HOT_SLOTS:]:
-                if not other.busy:
+            live = 0
+            for other in self.states:
+                if not other.busy and other.used <= self.clock - HOT_SLOTS:
+                    # Batch copies of the key/values are large: only the slots taken last
+                    # keep theirs. A context nobody asked about for a while (a window the
+                    # text moved past, a client gone) is unlikely to come back: its memory goes.
                     other.repeated = []
-                    # A context nobody asked about for a while (a window the text moved past,
-                    # a client gone) is unlikely to come back: its memory goes.
                     if other.used < self.clock - SLOT_KEEP_TAKES:
                         other.base, other.kv = (), []
+                live += bool(other.kv) or other is state
+            # Distributions kept: enough for what each client typing now will ask again.
+            self.nexts.size = max(HYPOTHESIS_CACHE_SIZE, NEXTS_PER_SLOT * live)
             return state
 
     def give_back(self, state: _State) -> None:
