@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keyboard import protocol as rpc
-from keyboard.protocol import Invalid, Request, RpcError
+from keyboard.protocol import Invalid, Parsed, Request, RpcError
 
 log = logging.getLogger("keyboard.server")
 
@@ -69,6 +69,7 @@ class Connections:
         self.unqueued = unqueued
         self.stopping = False
         self.served = 0
+        self.requests = 0  # requests being answered now (a batch line holds several)
         self._open: set[Connection] = set()
         self._handlers: set[asyncio.Task[None]] = set()
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -172,8 +173,10 @@ class Connections:
             await conn.send(_join(answers, batch))
 
     async def _answer_line(self, conn: Connection, line: bytes) -> None:
+        parsed: list[Parsed] = []
         try:
             parsed, batch = rpc.parse_line(line)
+            self.requests += len(parsed)
             if len(parsed) == 1:  # the common case, without gather's extra tasks
                 answers = [await self._answer(conn, parsed[0])]
             else:
@@ -182,6 +185,7 @@ class Connections:
             if encoded:
                 await conn.send(_join(encoded, batch))
         finally:
+            self.requests -= len(parsed)
             conn.slots.release()
 
     async def _answer(self, conn: Connection, item: Request | Invalid) -> bytes | None:

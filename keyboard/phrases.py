@@ -409,9 +409,9 @@ class PhraseModel:
         return float(self._scores(np.array([i]), self._contexts(context))[0])
 
     def _word_range(self, prefix: str) -> tuple[int, int]:
-        words = self.vocab[: self.n_words]
-        lo = bisect.bisect_left(words, prefix)
-        return lo, bisect.bisect_left(words, prefix + "\U0010ffff", lo)
+        words, n = self.vocab, self.n_words  # the words are vocab[:n], sorted
+        lo = bisect.bisect_left(words, prefix, 0, n)
+        return lo, bisect.bisect_left(words, prefix + "\U0010ffff", lo, n)
 
     def candidates(self, context: tuple[str, ...], prefix: str, limit: int = CANDIDATES) -> dict:
         """Up to `limit` words starting with `prefix` the user model finds most likely after

@@ -606,6 +606,15 @@ def _tree_bias(seen: np.ndarray, past_len: int) -> np.ndarray:
     return bias
 
 
+def _run_session(session: Any, outputs: list[str], feeds: dict[str, np.ndarray]) -> list:
+    """`session.run` without its Python-side check of the feeds (0.05 ms a run, as long as
+    a small run's share of the search): the engine builds them to fit the graph."""
+    inner = getattr(session, "_sess", None)
+    if inner is None:  # another ONNX Runtime than the pinned one
+        return session.run(outputs, feeds)
+    return inner.run(outputs, feeds, None)
+
+
 def open_session(model: bytes, threads: int, source: Path) -> Any:
     """The inference session of a serialized graph (`source` names it in errors)."""
     ort = runtime.onnxruntime()
@@ -681,7 +690,7 @@ class Engine:
             feeds["attention_mask"] = np.ones((batch, past_len + new), dtype=np.int64)
         feeds.update(zip(self.past_names, past, strict=True))
         feeds.update(self.lora)
-        out = self.session.run(self.output_names if presents else ["logits"], feeds)
+        out = _run_session(self.session, self.output_names if presents else ["logits"], feeds)
         logits = out[0]
         return logits.reshape(-1, logits.shape[-1]), out[1:]
 

@@ -34,6 +34,7 @@ REOPEN_S = 10.0  # how often an unavailable typing log is tried again
 AHEAD_SHARE = 0.1  # of one core, at most, for computing ahead (averaged over AHEAD_BURST_S)
 AHEAD_BURST_S = 1.0
 IDLE_TRIM_S = 0.5  # without a prediction for this long, freed memory goes back to the system
+AHEAD_DELAY_S = 0.02  # a pause this long after a keystroke starts computing the next one ahead
 
 
 class AheadBudget:
@@ -153,15 +154,18 @@ class RpcMethods:
         self._pointer_seen: tuple[int, int] | None = None
         self._predicting = 0  # predict requests in flight
         self._last_asked = 0.0  # when the last prediction was asked (loop time)
+        self._asks = 0  # predictions asked so far
         self._idle_trim: asyncio.TimerHandle | None = None
         self._prefetching: asyncio.Future[float] | None = None  # the next keystroke, ahead
         # (version, adapter file, phrase file) served and what was wrong with them then
         self._served: tuple[Any, list[str]] = (None, [])
         # The user phrases served, learning as the user types (None: phrases are off).
         self.live: LivePhrases | None = None
-        # Set by the daemon once the other parts exist: what `train` and `status` report on.
+        # Set by the daemon once the other parts exist: what `train` and `status` report on,
+        # and whether the request being answered is the only one (else False: never known).
         self.train: Callable[[bool, bool], Awaitable[dict[str, Any]]] | None = None
         self.extra_status: Callable[[], dict[str, Any]] = dict
+        self.alone: Callable[[], bool] = bool
         self.table: dict[str, Callable[..., Awaitable[Any]]] = {
             "predict": self.predict,
             "observe": self.observe,
@@ -191,20 +195,26 @@ class RpcMethods:
         self._last_asked = loop.time()
         if self._idle_trim is None:
             self._idle_trim = loop.call_later(IDLE_TRIM_S, self._trim_when_idle)
+        self._asks += 1
+        asks = self._asks
         # Known already (computed ahead while the user typed): answered here, without the
         # two thread switches of the pool, which cost milliseconds on a busy machine.
-        known = self._predict_cached(context, k)
-        if known is not None:
-            loop.call_soon(self._prefetch_when_idle, context, k)
-            return known
-        self._predicting += 1
-        try:
-            result = await loop.run_in_executor(self._infer_pool, self._predict, context, k)
-        finally:
-            self._predicting -= 1
-        # Once answered (call_soon: after this answer is written), and only while no other
-        # prediction waits: the next keystroke's answer, computed ahead.
-        loop.call_soon(self._prefetch_when_idle, context, k)
+        result = self._predict_cached(context, k)
+        if result is None:
+            self._predicting += 1
+            try:
+                if self._predicting == 1 and self.alone():
+                    # Nothing else to answer: computed here too; the pool's two thread
+                    # switches would only add to this answer's wait.
+                    result = self._predict(context, k)
+                else:
+                    result = await loop.run_in_executor(self._infer_pool, self._predict, context, k)
+            finally:
+                self._predicting -= 1
+        # Once the user pauses (no prediction asked for AHEAD_DELAY_S after this answer):
+        # the next keystroke's answer, computed ahead. Keystrokes that come faster (a fast
+        # typist's burst, many clients at once) would only find the CPU busy with guesses.
+        loop.call_later(AHEAD_DELAY_S, self._prefetch_when_idle, context, k, asks)
         return result
 
     def _trim_when_idle(self) -> None:
@@ -225,8 +235,10 @@ class RpcMethods:
             raise RpcError(rpc.INVALID_PARAMS, f"predict: {exc}") from exc
         return None if known is None else known.to_json()
 
-    def _prefetch_when_idle(self, context: str, k: int) -> None:
-        if self._predicting or self._prefetching is not None or not self.ahead_budget.allows():
+    def _prefetch_when_idle(self, context: str, k: int, asks: int) -> None:
+        if asks != self._asks or self._predicting or self._prefetching is not None:
+            return  # another prediction was asked since: not a pause
+        if not self.ahead_budget.allows():
             return
         loop = asyncio.get_running_loop()
         self._prefetching = loop.run_in_executor(self._ahead_pool, self._prefetch, context, k)

@@ -264,6 +264,7 @@ class Daemon:
         supervisor = JobSupervisor(methods, model_dir)
         methods.train = supervisor.train
         methods.extra_status = self._status
+        methods.alone = lambda: self.connections.requests <= 1
         self.methods, self.supervisor = methods, supervisor
 
     def _status(self) -> dict[str, Any]:

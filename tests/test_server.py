@@ -759,3 +759,53 @@ def test_work_ahead_keeps_to_its_share_of_the_cpu():
     assert budget.allows()
     budget.spend(0.25)
     assert not budget.allows()
+
+
+def test_a_lone_prediction_is_computed_without_the_pool(
+    in_thread: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Alone, a prediction is computed on the daemon's own thread (no two thread switches);
+    # with others being answered (a batch), on the inference pool, so they run side by side.
+    predictor = in_thread.methods.predictor
+    ran_on: list[str] = []
+    predict = predictor.predict
+
+    def recorded(context: str, k: int = 3) -> Any:
+        ran_on.append(threading.current_thread().name)
+        return predict(context, k)
+
+    monkeypatch.setattr(predictor, "predict", recorded)
+    with connect(in_thread.config.socket_path) as c:
+        alone = call(c, "predict", {"context": "Thank you so much for your"})["result"]
+        assert ran_on == ["keyboard-daemon"]
+        c.send_json(
+            [{"jsonrpc": "2.0", "id": i, "method": "predict",
+              "params": {"context": f"{CONTEXTS[i]} and"}} for i in range(3)]
+        )  # fmt: skip
+        assert sorted(a["id"] for a in c.read()) == [0, 1, 2]
+        assert all(name.startswith("keyboard-predict") for name in ran_on[1:])
+        assert len(ran_on) == 4
+        again = call(c, "predict", {"context": "Thank you so much for your"})["result"]
+    assert again["candidates"] == alone["candidates"]  # the same answer, cached now
+
+
+def test_work_ahead_waits_for_a_pause(in_thread: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Keystrokes closer together than AHEAD_DELAY_S compute nothing ahead; a pause after
+    # the last one computes the keystroke after it.
+    from keyboard import rpc_methods
+
+    monkeypatch.setattr(rpc_methods, "AHEAD_DELAY_S", 0.5)
+    predictor = in_thread.methods.predictor
+    ahead: list[str] = []
+    monkeypatch.setattr(predictor, "prefetch", lambda context, k, stop: ahead.append(context))
+    with connect(in_thread.config.socket_path) as c:
+        started = time.monotonic()
+        for context in ("Could you please se", "Could you please sen", "Could you please send"):
+            assert "result" in call(c, "predict", {"context": context})
+        if time.monotonic() - started >= 0.5:
+            pytest.skip("the machine is too slow to type faster than the pause")
+        assert ahead == []
+        deadline = time.monotonic() + 10
+        while not ahead and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert ahead == ["Could you please send"]
