@@ -489,10 +489,6 @@ class _State:
         return bool(self.kv) and context == self.base
 
 
-def _first(pair: tuple[Any, Any]) -> Any:
-    return pair[0]
-
-
 def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     """How many leading tokens `a` and `b` share (a binary search of slice comparisons, done
     in C: every prediction compares its context with every slot's)."""
@@ -521,29 +517,35 @@ class _Slots:
     def take(self, context: tuple[int, ...]) -> _State:
         # Sharing a token or two (the start of a text) is no reason to take someone's slot:
         # a slot counts only if it holds more than the first half of the context, which one
-        # slice comparison tells (most slots hold other clients' texts).
+        # token and one slice comparison tell (most slots hold other clients' texts).
         least = len(context) // 2
         head = context[: least + 1]
-
-        def fit(s: _State) -> tuple[int, int]:
-            common = _common(s.base, context) if s.base[: least + 1] == head else 0
-            return (common, -s.used)
-
+        pivot = head[-1] if head else None
         deadline = time.monotonic() + SLOT_WAIT_S
         with self.free:
             while True:
-                scored = [(fit(s), s) for s in self.states]
-                best_fit, best = max(scored, key=_first)
-                idle = [x for x in scored if not x[1].busy]
+                sharing = {
+                    s: _common(s.base, context)
+                    for s in self.states
+                    if len(s.base) > least
+                    and s.base[least] == pivot
+                    and s.base[: least + 1] == head
+                }
+                best = max(sharing, key=lambda s: (sharing[s], -s.used)) if sharing else None
+                idle = [s for s in self.states if not s.busy]
                 # The slot holding this context is busy (a prediction computed ahead for the
                 # same client): waiting a moment for it beats recomputing the context.
-                if idle and (not best.busy or best_fit[0] == 0):
+                if idle and (best is None or not best.busy):
                     break
                 left = deadline - time.monotonic()
                 if idle and left <= 0:
                     break
                 self.free.wait(left if idle else None)
-            state = max(idle, key=_first)[1]
+            free = [s for s in sharing if not s.busy]
+            if free:  # the one sharing the most (and of those, the least recently used)
+                state = max(free, key=lambda s: (sharing[s], -s.used))
+            else:  # the least recently used
+                state = min(idle, key=lambda s: s.used)
             self.clock += 1
             state.busy, state.used = True, self.clock
             live = 0
@@ -801,7 +803,11 @@ class RealWords:
 
     def can_start(self, part: str) -> bool:
         """Whether some real word starts with `part`."""
-        return any(words.has_prefix(part) for words in (self.lexicon, self._stored, self._recent))
+        return (
+            self.lexicon.has_prefix(part)
+            or self._stored.has_prefix(part)
+            or self._recent.has_prefix(part)
+        )
 
     def accept(self, raw: bytes) -> bool:
         try:
