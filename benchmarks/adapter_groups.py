@@ -72,7 +72,7 @@ def run_set(
     trainer = LoraTrainer(
         artifacts, artifacts.initial_adapter(), threads=1, groups=list(groups), cache_dir=cache
     )
-    seq_len = int(artifacts.manifest["training"].get("seq_len", 64))
+    seq_len = artifacts.seq_len
     train = trainer.batches(train_texts, seq_len, 8)
     dev = trainer.batches(dev_texts, seq_len, 8)
     before = trainer.evaluate(dev)
@@ -101,7 +101,7 @@ def time_steps(
     from keyboard.trainer import LoraTrainer
 
     artifacts = ArtifactSet.open(model)
-    seq_len = int(artifacts.manifest["training"].get("seq_len", 64))
+    seq_len = artifacts.seq_len
     best: dict[str, float] = {}
     for _ in range(rounds):
         for groups in sets:

@@ -193,6 +193,9 @@ def user_main(
             "gate_before": metrics.get("before"),
             "gate_after": metrics.get("after"),
             "data": metrics.get("data"),
+            "fold_in": metrics.get("fold_in"),  # steps on the held-out slice after the gate
+            "shares": metrics.get("shares"),  # held-out KSR@3 per phrase share tried
+            "phrase_share": None if stored is None else stored.weight,
         },
         "predictor_peak_rss_mb": round(peak_rss_mb(), 1),
     }
@@ -310,6 +313,8 @@ def markdown(results: list[dict[str, Any]], k: int) -> str:
         decision = "promoted" if j["adapter_trained"] else (
             "phrases only" if j["promoted"] else j["status"]
         )  # fmt: skip
+        if j.get("phrase_share") is not None:
+            decision += f", share {j['phrase_share']:g}"
         lines.append(
             f"| {r['file']} | {words} | "
             + " | ".join(f"{100 * c[x]['ksr']:.2f}" for x in present)

@@ -66,6 +66,11 @@ class ArtifactSet:
         return self.root / self.manifest["training"]["dir"]
 
     @property
+    def seq_len(self) -> int:
+        """The token window the training graphs were made for."""
+        return int(self.manifest["training"].get("seq_len", 64))
+
+    @property
     def eos_id(self) -> int:
         return int(self.manifest["tokenizer"]["special_tokens"]["eos_id"])
 

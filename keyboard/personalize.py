@@ -54,7 +54,11 @@ class JobConfig:
     eval_every: int = 50  # held-out loss every N steps: early stopping, best adapter kept
     patience: int = 3  # evaluations without improvement before stopping
     replay_fraction: float = 0.25  # older text replayed, as a fraction of the new entries
-    holdout_fraction: float = 0.1  # the most recent slice of new text, never trained on
+    holdout_fraction: float = 0.1  # the most recent slice of new text, kept from training
+    # Once the gate promotes, passes over that slice (the newest text, the closest to what
+    # comes next) at fold_in_lr, so the adapter served has learned it too; 0: never trained on.
+    fold_in_epochs: float = 2.0
+    fold_in_lr: float = 1e-3
     max_new_words: int = 100_000  # per job; the rest waits for the next one
     max_eval_words: int = 1_000  # held-out words typed through the predictor for top-3
     min_loss_gain: float = 0.001  # held-out loss must fall by this fraction to promote
@@ -63,6 +67,9 @@ class JobConfig:
     nice: int = 10  # niceness the job lowers itself to
     keep_versions: int = 5
     phrases: bool = True  # count the user's word n-grams; false: the adapter alone is served
+    # With a promoted adapter, the phrases' share of the blend is the one of
+    # phrases.blend_weights that typed the held-out text best; false: the default share.
+    choose_share: bool = True
     groups: str = ""  # adapter groups trained, e.g. "attention,mlp" ("": the model's choice)
 
     @classmethod
@@ -635,6 +642,11 @@ def _train_and_gate(
 
     adapter_ok, why = gate(before, after, run.config.min_loss_gain)
     candidate = trained.candidate
+    weight = blend_weight(adapted=True)
+    if adapter_ok and gate_phrases is not None and run.config.choose_share:
+        weight, metrics["shares"] = _choose_share(
+            lambda phrases: measure(candidate, "candidate", phrases), gate_phrases, ranks_after.ksr
+        )
     if not adapter_ok and gate_phrases is None:
         reason = f"kept adapter {start.version}: {why}"
         return JobResult("rejected", reason, version=start.version, metrics=metrics)
@@ -643,7 +655,7 @@ def _train_and_gate(
         # carry most of what a job gains: docs/results.md). Without this, someone whose
         # adapter stopped improving would never get the phrases of their newer text.
         assert gate_phrases is not None  # without phrases the job returned above
-        gate_phrases.weight = blend_weight(adapted=start.served is not None)
+        weight = gate_phrases.weight = blend_weight(adapted=start.served is not None)
         ranks_kept = measure(start.served, start.version, gate_phrases)
         kept = {**_accuracy(ranks_kept), **_paired(ranks_before, ranks_kept)}
         metrics["phrases_only"] = kept
@@ -654,19 +666,21 @@ def _train_and_gate(
         candidate, after = start.tensors, {"loss": before["loss"], **kept}
         why = f"adapter {start.version} kept ({why}), new phrases: {why_phrases}"
     del gate_phrases  # one phrase model in memory at a time
+    if adapter_ok:
+        candidate, metrics["fold_in"] = _fold_in(run, start, candidate, text.heldout)
     meta = {
         "source": "job",
         "trained": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "data": data,
         "steps": trained.fit.steps,
         "stopped": trained.fit.stopped,
+        "fold_in": metrics.get("fold_in"),
         "metrics": {"before": before, "after": after},
         "start_adapter": start.version,
         "adapter_trained": adapter_ok,  # False: the start adapter's tensors, with new phrases
     }
     meta["phrases_through"] = text.watermark  # the live phrases count the entries after it
-    adapted = adapter_ok or start.served is not None
-    result = _promote(run, start.store, candidate, meta, phrase_texts[1], adapted)
+    result = _promote(run, start.store, candidate, meta, phrase_texts[1], weight)
     result.reason = f"{result.version} replaces {start.version}: {why}"
     result.metrics = metrics
     return result
@@ -713,7 +727,7 @@ def _train(
         groups=config.groups or None,
         cache_dir=run.home.training_graphs,
     )
-    seq_len = int(start.artifacts.manifest["training"].get("seq_len", 64))
+    seq_len = start.artifacts.seq_len
     train_batches = trainer.batches(text.new + text.replay, seq_len, config.batch_size)
     heldout_batches = trainer.batches(text.heldout, seq_len, config.batch_size)
     loss_before = trainer.evaluate(heldout_batches)
@@ -746,22 +760,83 @@ def _train(
     return _Trained(candidate, fit, loss_before, loss_after)
 
 
+def _choose_share(
+    measure: Callable[[PhraseModel], _Typed], phrases: PhraseModel, ksr_default: float
+) -> tuple[float, dict[str, float]]:
+    """The phrases' share that typed the held-out text best with the candidate (the default's
+    KSR is `ksr_default`, measured by the gate); a tie keeps the default. Leaves `phrases` at
+    the default share."""
+    from keyboard.phrases import blend_weights
+
+    default, *others = blend_weights(adapted=True)
+    ksr = {default: ksr_default}
+    for share in others:
+        phrases.weight = share
+        ksr[share] = measure(phrases).ksr
+    phrases.weight = default
+    best = max(ksr, key=lambda w: (ksr[w], w == default))
+    return best, {f"{w:g}": round(100 * k, 3) for w, k in ksr.items()}
+
+
+def _fold_in(
+    run: JobRun, start: _Start, candidate: Adapter, heldout: list[str]
+) -> tuple[Adapter, dict[str, Any] | None]:
+    """The promoted candidate trained on the held-out slice too (`fold_in_epochs` passes at
+    `fold_in_lr`, within what is left of the budget), and what that did. Nothing is left to
+    check it against, so it stays short and gentle; a loss that is not a number keeps the
+    candidate as the gate passed it."""
+    import numpy as np
+
+    from keyboard.trainer import LoraTrainer
+
+    config = run.config
+    left = run.budget_s - (time.monotonic() - run.started)
+    if config.fold_in_epochs <= 0 or config.fold_in_lr <= 0 or left <= 1.0:
+        return candidate, None
+    trainer = LoraTrainer(
+        start.artifacts,
+        adapter=candidate,
+        threads=config.threads,
+        groups=config.groups or None,
+        cache_dir=run.home.training_graphs,
+    )
+    fit = trainer.fold_in(
+        heldout,
+        epochs=config.fold_in_epochs,
+        lr=config.fold_in_lr,
+        seq_len=start.artifacts.seq_len,
+        batch_size=config.batch_size,
+        seed=run.seed + 1,
+        time_budget_s=left,
+    )
+    folded = trainer.adapter()
+    del trainer
+    gc.collect()
+    done = {"steps": fit.steps, "seconds": round(fit.seconds, 3), "train_loss": fit.train_loss}
+    if not math.isfinite(fit.train_loss) or not all(np.isfinite(v).all() for v in folded.values()):
+        log.warning("the fold-in of the held-out text diverged; the gated adapter is kept")
+        return candidate, {**done, "kept": "gated"}
+    run.progress.event(
+        "folded", f"held-out text folded in: {fit.steps} steps, {fit.seconds:.1f} s", **done
+    )
+    return folded, done
+
+
 def _promote(
     run: JobRun,
     store: AdapterStore,
     tensors: Adapter,
     meta: dict[str, Any],
     phrase_texts: list[str],
-    adapted: bool,
+    weight: float,
 ) -> JobResult:
-    """Store `tensors` with the phrases of all the text as the new active version (the last,
-    atomic step of the job) and prune old versions. `adapted`: `tensors` are a trained
-    adapter (the phrases then take a smaller share of the blend)."""
-    from keyboard.phrases import PhraseModel, blend_weight
+    """Store `tensors` with the phrases of all the text (their share of the blend: `weight`)
+    as the new active version (the last, atomic step of the job) and prune old versions."""
+    from keyboard.phrases import PhraseModel
 
     counted = b""
     if run.config.phrases:  # off: no n-gram of the user's text is stored
-        phrases = PhraseModel.from_texts(phrase_texts, weight=blend_weight(adapted))
+        phrases = PhraseModel.from_texts(phrase_texts, weight=weight)
         meta["phrases"] = {"words": phrases.words, "ngrams": phrases.ngrams}
         counted = phrases.to_bytes()
         del phrases

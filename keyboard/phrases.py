@@ -44,6 +44,9 @@ START = "<s>"  # the start of a message: the context of its first word
 # model towards the user's words (docs/results.md, "Personalization II").
 DEFAULT_WEIGHT = 0.4
 ADAPTED_WEIGHT = 0.2
+# The best share differs by user: the job tries these steps either side of the default on its
+# held-out text and keeps the share that typed it best.
+SHARE_STEP = 0.1
 ORDER = 3  # 4-grams were no better on the users' held-out history (docs/evaluation.md)
 MAX_NGRAMS = 400_000  # stored 2- and 3-grams; beyond that the rarest 3-grams, then 2-grams go
 CONTEXT_CHARS = 200  # text before the word that is tokenized for the n-gram context
@@ -71,6 +74,12 @@ class PhraseError(KeyboardError):
 def blend_weight(adapted: bool) -> float:
     """The phrases' share of the blend, served with a trained adapter or the base model."""
     return ADAPTED_WEIGHT if adapted else DEFAULT_WEIGHT
+
+
+def blend_weights(adapted: bool) -> tuple[float, ...]:
+    """The shares a job tries for one user: the default first, then one step either side."""
+    w = blend_weight(adapted)
+    return (w, round(w - SHARE_STEP, 6), round(w + SHARE_STEP, 6))
 
 
 def mix(lm: dict[str, float], user: dict[str, float], weight: float) -> dict[str, float]:

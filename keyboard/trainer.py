@@ -199,6 +199,26 @@ class LoraTrainer:
                 count += n
         return total / count if count else float("nan")
 
+    def fold_in(
+        self,
+        texts: Sequence[str],
+        *,
+        epochs: float,
+        lr: float,
+        seq_len: int = 64,
+        batch_size: int = 8,
+        seed: int = 0,
+        time_budget_s: float | None = None,
+    ) -> FitResult:
+        """Train on `texts` for `epochs` passes (rounded up to whole steps) at a peak of `lr`,
+        with nothing held out to stop on: a short, gentle pass over text that was kept for
+        measuring, once it has been measured."""
+        batches = self.batches(texts, seq_len, batch_size)
+        steps = max(1, math.ceil(epochs * len(batches)))
+        return self.fit(
+            batches, max_steps=steps, lr=lr, warmup=1, time_budget_s=time_budget_s, seed=seed
+        )
+
     def fit(
         self,
         train: Sequence[Batch],

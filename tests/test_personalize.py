@@ -22,7 +22,7 @@ from keyboard.cli import main
 from keyboard.job_log import JobLog
 from keyboard.paths import Home
 from keyboard.personalize import JobConfig, gate, run_job
-from keyboard.phrases import ADAPTED_WEIGHT, DEFAULT_WEIGHT, PhraseModel
+from keyboard.phrases import ADAPTED_WEIGHT, DEFAULT_WEIGHT, PhraseModel, blend_weights
 from keyboard.progress import Progress
 from keyboard.types import KeyboardError
 from keyboard.typing_log import TypingLog
@@ -88,8 +88,13 @@ def test_job_learns_the_users_word(home: Home, tiny_llama: Path) -> None:
     # offer the word too, and first.
     assert result.phrases_path == store.phrases_path(version) == path.parent / "phrases.zlib"
     assert meta["phrases"]["words"] == sum(len(line.split()) for line in _user_lines())
-    # Served with the trained adapter, they take the smaller share of the blend.
-    assert PhraseModel.load(result.phrases_path).weight == ADAPTED_WEIGHT < DEFAULT_WEIGHT
+    # Served with the trained adapter, they take a smaller share of the blend: the one of the
+    # shares tried that typed the held-out text best (a tie keeps the default).
+    shares = {float(w): ksr for w, ksr in result.metrics["shares"].items()}
+    assert list(shares) == list(blend_weights(adapted=True)) and ADAPTED_WEIGHT in shares
+    chosen = PhraseModel.load(result.phrases_path).weight
+    assert chosen < DEFAULT_WEIGHT and shares[chosen] == max(shares.values())
+    assert shares[ADAPTED_WEIGHT] < max(shares.values()) or chosen == ADAPTED_WEIGHT
     assert predictor.load_adapter(None, phrases=result.phrases_path)
     assert predictor.predict("I love ", k=3).words[0] == WORD
 
@@ -133,6 +138,59 @@ def test_gate_rule() -> None:
     assert gate(typed, {**slower, "keystrokes_z": 1.0}, 0.001)[0]  # within chance
     ok, why = gate(typed, {**slower, "ksr": 0.33, "keystrokes_z": -2.0}, 0.001)
     assert ok and "KSR@3 30.00 -> 33.00" in why
+
+
+def test_share_chosen_on_the_held_out_text(home: Home, tiny_llama: Path) -> None:
+    ksr = {0.1: 0.30, 0.3: 0.32}  # typed by the other shares; the default's comes measured
+    phrases = PhraseModel()
+
+    def measure(p: PhraseModel) -> personalize._Typed:
+        return personalize._Typed([], [], ksr[p.weight])
+
+    assert personalize._choose_share(measure, phrases, 0.31)[0] == 0.3
+    assert phrases.weight == ADAPTED_WEIGHT  # left as the gate measured it
+    ksr[0.3] = 0.31
+    assert personalize._choose_share(measure, phrases, 0.31)[0] == ADAPTED_WEIGHT  # a tie
+    # Off: the default share, nothing measured for the others.
+    _log(home, _user_lines())
+    result = run_job(home, tiny_llama, config=_fast(choose_share=False), progress=_quiet())
+    assert result.status == "promoted" and "shares" not in result.metrics
+    assert PhraseModel.load(result.phrases_path).weight == ADAPTED_WEIGHT
+
+
+def _heldout_loss(model: Path, adapter: dict[str, np.ndarray], texts: list[str]) -> float:
+    from keyboard.trainer import LoraTrainer
+
+    trainer = LoraTrainer(ArtifactSet.open(model), adapter=adapter)
+    return trainer.evaluate(trainer.batches(texts, 64, 4))
+
+
+@pytest.mark.parametrize("epochs", [0.0, 5.0])
+def test_promoted_adapter_folds_in_the_held_out_text(
+    home: Home, tiny_llama: Path, epochs: float
+) -> None:
+    _log(home, _user_lines(60))
+    with TypingLog(home.typing_log) as log:
+        heldout = JobLog(log).training_text().heldout  # the job's own split
+    gated: list[dict[str, np.ndarray]] = []
+
+    def keep(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        gated.append(adapter)
+        return adapter
+
+    config = _fast(fold_in_epochs=epochs, fold_in_lr=5e-3)
+    result = run_job(home, tiny_llama, config=config, progress=_quiet(), after_training=keep)
+    assert result.status == "promoted", result.reason
+    store = AdapterStore.in_home(home, ArtifactSet.open(tiny_llama))
+    served, meta = store.load(result.version), store.active()[2]
+    if not epochs:  # what the gate passed is what is served
+        assert meta["fold_in"] is None
+        assert all(np.array_equal(served[n], gated[0][n]) for n in served)
+        return
+    # The newest text, which the gate needed unseen, is learned by the adapter served.
+    assert meta["fold_in"]["steps"] == result.metrics["fold_in"]["steps"] >= 3
+    before = _heldout_loss(tiny_llama, gated[0], heldout)
+    assert _heldout_loss(tiny_llama, served, heldout) < before - 0.05
 
 
 def _damage(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
