@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import gc
 import json
 import logging
 import math
@@ -18,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from keyboard import memory
 from keyboard.paths import Home
 from keyboard.progress import Progress
 from keyboard.types import KeyboardError
@@ -756,7 +756,7 @@ def _train(
         trainer.set_adapter(candidate)
     loss_after = trainer.evaluate(heldout_batches)
     del trainer, train_batches, heldout_batches
-    gc.collect()
+    memory.trim()  # the phases take turns: the peak is the largest one's, not their sum
     return _Trained(candidate, fit, loss_before, loss_after)
 
 
@@ -811,7 +811,7 @@ def _fold_in(
     )
     folded = trainer.adapter()
     del trainer
-    gc.collect()
+    memory.trim()
     done = {"steps": fit.steps, "seconds": round(fit.seconds, 3), "train_loss": fit.train_loss}
     if not math.isfinite(fit.train_loss) or not all(np.isfinite(v).all() for v in folded.values()):
         log.warning("the fold-in of the held-out text diverged; the gated adapter is kept")
@@ -883,7 +883,7 @@ def _typed(
     per_word: list[tuple[int, int]] = []
     report = simulate(predictor, typed, history=history, k=3, per_word=per_word)
     del predictor
-    gc.collect()
+    memory.trim()
     return _Typed([r for r, _ in per_word], [c for _, c in per_word], report.ksr)
 
 
