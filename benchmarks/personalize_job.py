@@ -88,10 +88,13 @@ def main() -> int:
                 "reason": result.get("reason"),
                 "wall_s": round(wall, 2),
                 "job_s": result.get("seconds"),
-                "peak_rss_mb": round(peak_kib / 1024, 1),
+                "peak_rss_mb": round(peak_kib / 1024, 1),  # any child: graph making too
+                "job_peak_rss_mb": result.get("peak_rss_mb"),  # the job process (VmHWM)
                 "steps": metrics.get("steps"),
                 "stopped": metrics.get("stopped"),
                 "train_s": metrics.get("train_seconds"),
+                "fold_in": metrics.get("fold_in"),
+                "shares": metrics.get("shares"),
                 "data": metrics.get("data"),
                 "before": metrics.get("before"),
                 "after": metrics.get("after"),
