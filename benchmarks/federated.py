@@ -155,7 +155,7 @@ def pooled_adapter(model: Path, users: list[Path], args: argparse.Namespace) -> 
 
     artifacts = ArtifactSet.open(model)
     trainer = LoraTrainer(artifacts, threads=1, groups=args.groups or None)
-    seq_len = int(artifacts.manifest["training"].get("seq_len", 64))
+    seq_len = artifacts.seq_len
     batches = []
     for path in users:
         history, _ = split_history(read_messages(path))

@@ -39,16 +39,14 @@ def user_losses(
     """Loss per token on the user's dev lines: base, gated adapter, each fold-in setting."""
     from keyboard.adapter_store import AdapterStore
     from keyboard.artifacts import ArtifactSet
-    from keyboard.evaluation import personalize_in_throwaway_home, read_messages, split_history
+    from keyboard.evaluation import history_and_typed, personalize_in_throwaway_home
     from keyboard.job_log import JobLog
     from keyboard.paths import Home
     from keyboard.personalize import JobConfig
     from keyboard.trainer import LoraTrainer
     from keyboard.typing_log import TypingLog
 
-    history, _ = split_history(read_messages(path))
-    train, dev = split_history(history)
-    dev = dev[:max_lines]
+    train, dev = history_and_typed(path, dev=True, max_lines=max_lines)
     artifacts = ArtifactSet.open(model)
     with tempfile.TemporaryDirectory(prefix="keyboard-bench-fold-in-") as tmp:
         home = Path(tmp) / "home"

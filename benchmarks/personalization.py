@@ -60,17 +60,6 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def split(path: Path, max_test_lines: int | None, dev: bool) -> tuple[list[str], list[str]]:
-    """The user's history and the lines typed: the test lines, or with `dev` the history
-    split once more by the same rule (its last fifth typed), for tuning without a test line."""
-    from keyboard.evaluation import read_messages, split_history
-
-    history, test = split_history(read_messages(path))
-    if dev:
-        history, test = split_history(history)
-    return history, test[:max_test_lines] if max_test_lines else test
-
-
 # --- the job process: the personalization job alone, so its peak RSS is its own -------------
 def job_main(
     path: Path,
@@ -80,10 +69,10 @@ def job_main(
     job_config: dict[str, Any],
     dev: bool,
 ) -> int:
-    from keyboard.evaluation import personalize_in_throwaway_home
+    from keyboard.evaluation import history_and_typed, personalize_in_throwaway_home
     from keyboard.personalize import JobConfig, peak_rss_mb
 
-    history, _ = split(path, None, dev)
+    history, _ = history_and_typed(path, dev)
     settings = dict(job_config)
     if time_budget is not None:
         settings["time_budget_s"] = time_budget
@@ -107,13 +96,13 @@ def user_main(
     dev: bool,
     phrase_weights: list[float],
 ) -> int:
-    from keyboard.evaluation import simulate
+    from keyboard.evaluation import history_and_typed, simulate
     from keyboard.live_phrases import LivePhrases
     from keyboard.personalize import peak_rss_mb
     from keyboard.phrases import PhraseModel, blend_weight
     from keyboard.predictor import Predictor
 
-    history, test = split(path, max_test_lines, dev)
+    history, test = history_and_typed(path, dev, max_test_lines or None)
     if not history or not test:
         raise SystemExit(f"{path}: too few lines for a history/test split")
     predictor = Predictor(model, threads=1)

@@ -30,14 +30,12 @@ def log(message: str) -> None:
 
 def user_ksr(path: Path, model: Path, boosts: list[float], max_lines: int) -> dict[str, Any]:
     """KSR@3 on the user's dev lines: nightly only, then learning as you type per boost."""
-    from keyboard.evaluation import read_messages, simulate, split_history
+    from keyboard.evaluation import history_and_typed, simulate
     from keyboard.live_phrases import LivePhrases
     from keyboard.phrases import PhraseModel
     from keyboard.predictor import Predictor
 
-    history, _ = split_history(read_messages(path))
-    train, dev = split_history(history)
-    dev = dev[:max_lines]
+    train, dev = history_and_typed(path, dev=True, max_lines=max_lines)
     stored = PhraseModel.from_texts(train)
     predictor = Predictor(model, threads=1)
     predictor.load_adapter(None, phrases=stored)

@@ -72,6 +72,18 @@ def split_history(messages: Sequence[str]) -> tuple[list[str], list[str]]:
     return list(messages[:n_hist]), list(messages[n_hist:])
 
 
+def history_and_typed(
+    path: Path, dev: bool = False, max_lines: int | None = None
+) -> tuple[list[str], list[str]]:
+    """A user file's history and the lines typed after it: its test lines, or with `dev` the
+    history split once more by the same rule (its last fifth typed, the rest history), for
+    tuning without reading a test line. At most `max_lines` are typed (None: all)."""
+    history, typed = split_history(read_messages(path))
+    if dev:
+        history, typed = split_history(history)
+    return history, typed if max_lines is None else typed[:max_lines]
+
+
 class TypingPredictor(Protocol):
     """Anything that suggests words for the text before the cursor (Predictor, peers, fakes)."""
 

@@ -18,6 +18,7 @@ from keyboard import cli
 from keyboard.evaluation import (
     TypingReport,
     completed_word,
+    history_and_typed,
     next_word_ranks,
     percentile,
     read_messages,
@@ -323,6 +324,17 @@ def test_split_rule_is_floor_of_80_percent():
         assert len(history) == math.floor(Fraction(4, 5) * n)
         assert history + test == [str(i) for i in range(n)]
     assert [len(x) for x in split_history(list("abcdefg"))] == [5, 2]
+
+
+def test_dev_lines_come_from_the_history_only(tmp_path):
+    path = tmp_path / "user.jsonl"
+    lines = [f"message {i}" for i in range(50)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines), encoding="utf-8")
+    assert history_and_typed(path) == (lines[:40], lines[40:])
+    assert history_and_typed(path, max_lines=3) == (lines[:40], lines[40:43])
+    history, dev = history_and_typed(path, dev=True)
+    assert (history, dev) == (lines[:32], lines[32:40])  # no test line, typed or trained on
+    assert history_and_typed(path, dev=True, max_lines=0) == (lines[:32], [])
 
 
 # --- command line --------------------------------------------------------------------------

@@ -173,7 +173,7 @@ def train_round(
         )
     except GroupError as exc:
         raise Declined(f"cannot train the groups asked for: {exc}") from None
-    seq_len = int(artifacts.manifest["training"].get("seq_len", 64))
+    seq_len = artifacts.seq_len
     batches = trainer.batches(texts[-config.max_entries :], seq_len, config.batch_size)
     if not batches:
         raise Declined("no text to train on")
