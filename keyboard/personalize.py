@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from keyboard.artifacts import Adapter, ArtifactSet
     from keyboard.job_log import TrainingText
     from keyboard.phrases import PhraseModel
-    from keyboard.trainer import FitResult
+    from keyboard.trainer import FitResult, LoraTrainer
     from keyboard.typing_log import TypingLog
 
 log = logging.getLogger("keyboard.personalize")
@@ -707,6 +707,19 @@ def _starting_point(run: JobRun) -> _Start:
     return _Start(artifacts, store, version, tensors, served, phrases)
 
 
+def _trainer(run: JobRun, start: _Start, adapter: Adapter) -> LoraTrainer:
+    """The job's trainer of `adapter`: its groups, threads and cached training graphs."""
+    from keyboard.trainer import LoraTrainer
+
+    return LoraTrainer(
+        start.artifacts,
+        adapter=adapter,
+        threads=run.config.threads,
+        groups=run.config.groups or None,
+        cache_dir=run.home.training_graphs,
+    )
+
+
 def _train(
     run: JobRun,
     start: _Start,
@@ -717,16 +730,8 @@ def _train(
     """Fine-tune the start adapter on the new text and replay, within what is left of the
     budget (the first measurement began at `measured_at`); held-out loss before and after
     (the best adapter on it is kept)."""
-    from keyboard.trainer import LoraTrainer
-
     config = run.config
-    trainer = LoraTrainer(
-        start.artifacts,
-        adapter=start.tensors,
-        threads=config.threads,
-        groups=config.groups or None,
-        cache_dir=run.home.training_graphs,
-    )
+    trainer = _trainer(run, start, start.tensors)
     seq_len = start.artifacts.seq_len
     train_batches = trainer.batches(text.new + text.replay, seq_len, config.batch_size)
     heldout_batches = trainer.batches(text.heldout, seq_len, config.batch_size)
@@ -787,19 +792,11 @@ def _fold_in(
     candidate as the gate passed it."""
     import numpy as np
 
-    from keyboard.trainer import LoraTrainer
-
     config = run.config
     left = run.budget_s - (time.monotonic() - run.started)
     if config.fold_in_epochs <= 0 or config.fold_in_lr <= 0 or left <= 1.0:
         return candidate, None
-    trainer = LoraTrainer(
-        start.artifacts,
-        adapter=candidate,
-        threads=config.threads,
-        groups=config.groups or None,
-        cache_dir=run.home.training_graphs,
-    )
+    trainer = _trainer(run, start, candidate)
     fit = trainer.fold_in(
         heldout,
         epochs=config.fold_in_epochs,
