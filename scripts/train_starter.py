@@ -587,6 +587,30 @@ def evaluate(model, stream: np.ndarray, seq_len: int, max_tokens: int = 0) -> di
     }
 
 
+def evaluate_heldout(
+    model, streams: dict[str, np.ndarray], seq_len: int, max_tokens: int = 0
+) -> dict[str, dict]:
+    """`evaluate` on each held-out source, and "all": their token-weighted mean."""
+    out: dict[str, dict] = {}
+    all_loss, all_tokens, all_top1, all_top3 = 0.0, 0, 0.0, 0.0
+    for name, stream in streams.items():
+        m = out[name] = evaluate(model, stream, seq_len, max_tokens)
+        if m["tokens"]:
+            all_loss += m["loss"] * m["tokens"]
+            all_top1 += m["token_top1"] * m["tokens"]
+            all_top3 += m["token_top3"] * m["tokens"]
+            all_tokens += m["tokens"]
+    if all_tokens:
+        out["all"] = {
+            "tokens": all_tokens,
+            "loss": round(all_loss / all_tokens, 4),
+            "perplexity": round(math.exp(all_loss / all_tokens), 2),
+            "token_top1": round(all_top1 / all_tokens, 4),
+            "token_top3": round(all_top3 / all_tokens, 4),
+        }
+    return out
+
+
 # --- pipeline ----------------------------------------------------------------------------------
 def prepare_data(corpus: Path, work: Path, cfg: TrainConfig, log):
     """Tokenizer + token streams (train and held-out, per source), cached in `work`."""
@@ -745,8 +769,8 @@ def run(args: argparse.Namespace) -> dict:
     )
     teacher = load_teacher(Path(args.teacher), cfg.vocab_size, device) if args.teacher else None
     if teacher is not None:
-        teacher_eval = evaluate(teacher, np.concatenate(list(streams["heldout"].values())), 128)
-        log(f"teacher {args.teacher}: held-out {json.dumps(teacher_eval)}")
+        held = evaluate_heldout(teacher, streams["heldout"], cfg.seq_len, args.eval_max_tokens)
+        log(f"teacher {args.teacher}: held-out {json.dumps(held)}")
     sampler = SequenceSampler(streams["train"], cfg.weights, cfg.seq_len, cfg.seed)
     opt = make_optimizer(model, cfg)
     state_path = work / "run" / STATE_FILE
@@ -807,25 +831,11 @@ def run(args: argparse.Namespace) -> dict:
     if progress.step < cfg.max_steps:
         log(f"stopped at step {progress.step} of {cfg.max_steps}: continue with --resume")
         return {"parameters": n_params, "train": stats, "stopped_at": progress.step}
-    result: dict = {"parameters": n_params, "train": stats, "heldout": {}}
+    result: dict = {"parameters": n_params, "train": stats}
     t = time.perf_counter()
-    all_loss, all_tokens, all_top1, all_top3 = 0.0, 0, 0.0, 0.0
-    for name, stream in streams["heldout"].items():
-        m = evaluate(model, stream, cfg.seq_len, args.eval_max_tokens)
-        result["heldout"][name] = m
-        if m["tokens"]:
-            all_loss += m["loss"] * m["tokens"]
-            all_top1 += m["token_top1"] * m["tokens"]
-            all_top3 += m["token_top3"] * m["tokens"]
-            all_tokens += m["tokens"]
-    if all_tokens:
-        result["heldout"]["all"] = {
-            "tokens": all_tokens,
-            "loss": round(all_loss / all_tokens, 4),
-            "perplexity": round(math.exp(all_loss / all_tokens), 2),
-            "token_top1": round(all_top1 / all_tokens, 4),
-            "token_top3": round(all_top3 / all_tokens, 4),
-        }
+    result["heldout"] = evaluate_heldout(
+        model, streams["heldout"], cfg.seq_len, args.eval_max_tokens
+    )
     result["eval_time_s"] = round(time.perf_counter() - t, 1)
     result["wall_time_s"] = round(time.perf_counter() - t_start, 1)
     result["train_tokens_per_source"] = train_tokens
