@@ -8,8 +8,8 @@ For each artifact set:
   (--base-words words per source, each document on its own), as scripts/evaluate_starter.py;
 - base KSR@3, top-3 and non-words shown on the first --max-test-lines test lines of every public
   user (history as context, no personalization): what `keyboard eval --max-lines N` reports.
-  A non-word is a suggestion neither the base corpus (words seen twice) nor the user's
-  history holds;
+  A non-word is a suggestion neither the shipped lexicon's sources (the base corpus's words
+  seen twice, the word lists) nor the user's history hold;
 - CPU ms per keystroke (p50/p99, 1 thread, caches on) replaying the same text.
 
     python benchmarks/starter_compare.py --model old=OLD_DIR --model new=models/starter \

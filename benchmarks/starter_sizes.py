@@ -42,13 +42,14 @@ def log(message: str) -> None:
 
 
 def corpus_lexicon(cache: Path) -> Path:
-    """The base corpus's lexicon (what train_starter.py ships), built once into `cache`."""
+    """The lexicon train_starter.py ships (the base corpus's words and the default word lists),
+    built once into `cache`."""
     import train_starter as ts
 
-    path = cache / "lexicon.txt.gz"
+    path = cache / "lexicon-dictionaries.txt.gz"
     if not path.is_file():
         cache.mkdir(parents=True, exist_ok=True)
-        ts.write_lexicon(BASE, path)
+        ts.write_lexicon(BASE, path, dictionaries=ts.dictionaries(ts.parser().parse_args([])))
     return path
 
 

@@ -42,6 +42,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -198,12 +199,24 @@ def encode_documents(tok, docs: list[list[str]]) -> np.ndarray:
 
 
 LEXICON_MIN_COUNT = 2  # a word seen once is as often a run-together typo ("toforeign") as a word
+# Word lists that complete the corpus's words: the training text is old-fashioned in part and
+# lacks everyday words ("downloading", "archive", "theorem"), which the model can spell but the
+# lexicon would not let it offer. SCOWL's large lists (Debian wamerican-large, wbritish-large).
+DICTIONARIES = (
+    Path("/usr/share/dict/american-english-large"),
+    Path("/usr/share/dict/british-english-large"),
+)
 
 
-def write_lexicon(corpus: Path, path: Path, min_count: int = LEXICON_MIN_COUNT) -> int:
+def write_lexicon(
+    corpus: Path,
+    path: Path,
+    min_count: int = LEXICON_MIN_COUNT,
+    dictionaries: Sequence[Path] = (),
+) -> int:
     """The model's lexicon (keyboard.lexicon): the training split's words seen at least
-    `min_count` times, lower-cased. Held-out lines are left out like everywhere else.
-    Returns the number of words."""
+    `min_count` times, lower-cased, and every word of the `dictionaries` (one per line).
+    Held-out lines are left out like everywhere else. Returns the number of words."""
     from collections import Counter
 
     from keyboard.lexicon import Lexicon
@@ -215,7 +228,11 @@ def write_lexicon(corpus: Path, path: Path, min_count: int = LEXICON_MIN_COUNT) 
         for doc in train_docs:
             for line in doc:
                 counts.update(w.lower() for w in WORD_RE.findall(line))
-    return Lexicon.save(path, (w for w, n in counts.items() if n >= min_count))
+    words = {w for w, n in counts.items() if n >= min_count}
+    for dictionary in dictionaries:
+        with open(dictionary, encoding="utf-8") as f:
+            words.update(w for w in (line.strip() for line in f) if WORD_RE.fullmatch(w))
+    return Lexicon.save(path, words)
 
 
 # --- model -------------------------------------------------------------------------------------
@@ -691,7 +708,23 @@ def load_teacher(path: Path, vocab_size: int, device: str):
     return teacher.to(device).eval().requires_grad_(False)
 
 
-def export_starter(work: Path, out: Path, corpus: Path, seed: int, log) -> None:
+def dictionaries(args: argparse.Namespace) -> list[Path]:
+    """The word lists the lexicon takes in: --dictionary, else the default lists (which must
+    be installed: a lexicon that silently lost them would offer fewer words)."""
+    if args.no_dictionary:
+        return []
+    chosen = [Path(d) for d in args.dictionary] if args.dictionary else list(DICTIONARIES)
+    if missing := [str(d) for d in chosen if not d.is_file()]:
+        raise SystemExit(
+            f"word list not found: {', '.join(missing)} (apt-get install wamerican-large "
+            "wbritish-large, pass --dictionary FILE, or --no-dictionary)"
+        )
+    return chosen
+
+
+def export_starter(
+    work: Path, out: Path, corpus: Path, seed: int, log, dictionaries: Sequence[Path] = ()
+) -> None:
     """WORK's HF checkpoint -> the shipped artifact set in `out`, with the corpus's lexicon."""
     from keyboard.export import ExportConfig, export_model
     from keyboard.lexicon import FILE as LEXICON_FILE
@@ -705,7 +738,7 @@ def export_starter(work: Path, out: Path, corpus: Path, seed: int, log) -> None:
         export_model(MODEL_NAME, out, config)
     finally:
         os.chdir(here)
-    n_words = write_lexicon(corpus.resolve(), out / LEXICON_FILE)
+    n_words = write_lexicon(corpus.resolve(), out / LEXICON_FILE, dictionaries=dictionaries)
     log(f"exported -> {out} (lexicon: {n_words:,} words)")
 
 
@@ -747,7 +780,7 @@ def run(args: argparse.Namespace) -> dict:
         print(msg, flush=True)
 
     if args.export_only:
-        export_starter(work, Path(args.out), Path(args.corpus), cfg.seed, log)
+        export_starter(work, Path(args.out), Path(args.corpus), cfg.seed, log, dictionaries(args))
         return {}
 
     torch.set_num_threads(cfg.threads)
@@ -845,7 +878,9 @@ def run(args: argparse.Namespace) -> dict:
         (hf_dir / "training_result.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.out and not args.no_export:
         try:
-            export_starter(work, Path(args.out), Path(args.corpus), cfg.seed, log)
+            export_starter(
+                work, Path(args.out), Path(args.corpus), cfg.seed, log, dictionaries(args)
+            )
         except ImportError as exc:
             log(f"export skipped ({exc}); run this script with --export-only later")
     log("result: " + json.dumps(result))
@@ -872,6 +907,19 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="export WORK's trained checkpoint to --out (with the lexicon) and stop",
     )
+    p.add_argument(
+        "--lexicon-only",
+        action="store_true",
+        help="write --out's lexicon (corpus words and the dictionaries) and stop",
+    )
+    p.add_argument(
+        "--dictionary",
+        action="append",
+        metavar="FILE",
+        help="a word list (one word per line) the lexicon takes in besides the corpus's words; "
+        "repeatable (default: SCOWL's large American and British lists in /usr/share/dict)",
+    )
+    p.add_argument("--no-dictionary", action="store_true", help="the corpus's words only")
     p.add_argument(
         "--data",
         metavar="DIR",
@@ -951,7 +999,18 @@ def main(argv: list[str] | None = None) -> int:
         # Passive OpenMP waits: on a shared, oversubscribed CPU spinning threads only steal time.
         env = {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES, "OMP_WAIT_POLICY": "PASSIVE"}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
-    run(parser().parse_args(argv))
+    args = parser().parse_args(argv)
+    if args.lexicon_only:
+        from keyboard.lexicon import FILE as LEXICON_FILE
+
+        n_words = write_lexicon(
+            Path(args.corpus).resolve(),
+            Path(args.out) / LEXICON_FILE,
+            dictionaries=dictionaries(args),
+        )
+        print(f"lexicon: {n_words:,} words -> {Path(args.out) / LEXICON_FILE}", file=sys.stderr)
+        return 0
+    run(args)
     return 0
 
 

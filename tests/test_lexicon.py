@@ -28,6 +28,17 @@ def test_lexicon_round_trip_is_case_insensitive_and_reproducible(tmp_path: Path)
     assert "mp3" in lex and "2nd" in lex  # words with digits are not dictionary words
 
 
+def test_prefixes_and_words_beyond_ascii():
+    # Packed as UTF-8: a multi-byte letter must neither shift the next word nor match a prefix
+    # of another word that shares its first byte.
+    lex = Lexicon(["café", "cafe", "cafés", "naïve", "zebra", "é"])
+    assert "Café" in lex and "cafe" in lex and "é" in lex and "naïve" in lex and "zebra" in lex
+    assert "caf" not in lex and "naive" not in lex and "cafè" not in lex
+    assert lex.has_prefix("caf") and lex.has_prefix("CAFÉ") and lex.has_prefix("naï")
+    assert not lex.has_prefix("cafè") and not lex.has_prefix("zebras")
+    assert len(lex) == 6
+
+
 def test_a_damaged_lexicon_is_a_clear_error(tmp_path: Path):
     bad = tmp_path / "bad.txt.gz"
     bad.write_bytes(b"\x1f\x8b\x08\x00garbage")

@@ -196,3 +196,22 @@ def test_prepared_data_and_distillation(tmp_path):
     assert kl_to_teacher(tmp_path / "c") < kl_to_teacher(tmp_path / "d")
     info = json.loads((tmp_path / "c" / ts.MODEL_NAME / "training.json").read_text())
     assert info["config"]["distill_weight"] == 1.0
+
+
+def test_lexicon_takes_in_the_dictionaries(tmp_path):
+    """The lexicon: the corpus's training words seen twice, and every word of the word lists
+    (not their lines that are no word); the corpus alone without them."""
+    from keyboard.lexicon import Lexicon
+
+    corpus = _corpus(tmp_path)
+    words = tmp_path / "words"
+    words.write_text("Downloading\ntheorem\nnot a word\n\n--\n", encoding="utf-8")
+    alone = ts.write_lexicon(corpus, tmp_path / "a.txt.gz")
+    both = ts.write_lexicon(corpus, tmp_path / "b.txt.gz", dictionaries=[words])
+    assert both == alone + 2
+    lex = Lexicon.load(tmp_path / "b.txt.gz")
+    assert "downloading" in lex and "theorem" in lex and "not a word" not in lex
+    assert "theorem" not in Lexicon.load(tmp_path / "a.txt.gz")
+    missing = ts.parser().parse_args(["--dictionary", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match="word list not found"):
+        ts.dictionaries(missing)
