@@ -52,7 +52,7 @@ class _Packed(Sequence[bytes]):
     def __len__(self) -> int:
         return len(self._ends) - 1
 
-    def __getitem__(self, i):  # type: ignore[override]  # ints only: what bisect asks
+    def __getitem__(self, i: int) -> bytes:  # type: ignore[override]  # ints: what bisect asks
         return self._data[self._ends[i] : self._ends[i + 1]]
 
 
