@@ -19,13 +19,16 @@ from keyboard.typing_log import INTERRUPTED, TS_FORMAT, TypingLog, guarded, utc_
 class TrainingText:
     """What one personalization job reads: new text, a replay sample, and held-out text."""
 
-    new: list[str]  # entries after the watermark, oldest first, minus the held-out slice
-    replay: list[str]  # a random sample of entries the previous jobs already consumed
+    new: list[str]  # the newest entries after the watermark, oldest first, minus the held-out slice
+    replay: list[str]  # a random sample of older entries: consumed by earlier jobs or passed over
     heldout: list[str]  # the most recent new entries, for evaluation only
     new_words: int
     watermark: int  # max entry id covered; pass to set_watermark() once the job succeeded
     replay_words: int = 0
     heldout_words: int = 0
+    passed_words: int = (
+        0  # new text older than the newest max_new_words: replayed, not trained as new
+    )
     entry_ids: list[int] = field(default_factory=list, repr=False)
 
     @property
@@ -51,24 +54,30 @@ class JobLog:
     ) -> TrainingText:
         """Text for one personalization job.
 
-        `new`: entries after the watermark, oldest first (up to `max_new_words`);
+        `new`: the newest entries after the watermark, up to `max_new_words`, oldest first;
         `heldout`: the most recent `holdout_fraction` of those (by words), never trained on
         by this job; `replay`: `replay_fraction` x len(new) entries sampled (with `seed`) from
-        text earlier jobs consumed, against forgetting. Call the log's `set_watermark(result.watermark)`
+        text earlier jobs consumed, against forgetting. With more new text than `max_new_words`
+        (a first job over an imported history, a long pause), the newest is what the job trains
+        on, since it predicts what comes next best; the older new text is passed over: consumed
+        like the earlier jobs' text, counted by the phrases, and in the replay's pool. Call the log's `set_watermark(result.watermark)`
         only after the job succeeded.
         """
         if not 0.0 <= holdout_fraction < 1.0 or replay_fraction < 0.0:
             raise KeyboardError("holdout_fraction must be in [0, 1) and replay_fraction >= 0")
         mark = self.typing_log.watermark
-        rows: list[tuple[int, str, int]] = []
-        words = 0
-        for row in self.typing_log.iter_text(after=mark):
-            if max_new_words is not None and rows and words + row[2] > max_new_words:
-                break
-            rows.append(row)
-            words += row[2]
+        rows = list(self.typing_log.iter_text(after=mark))
         if not rows:
             return TrainingText([], [], [], 0, mark)
+        first, words = len(rows), 0  # the newest rows within the word budget (at least one)
+        while first > 0 and (
+            max_new_words is None
+            or first == len(rows)
+            or words + rows[first - 1][2] <= max_new_words
+        ):
+            first -= 1
+            words += rows[first][2]
+        passed, rows = rows[:first], rows[first:]
         held = 0
         if holdout_fraction > 0 and len(rows) >= 2:
             target, held_words = holdout_fraction * words, 0
@@ -80,7 +89,7 @@ class JobLog:
             old_ids = [
                 r[0]
                 for r in self.typing_log.db.execute("SELECT id FROM entries WHERE id <= ?", [mark])
-            ]
+            ] + [r[0] for r in passed]
         k = min(len(old_ids), round(replay_fraction * len(train)))
         replay: list[tuple[str, int]] = []
         if k:
@@ -100,6 +109,7 @@ class JobLog:
             watermark=rows[-1][0],
             replay_words=sum(r[1] for r in replay),
             heldout_words=sum(r[2] for r in heldout),
+            passed_words=sum(r[2] for r in passed),
             entry_ids=[r[0] for r in rows],
         )
 

@@ -59,7 +59,9 @@ class JobConfig:
     # comes next) at fold_in_lr, so the adapter served has learned it too; 0: never trained on.
     fold_in_epochs: float = 2.0
     fold_in_lr: float = 1e-3
-    max_new_words: int = 100_000  # per job; the rest waits for the next one
+    max_new_words: int = (
+        100_000  # per job: the newest; older new text is replayed, not trained as new
+    )
     max_eval_words: int = 1_000  # held-out words typed through the predictor for top-3
     min_loss_gain: float = 0.001  # held-out loss must fall by this fraction to promote
     train_on_battery: bool = False
@@ -518,6 +520,7 @@ def _locked_job(run: JobRun) -> JobResult:
             "new_words": text.new_words,
             "replay_words": text.replay_words,
             "heldout_words": text.heldout_words,
+            "passed_words": text.passed_words,
             "entries": [min(text.entry_ids), max(text.entry_ids)] if text.entry_ids else [],
         }
         skip = skip_reason(config, total_new, run.force)

@@ -387,10 +387,18 @@ def test_training_text_watermark_holdout_and_replay(log: TypingLog) -> None:
     assert len(tt2.replay) == round(0.5 * 9)
     assert all(t.startswith("first batch") for t in tt2.replay)
     assert tt2.replay == JobLog(log).training_text(replay_fraction=0.5, seed=3).replay  # seeded
-    # A word budget takes the oldest new text first and moves the watermark only that far.
+    # A word budget takes the newest new text (it predicts what comes next best); the older new
+    # text is consumed all the same (the watermark moves to the end) and joins the replay pool.
     capped = JobLog(log).training_text(max_new_words=9, holdout_fraction=0.0)
-    assert capped.new == ["second batch 0", "second batch 1", "second batch 2"]
-    assert capped.watermark == first[-1] + 3
+    assert capped.new == ["second batch 7", "second batch 8", "second batch 9"]
+    assert capped.watermark == first[-1] + 10 and capped.passed_words == 7 * 3
+    pool = JobLog(log).training_text(max_new_words=9, holdout_fraction=0.0, replay_fraction=100)
+    assert len(pool.replay) == len(first) + 7  # every older entry: the first batch, the passed
+    assert {t for t in pool.replay if t.startswith("second")} == {
+        f"second batch {i}" for i in range(7)
+    }
+    one = JobLog(log).training_text(max_new_words=1, holdout_fraction=0.0)
+    assert one.new == ["second batch 9"]  # one entry at least, even over the budget
 
 
 def test_forgotten_text_never_reaches_training(log: TypingLog) -> None:
