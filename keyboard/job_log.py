@@ -26,9 +26,8 @@ class TrainingText:
     watermark: int  # max entry id covered; pass to set_watermark() once the job succeeded
     replay_words: int = 0
     heldout_words: int = 0
-    passed_words: int = (
-        0  # new text older than the newest max_new_words: replayed, not trained as new
-    )
+    # New text older than the newest max_new_words: consumed and replayed, not trained as new.
+    passed_words: int = 0
     entry_ids: list[int] = field(default_factory=list, repr=False)
 
     @property
@@ -60,8 +59,8 @@ class JobLog:
         text earlier jobs consumed, against forgetting. With more new text than `max_new_words`
         (a first job over an imported history, a long pause), the newest is what the job trains
         on, since it predicts what comes next best; the older new text is passed over: consumed
-        like the earlier jobs' text, counted by the phrases, and in the replay's pool. Call the log's `set_watermark(result.watermark)`
-        only after the job succeeded.
+        like the earlier jobs' text, counted by the phrases, and in the replay's pool. Call the
+        log's `set_watermark(result.watermark)` only after the job succeeded.
         """
         if not 0.0 <= holdout_fraction < 1.0 or replay_fraction < 0.0:
             raise KeyboardError("holdout_fraction must be in [0, 1) and replay_fraction >= 0")

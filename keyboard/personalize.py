@@ -59,9 +59,8 @@ class JobConfig:
     # comes next) at fold_in_lr, so the adapter served has learned it too; 0: never trained on.
     fold_in_epochs: float = 2.0
     fold_in_lr: float = 1e-3
-    max_new_words: int = (
-        100_000  # per job: the newest; older new text is replayed, not trained as new
-    )
+    # Per job: the newest new text; older new text is consumed and replayed, not trained as new.
+    max_new_words: int = 100_000
     max_eval_words: int = 1_000  # held-out words typed through the predictor for top-3
     min_loss_gain: float = 0.001  # held-out loss must fall by this fraction to promote
     train_on_battery: bool = False

@@ -775,12 +775,15 @@ def run(args: argparse.Namespace) -> dict:
         compile_ = args.compile == "on"
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    exporting = bool(args.out) and (args.export_only or not args.no_export)
+    # Checked before training, not after it: a missing word list must not cost a finished run.
+    word_lists = dictionaries(args) if exporting else []
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
     if args.export_only:
-        export_starter(work, Path(args.out), Path(args.corpus), cfg.seed, log, dictionaries(args))
+        export_starter(work, Path(args.out), Path(args.corpus), cfg.seed, log, word_lists)
         return {}
 
     torch.set_num_threads(cfg.threads)
@@ -876,11 +879,9 @@ def run(args: argparse.Namespace) -> dict:
     log("heldout: " + json.dumps(result["heldout"]))
     if not args.no_checkpoint:
         (hf_dir / "training_result.json").write_text(json.dumps(result, indent=2) + "\n")
-    if args.out and not args.no_export:
+    if exporting:
         try:
-            export_starter(
-                work, Path(args.out), Path(args.corpus), cfg.seed, log, dictionaries(args)
-            )
+            export_starter(work, Path(args.out), Path(args.corpus), cfg.seed, log, word_lists)
         except ImportError as exc:
             log(f"export skipped ({exc}); run this script with --export-only later")
     log("result: " + json.dumps(result))
