@@ -39,7 +39,7 @@ link: venv-device
 	$(BIN)/keyboard link
 
 test: venv
-	$(BIN)/ruff check keyboard tests scripts benchmarks
+	$(BIN)/ruff check wordahead tests scripts benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -ra
 
@@ -48,12 +48,12 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -m notorch
 
 lint: venv
-	$(BIN)/ruff check keyboard tests scripts benchmarks
-	$(BIN)/ruff format --check keyboard tests scripts benchmarks
+	$(BIN)/ruff check wordahead tests scripts benchmarks
+	$(BIN)/ruff format --check wordahead tests scripts benchmarks
 
 format: venv
-	$(BIN)/ruff format keyboard tests scripts benchmarks
-	$(BIN)/ruff check --fix keyboard tests scripts benchmarks
+	$(BIN)/ruff format wordahead tests scripts benchmarks
+	$(BIN)/ruff check --fix wordahead tests scripts benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

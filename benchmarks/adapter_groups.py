@@ -65,8 +65,8 @@ def run_set(
     lr: float,
     seed: int,
 ) -> dict[str, Any]:
-    from keyboard.artifacts import ArtifactSet
-    from keyboard.trainer import LoraTrainer
+    from wordahead.learn.trainer import LoraTrainer
+    from wordahead.model.artifacts import ArtifactSet
 
     artifacts = ArtifactSet.open(model)
     trainer = LoraTrainer(
@@ -97,8 +97,8 @@ def time_steps(
     model: Path, cache: Path, sets: list[tuple[str, ...]], texts: list[str], rounds: int, steps: int
 ) -> dict[str, float]:
     """ms per training step of each set: the fastest round's median, rounds interleaved."""
-    from keyboard.artifacts import ArtifactSet
-    from keyboard.trainer import LoraTrainer
+    from wordahead.learn.trainer import LoraTrainer
+    from wordahead.model.artifacts import ArtifactSet
 
     artifacts = ArtifactSet.open(model)
     seq_len = artifacts.seq_len
@@ -146,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    from keyboard.artifacts import ArtifactSet
-    from keyboard.evaluation import read_messages, split_history
-    from keyboard.training_graphs import groups_of
+    from wordahead.evaluate.harness import read_messages, split_history
+    from wordahead.model.artifacts import ArtifactSet
+    from wordahead.model.training_graphs import groups_of
 
     groups = list(groups_of(ArtifactSet.open(args.model)))
     sets = candidate_sets(groups)

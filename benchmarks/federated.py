@@ -8,7 +8,7 @@ Flower's simulation engine (`flower-superlink --simulation` and `flwr run`, as
 tests/test_federated_deployment.py runs it), once without DP noise and once per noise
 multiplier. Then the held-out users' test lines (the last 20%, the first --max-test-lines)
 are typed through the Predictor with the base model and with each community adapter
-(`keyboard.evaluation.simulate`, KSR@3 and next-word top-3). Also reported: epsilon at
+(`wordahead.evaluate.harness.simulate`, KSR@3 and next-word top-3). Also reported: epsilon at
 delta = 1e-6, bytes down and up per client per round, seconds per round (the server's own
 rounds.jsonl). Prints JSON on stdout, progress on stderr.
 
@@ -60,10 +60,10 @@ def free_port() -> int:
 
 def make_homes(users: list[Path], root: Path) -> int:
     """node-<i>/ per training user: its history in a typing log, federation on. Returns words."""
-    from keyboard.evaluation import read_messages, split_history
-    from keyboard.federated.local import FederationSettings
-    from keyboard.paths import Home
-    from keyboard.typing_log import TypingLog
+    from wordahead.evaluate.harness import read_messages, split_history
+    from wordahead.federated.local import FederationSettings
+    from wordahead.paths import Home
+    from wordahead.store.typing_log import TypingLog
 
     words = 0
     for i, path in enumerate(users):
@@ -128,8 +128,8 @@ def federate(
 def evaluate(
     model: Path, adapter: dict | None, heldout: list[Path], max_lines: int, dev: bool = False
 ) -> dict[str, Any]:
-    from keyboard.evaluation import read_messages, simulate, split_history
-    from keyboard.predictor import Predictor
+    from wordahead.evaluate.harness import read_messages, simulate, split_history
+    from wordahead.predict.predictor import Predictor
 
     predictor = Predictor(model, threads=1)
     if adapter is not None and not predictor.load_adapter(adapter, "community"):
@@ -149,9 +149,9 @@ def pooled_adapter(model: Path, users: list[Path], args: argparse.Namespace) -> 
     """The adapter one trainer makes from all the training users' history pooled in one place
     (no federation, no clipping, no noise): a reference for what this text can buy the
     held-out users at all, whatever the federated recipe."""
-    from keyboard.artifacts import ArtifactSet
-    from keyboard.evaluation import read_messages, split_history
-    from keyboard.trainer import LoraTrainer
+    from wordahead.evaluate.harness import read_messages, split_history
+    from wordahead.learn.trainer import LoraTrainer
+    from wordahead.model.artifacts import ArtifactSet
 
     artifacts = ArtifactSet.open(model)
     trainer = LoraTrainer(artifacts, threads=1, groups=args.groups or None)
@@ -212,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
-    from keyboard.artifacts import ArtifactSet
-    from keyboard.federated.community import CommunityStore
-    from keyboard.federated.privacy import DELTA
+    from wordahead.federated.community import CommunityStore
+    from wordahead.federated.privacy import DELTA
+    from wordahead.model.artifacts import ArtifactSet
 
     model = args.model.resolve()
     files = sorted(args.users_dir.glob("*.jsonl"))

@@ -37,14 +37,14 @@ def user_losses(
     path: Path, model: Path, settings: list[tuple[float, float]], max_lines: int
 ) -> dict[str, Any]:
     """Loss per token on the user's dev lines: base, gated adapter, each fold-in setting."""
-    from keyboard.adapter_store import AdapterStore
-    from keyboard.artifacts import ArtifactSet
-    from keyboard.evaluation import history_and_typed, personalize_in_throwaway_home
-    from keyboard.job_log import JobLog
-    from keyboard.paths import Home
-    from keyboard.personalize import JobConfig
-    from keyboard.trainer import LoraTrainer
-    from keyboard.typing_log import TypingLog
+    from wordahead.evaluate.harness import history_and_typed, personalize_in_throwaway_home
+    from wordahead.learn.adapter_store import AdapterStore
+    from wordahead.learn.job_log import JobLog
+    from wordahead.learn.personalize import JobConfig
+    from wordahead.learn.trainer import LoraTrainer
+    from wordahead.model.artifacts import ArtifactSet
+    from wordahead.paths import Home
+    from wordahead.store.typing_log import TypingLog
 
     train, dev = history_and_typed(path, dev=True, max_lines=max_lines)
     artifacts = ArtifactSet.open(model)

@@ -1,4 +1,4 @@
-"""Peer benchmark: the typing simulation of keyboard.evaluation, driving Debian's presage.
+"""Peer benchmark: the typing simulation of wordahead.evaluate.harness, driving Debian's presage.
 
 For every user file (../shared/corpus/users/*.jsonl) and the split rule of keyboard eval
 (first floor(0.8 n) lines history, the rest typed), presage is measured twice: with an empty
@@ -35,13 +35,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from keyboard.evaluation import (  # noqa: E402
+from wordahead.evaluate.harness import (  # noqa: E402
     partial_word,
     read_messages,
     simulate,
     split_history,
 )
-from keyboard.types import Candidate, KeyboardError, Prediction  # noqa: E402
+from wordahead.types import Candidate, KeyboardError, Prediction  # noqa: E402
 
 SHIM_SOURCE = REPO / "benchmarks" / "presage_shim" / "presage_shim.cpp"
 SETUP_SCRIPT = REPO / "benchmarks" / "setup_presage.sh"
@@ -398,7 +398,7 @@ def keyboard_available(model_dir: Path) -> str | None:
 
 def run_keyboard(path: Path, model_dir: Path, k: int, max_lines: int | None) -> dict[str, Any]:
     """keyboard on the same split: the base model, and personalized by the nightly job."""
-    from keyboard.evaluation import evaluate_file
+    from wordahead.evaluate.harness import evaluate_file
 
     result = evaluate_file(path, model_dir, k=k, max_lines=max_lines, personalize=True)
     assert result.after is not None
@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables here")
     args = parser.parse_args(argv)
 
-    from keyboard import paths
+    from wordahead import paths
 
     ensure_presage()
     shim = build_shim()

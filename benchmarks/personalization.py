@@ -2,16 +2,16 @@
 LoRA + phrases, and continuous use, over every corpus user file.
 
 For each user file (JSON Lines, ../shared/corpus/users by default) the first 80% of the lines
-are the user's history: the real personalization job (`keyboard.personalize.run_job`, as
+are the user's history: the real personalization job (`wordahead.learn.personalize.run_job`, as
 `keyboard eval --personalize` runs it, in a throwaway keyboard home) trains on them, and the
 last 20% (the first --max-test-lines of them) are typed through the Predictor with the same
-typing simulation (`keyboard.evaluation.simulate`) under each condition:
+typing simulation (`wordahead.evaluate.harness.simulate`) under each condition:
 
     base          the shipped model, no phrases
     phrases       the base model with the job's phrases (the user's word n-grams)
     lora          the job's adapter alone
     lora+phrases  what the daemon serves after the job ("after")
-    continuous    lora+phrases, and each test message is learned (keyboard.live_phrases)
+    continuous    lora+phrases, and each test message is learned (wordahead.predict.sources.live_phrases)
                   right after it is typed, as the daemon's observe does
 
 The job's gate may refuse the adapter (then "lora" is the base model: what the user gets) or
@@ -69,8 +69,8 @@ def job_main(
     job_config: dict[str, Any],
     dev: bool,
 ) -> int:
-    from keyboard.evaluation import history_and_typed, personalize_in_throwaway_home
-    from keyboard.personalize import JobConfig, peak_rss_mb
+    from wordahead.evaluate.harness import history_and_typed, personalize_in_throwaway_home
+    from wordahead.learn.personalize import JobConfig, peak_rss_mb
 
     history, _ = history_and_typed(path, dev)
     settings = dict(job_config)
@@ -96,11 +96,11 @@ def user_main(
     dev: bool,
     phrase_weights: list[float],
 ) -> int:
-    from keyboard.evaluation import history_and_typed, simulate
-    from keyboard.live_phrases import LivePhrases
-    from keyboard.personalize import peak_rss_mb
-    from keyboard.phrases import PhraseModel, blend_weight
-    from keyboard.predictor import Predictor
+    from wordahead.evaluate.harness import history_and_typed, simulate
+    from wordahead.learn.personalize import peak_rss_mb
+    from wordahead.predict.predictor import Predictor
+    from wordahead.predict.sources.live_phrases import LivePhrases
+    from wordahead.predict.sources.phrases import PhraseModel, blend_weight
 
     history, test = history_and_typed(path, dev, max_test_lines or None)
     if not history or not test:
@@ -220,8 +220,8 @@ def model_info(model: Path) -> dict[str, Any]:
 def snapshot(model: Path, into: Path) -> tuple[Path, bool]:
     """A private copy of the artifact set, and whether the Predictor serves it as int8 (the
     int8 graph is made here, once, so parallel users never quantize at the same time)."""
-    from keyboard.artifacts import ArtifactSet
-    from keyboard.quantize import int8_by_default, int8_model
+    from wordahead.model.artifacts import ArtifactSet
+    from wordahead.model.quantize import int8_by_default, int8_model
 
     copy = into / model.name
     shutil.copytree(model, copy)  # copy2 keeps mtimes: a cached int8 graph stays valid
@@ -470,7 +470,7 @@ def drive(
     if args.markdown:
         args.markdown.write_text(table + "\n")
     if args.plot and final["results"]:
-        from keyboard.evaluation import TypingReport, plot_reports
+        from wordahead.evaluate.harness import TypingReport, plot_reports
 
         rows = {
             Path(r["file"]).stem: {c: TypingReport(**v) for c, v in r["conditions"].items()}

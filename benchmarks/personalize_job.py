@@ -2,7 +2,7 @@
 
 Logs the first N words of a user's history (default: the first 80% of
 ../shared/corpus/users/president_barack_obama.jsonl, public speeches) into a throwaway
-keyboard home, runs `python -m keyboard train --json --force` there as a child process,
+keyboard home, runs `python -m wordahead train --json --force` there as a child process,
 and prints JSON: wall time, the child's peak RSS, steps, stop reason, metrics before/after.
 
     python benchmarks/personalize_job.py [--model models/starter] [--words 10000]
@@ -27,8 +27,8 @@ DEFAULT_TEXT = REPO.parent / "shared" / "corpus" / "users" / "president_barack_o
 def history_words(path: Path, n_words: int) -> list[str]:
     """The user's messages from the history part (first 80%), until `n_words` words."""
     sys.path.insert(0, str(REPO))
-    from keyboard.evaluation import read_messages, split_history
-    from keyboard.words import words
+    from wordahead.evaluate.harness import read_messages, split_history
+    from wordahead.predict.words import words
 
     history, _ = split_history(read_messages(path))
     out, count = [], 0
@@ -51,7 +51,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
-    from keyboard.typing_log import TypingLog
+    from wordahead.store.typing_log import TypingLog
 
     messages = history_words(Path(args.text), args.words)
     with tempfile.TemporaryDirectory(prefix="keyboard-bench-") as home:
@@ -60,7 +60,7 @@ def main() -> int:
             for message in messages:
                 log.record(message[:60_000], source="benchmark")
             logged_words = log.stats()["words"]
-        command = [sys.executable, "-m", "keyboard", "train", "--json", "--force"]
+        command = [sys.executable, "-m", "wordahead", "train", "--json", "--force"]
         command += ["--threads", str(args.threads)]
         if args.time_budget is not None:
             command += ["--time-budget", str(args.time_budget)]

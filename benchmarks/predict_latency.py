@@ -17,7 +17,7 @@ context:
 - presage (Debian database, a user model that learned the same history;
   benchmarks/peer_presage.py) typing the same keystrokes in the same run, and the ratios;
 - next-word top-1 / top-3 accuracy and KSR@3 of fp32 vs int8 on the same text
-  (keyboard.evaluation.simulate).
+  (wordahead.evaluate.harness.simulate).
 
     python benchmarks/predict_latency.py [--model models/starter] [--text FILE.jsonl]
         [--chars 1000] [--accuracy-words 1500] [--threads 1,2] [--record] [--no-socket]
@@ -43,15 +43,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from keyboard import paths  # noqa: E402
-from keyboard.evaluation import (  # noqa: E402
+from wordahead import paths  # noqa: E402
+from wordahead.evaluate.harness import (  # noqa: E402
     next_word_ranks,
     percentile,
     read_messages,
     simulate,
     split_history,
 )
-from keyboard.types import KeyboardError  # noqa: E402
+from wordahead.types import KeyboardError  # noqa: E402
 
 DEFAULT_TEXT = REPO.parent / "shared" / "corpus" / "users" / "president_barack_obama.jsonl"
 HISTORY_CHARS = 1000  # preceding text the typed part continues
@@ -122,8 +122,8 @@ def personalized_runs(
     the next keystroke ahead."""
     import numpy as np
 
-    from keyboard.phrases import PhraseModel
-    from keyboard.predictor import Predictor
+    from wordahead.predict.predictor import Predictor
+    from wordahead.predict.sources.phrases import PhraseModel
 
     phrases = PhraseModel.from_texts(history)
     out: dict[str, Any] = {}
@@ -153,8 +153,8 @@ def socket_run(
 
     import serve_load
 
-    from keyboard import quantize
-    from keyboard.artifacts import ArtifactSet
+    from wordahead.model import quantize
+    from wordahead.model.artifacts import ArtifactSet
 
     texts = [lead + typed[:end] for end in range(1, len(typed) + 1)]
     root = Path(tempfile.mkdtemp(prefix="kb-latency", dir="/tmp"))
@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-accuracy", action="store_true", help="skip fp32 vs int8 accuracy")
     args = parser.parse_args(argv)
 
-    from keyboard.artifacts import ArtifactSet
-    from keyboard.predictor import Predictor
+    from wordahead.model.artifacts import ArtifactSet
+    from wordahead.predict.predictor import Predictor
 
     if not (args.model / "manifest.json").is_file():
         log(f"no model at {args.model}: train it (scripts/train_starter.py) or pass --model DIR")
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         accuracy[graph]["latency_p50_ms"] = round(report.latency_p50_ms, 3)
     result["accuracy"] = accuracy
     if "fp32" in accuracy and "int8" in accuracy:
-        from keyboard import quantize
+        from wordahead.model import quantize
 
         result["int8_top3_delta"] = round(accuracy["int8"]["top3"] - accuracy["fp32"]["top3"], 6)
         # The paired test: every word start of the user's whole test split (and more of the

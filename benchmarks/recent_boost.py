@@ -30,10 +30,10 @@ def log(message: str) -> None:
 
 def user_ksr(path: Path, model: Path, boosts: list[float], max_lines: int) -> dict[str, Any]:
     """KSR@3 on the user's dev lines: nightly only, then learning as you type per boost."""
-    from keyboard.evaluation import history_and_typed, simulate
-    from keyboard.live_phrases import LivePhrases
-    from keyboard.phrases import PhraseModel
-    from keyboard.predictor import Predictor
+    from wordahead.evaluate.harness import history_and_typed, simulate
+    from wordahead.predict.predictor import Predictor
+    from wordahead.predict.sources.live_phrases import LivePhrases
+    from wordahead.predict.sources.phrases import PhraseModel
 
     train, dev = history_and_typed(path, dev=True, max_lines=max_lines)
     stored = PhraseModel.from_texts(train)

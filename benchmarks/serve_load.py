@@ -196,7 +196,7 @@ def rss_mb(pid: int) -> float:
 
 
 def user_history(user_file: Path) -> list[str]:
-    from keyboard.evaluation import read_messages, split_history
+    from wordahead.evaluate.harness import read_messages, split_history
 
     return split_history(read_messages(user_file))[0]
 
@@ -206,10 +206,10 @@ def personalize_home(home_dir: Path, model: Path, history: list[str]) -> dict[st
     the first is active. Returns their names and the phrase counts."""
     import numpy as np
 
-    from keyboard.adapter_store import AdapterStore
-    from keyboard.artifacts import ArtifactSet
-    from keyboard.paths import Home
-    from keyboard.phrases import PhraseModel
+    from wordahead.learn.adapter_store import AdapterStore
+    from wordahead.model.artifacts import ArtifactSet
+    from wordahead.paths import Home
+    from wordahead.predict.sources.phrases import PhraseModel
 
     home = Home.at(home_dir)
     home_dir.mkdir(parents=True, exist_ok=True)
@@ -238,7 +238,7 @@ def start_daemon(
     env = dict(os.environ, KEYBOARD_HOME=str(home), KEYBOARD_MODEL=str(model))
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-m", "keyboard", "serve", "--foreground", "--socket", sock,
+        [sys.executable, "-m", "wordahead", "serve", "--foreground", "--socket", sock,
          "--threads", str(threads)],
         env=env, stdout=subprocess.DEVNULL, stderr=open(root / "daemon.log", "wb"), cwd=REPO,
     )  # fmt: skip
@@ -264,9 +264,9 @@ def settle_rss(pid: int) -> float:
 
 def memory_under_use(sock: str, pid: int, versions: list[str], home: Path, model: Path) -> dict:
     """RSS after 100 and 10,000 predicts (one client typing), after 1 and 20 adapter swaps."""
-    from keyboard.adapter_store import AdapterStore
-    from keyboard.artifacts import ArtifactSet
-    from keyboard.paths import Home
+    from wordahead.learn.adapter_store import AdapterStore
+    from wordahead.model.artifacts import ArtifactSet
+    from wordahead.paths import Home
 
     out: dict[str, Any] = {}
     texts = contexts(10_000, seed=10_000)
@@ -342,7 +342,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="daemon inference threads")
     args = parser.parse_args()
 
-    from keyboard import paths
+    from wordahead import paths
 
     out: dict[str, Any] = {"machine_start": machine()}
     root = None

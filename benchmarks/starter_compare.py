@@ -44,8 +44,8 @@ def perplexity(model_dir: Path, max_tokens: int) -> dict[str, Any]:
     import numpy as np
     import train_starter as ts
 
-    from keyboard.artifacts import ArtifactSet
-    from keyboard.trainer import LoraTrainer, make_batches
+    from wordahead.learn.trainer import LoraTrainer, make_batches
+    from wordahead.model.artifacts import ArtifactSet
 
     artifacts = ArtifactSet.open(model_dir)
     trainer = LoraTrainer(artifacts, threads=1)
@@ -73,7 +73,7 @@ def perplexity(model_dir: Path, max_tokens: int) -> dict[str, Any]:
 def base_typing(model_dir: Path, max_words: int) -> dict[str, Any]:
     from evaluate_starter import evaluate_base
 
-    from keyboard.predictor import Predictor
+    from wordahead.predict.predictor import Predictor
 
     return evaluate_base(Predictor(model_dir, threads=1), BASE, max_words, lambda _: None)["all"]
 
@@ -81,9 +81,9 @@ def base_typing(model_dir: Path, max_words: int) -> dict[str, Any]:
 def user_typing(model_dir: Path, user: Path, max_lines: int, lexicon: Path) -> dict[str, Any]:
     from starter_sizes import real_word_check
 
-    from keyboard.evaluation import read_messages, simulate, split_history
-    from keyboard.lexicon import Lexicon
-    from keyboard.predictor import Predictor
+    from wordahead.evaluate.harness import read_messages, simulate, split_history
+    from wordahead.predict.lexicon import Lexicon
+    from wordahead.predict.predictor import Predictor
 
     history, test = split_history(read_messages(user))
     report = simulate(

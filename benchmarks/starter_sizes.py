@@ -57,7 +57,7 @@ def export_run(run: Path, lexicon: Path) -> Path:
     """The run's checkpoint as an artifact set with the lexicon (re-exported when newer)."""
     import shutil
 
-    from keyboard.export import ExportConfig, export_model
+    from wordahead.model.export import ExportConfig, export_model
 
     hf = run / "keyboard-starter"
     out = run / "export"
@@ -98,7 +98,7 @@ def heldout_quality(hf: Path, eval_tokens: int) -> dict[str, Any]:
 def real_word_check(corpus_words: Any, history: list[str]) -> Any:
     """Is a suggestion a word? Non-words are those neither the base corpus (its lexicon) nor the
     user's history holds."""
-    from keyboard.words import words as words_of
+    from wordahead.predict.words import words as words_of
 
     own = {w.lower() for m in history for w in words_of(m)}
     return lambda w: w in corpus_words or w.lower() in own
@@ -108,9 +108,9 @@ def dev_typing(model_dir: Path, dev_lines: int, lexicon: Path) -> dict[str, Any]
     """KSR@3, top-3 and non-words shown on the last dev_lines messages of every user's history.
 
     A non-word is a suggestion that neither the base corpus nor the user's history holds."""
-    from keyboard.evaluation import read_messages, simulate, split_history
-    from keyboard.lexicon import Lexicon
-    from keyboard.predictor import Predictor
+    from wordahead.evaluate.harness import read_messages, simulate, split_history
+    from wordahead.predict.lexicon import Lexicon
+    from wordahead.predict.predictor import Predictor
 
     predictor = Predictor(model_dir, threads=1)
     corpus_words = Lexicon.load(lexicon)
@@ -142,8 +142,8 @@ def latency(model_dir: Path, chars: int) -> dict[str, Any]:
     """Per-keystroke latency, 1 thread, caches on: the same replay as predict_latency.py."""
     from predict_latency import HISTORY_CHARS, replay
 
-    from keyboard.evaluation import read_messages, split_history
-    from keyboard.predictor import Predictor
+    from wordahead.evaluate.harness import read_messages, split_history
+    from wordahead.predict.predictor import Predictor
 
     history, test = split_history(read_messages(USERS / "president_barack_obama.jsonl"))
     lead = "\n".join(history)[-HISTORY_CHARS:] + "\n"

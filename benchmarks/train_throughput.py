@@ -34,8 +34,8 @@ ORT_CHILD = (
     + r"""
 import json, sys, time
 import numpy as np
-from keyboard.artifacts import ArtifactSet
-from keyboard.trainer import LoraTrainer, make_batches
+from wordahead.model.artifacts import ArtifactSet
+from wordahead.learn.trainer import LoraTrainer, make_batches
 art = ArtifactSet.open(sys.argv[1]); steps = int(sys.argv[2]); threads = int(sys.argv[3])
 trainer = LoraTrainer(art, art.initial_adapter(), threads=threads)
 rng = np.random.default_rng(0)
@@ -59,8 +59,8 @@ TORCH_CHILD = (
     + r"""
 import json, sys, time
 import numpy as np, torch
-from keyboard.export import ExportConfig, load_base_model, wrap_with_lora
-from keyboard.trainer import make_batches
+from wordahead.model.export import ExportConfig, load_base_model, wrap_with_lora
+from wordahead.learn.trainer import make_batches
 hf, layers, steps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads); torch.manual_seed(0)
 model, _ = load_base_model(hf)
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=2)
     parser.add_argument("--model", help="HF model dir (default: a 4x256 Llama built from a config)")
     args = parser.parse_args()
-    from keyboard.export import ExportConfig, export_model
+    from wordahead.model.export import ExportConfig, export_model
 
     results: dict = {"batch": [8, 64], "steps": args.steps, "threads": args.threads}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """Measure the shipped starter model through the project's Predictor, before any personalization.
 
-Two text sets, each typed word by word through `keyboard.evaluation.simulate` (3 suggestions):
+Two text sets, each typed word by word through `wordahead.evaluate.harness.simulate` (3 suggestions):
 
 - the held-out 1% of every base source (the hold-out rule of scripts/train_starter.py), one
   document at a time, with no other context;
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_starter import read_source, source_files  # noqa: E402 (numpy only, no torch)
 
-from keyboard.evaluation import (  # noqa: E402
+from wordahead.evaluate.harness import (  # noqa: E402
     TypingReport,
     percentile,
     read_messages,
@@ -35,7 +35,7 @@ from keyboard.evaluation import (  # noqa: E402
     split_history,
     word_spans,
 )
-from keyboard.types import KeyboardError  # noqa: E402
+from wordahead.types import KeyboardError  # noqa: E402
 
 
 @dataclass
@@ -188,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
 
     try:
-        from keyboard.predictor import Predictor
+        from wordahead.predict.predictor import Predictor
     except ImportError as exc:
-        print(f"keyboard.predictor is not available ({exc})", file=sys.stderr)
+        print(f"wordahead.predict.predictor is not available ({exc})", file=sys.stderr)
         return 1
     try:
         predictor = CpuTimedPredictor(Predictor(Path(args.model), threads=args.threads))

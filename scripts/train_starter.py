@@ -214,13 +214,13 @@ def write_lexicon(
     min_count: int = LEXICON_MIN_COUNT,
     dictionaries: Sequence[Path] = (),
 ) -> int:
-    """The model's lexicon (keyboard.lexicon): the training split's words seen at least
+    """The model's lexicon (wordahead.predict.lexicon): the training split's words seen at least
     `min_count` times, lower-cased, and every word of the `dictionaries` (one per line).
     Held-out lines are left out like everywhere else. Returns the number of words."""
     from collections import Counter
 
-    from keyboard.lexicon import Lexicon
-    from keyboard.words import WORD_RE
+    from wordahead.predict.lexicon import Lexicon
+    from wordahead.predict.words import WORD_RE
 
     counts: Counter[str] = Counter()
     for source in source_files(corpus):
@@ -377,7 +377,7 @@ def pick_device(spec: str) -> str:
 
 def cpu_has_bf16() -> bool:
     """Native bf16 matrix instructions (AVX-512 BF16 or AMX): without them bf16 autocast is slower."""
-    from keyboard.runtime import cpu_flags
+    from wordahead.model.runtime import cpu_flags
 
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
@@ -726,8 +726,8 @@ def export_starter(
     work: Path, out: Path, corpus: Path, seed: int, log, dictionaries: Sequence[Path] = ()
 ) -> None:
     """WORK's HF checkpoint -> the shipped artifact set in `out`, with the corpus's lexicon."""
-    from keyboard.export import ExportConfig, export_model
-    from keyboard.lexicon import FILE as LEXICON_FILE
+    from wordahead.model.export import ExportConfig, export_model
+    from wordahead.predict.lexicon import FILE as LEXICON_FILE
 
     out = out.resolve()
     # LoRA where the exporter puts it by default (every adapter group), rank 8.
@@ -1002,7 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     args = parser().parse_args(argv)
     if args.lexicon_only:
-        from keyboard.lexicon import FILE as LEXICON_FILE
+        from wordahead.predict.lexicon import FILE as LEXICON_FILE
 
         n_words = write_lexicon(
             Path(args.corpus).resolve(),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from keyboard.paths import Home
+from wordahead.paths import Home
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -43,8 +43,8 @@ def home(_keyboard_home: Path) -> Home:
 
 
 def _export(tmp_path_factory: pytest.TempPathFactory, family: str, layers: str = "all") -> Path:
-    from keyboard.export import ExportConfig, export_model
     from tests.tiny_models import build_model
+    from wordahead.model.export import ExportConfig, export_model
 
     root = tmp_path_factory.mktemp(f"{family}-{layers.replace(':', '')}")
     hf = build_model(family, root / "hf")

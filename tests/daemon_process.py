@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from keyboard.client import DaemonClient, DaemonNotRunning
+from wordahead.daemon.client import DaemonClient, DaemonNotRunning
 
 READY_TIMEOUT_S = 60.0
 
@@ -58,9 +58,9 @@ def start_daemon(
     wait: bool = True,
     **env: str,
 ) -> Served:
-    """`python -m keyboard serve --foreground` on `model` with its own home (and socket)."""
+    """`python -m wordahead serve --foreground` on `model` with its own home (and socket)."""
     log = home.parent / f"daemon-{time.monotonic_ns()}.log"
-    args = [sys.executable, "-m", "keyboard", "serve", "--foreground"]
+    args = [sys.executable, "-m", "wordahead", "serve", "--foreground"]
     if socket_path is not None:
         args += ["--socket", str(socket_path)]
     with open(log, "wb") as out:

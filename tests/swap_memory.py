@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keyboard import memory
+from wordahead import memory
 
 TEXTS = (
     "Thank you so much for your help with the project. We are going to the beach this "
@@ -33,9 +33,9 @@ def rss_mb() -> float:
 
 def main(model: Path, phrases: Path) -> dict[str, object]:
     memory.limit_arenas()
-    from keyboard.live_phrases import LivePhrases
-    from keyboard.phrases import PhraseModel
-    from keyboard.predictor import Engine, Predictor
+    from wordahead.predict.predictor import Engine, Predictor
+    from wordahead.predict.sources.live_phrases import LivePhrases
+    from wordahead.predict.sources.phrases import PhraseModel
 
     # Predictions and the work ahead on two threads, swaps on a third, the phrases read from
     # their file at every swap, freed memory given back once the typing stops (idle).

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keyboard.artifacts import ArtifactSet
-from keyboard.paths import starter_model_dir
-from keyboard.trainer import LoraTrainer
-from keyboard.training_graphs import GroupError, default_groups, groups_of, parse_groups
 from tests.tiny_models import corpus_lines
+from wordahead.learn.trainer import LoraTrainer
+from wordahead.model.artifacts import ArtifactSet
+from wordahead.model.training_graphs import GroupError, default_groups, groups_of, parse_groups
+from wordahead.paths import starter_model_dir
 
 
 def _perturbed(art: ArtifactSet, seed: int) -> dict[str, np.ndarray]:

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keyboard.adapter_diff import export_diff, import_diff
-from keyboard.adapter_store import BASE, AdapterStore, AdapterStoreError, tensors_sha256
-from keyboard.artifacts import ArtifactSet
-from keyboard.paths import Home
+from wordahead.learn.adapter_diff import export_diff, import_diff
+from wordahead.learn.adapter_store import BASE, AdapterStore, AdapterStoreError, tensors_sha256
+from wordahead.model.artifacts import ArtifactSet
+from wordahead.paths import Home
 
 
 def _shifted(store: AdapterStore, delta: float) -> dict[str, np.ndarray]:
@@ -173,8 +173,8 @@ def test_export_import_roundtrip(store: AdapterStore, tiny_llama: Path, tmp_path
 _PROMOTE_FOREVER = """
 import sys
 import numpy as np
-from keyboard.adapter_store import AdapterStore
-from keyboard.artifacts import ArtifactSet
+from wordahead.learn.adapter_store import AdapterStore
+from wordahead.model.artifacts import ArtifactSet
 store = AdapterStore(sys.argv[1], ArtifactSet.open(sys.argv[2]))
 initial = store.artifacts.initial_adapter()
 print("ready", flush=True)

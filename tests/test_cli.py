@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from keyboard import client
-from keyboard.cli import main
-from keyboard.paths import Home, keyboard_command
+from wordahead.cli import main
+from wordahead.daemon import client
+from wordahead.paths import Home, keyboard_command
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ def _help(capsys: pytest.CaptureFixture[str], *command: str) -> str:
 
 # --- help and flags -----------------------------------------------------------------------
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
-    from keyboard import __version__
+    from wordahead import __version__
 
     with pytest.raises(SystemExit) as done:
         main(["--version"])
@@ -45,7 +45,7 @@ def test_help_texts_say_what_each_command_does(capsys: pytest.CaptureFixture[str
 
 
 def test_help_defaults_come_from_the_values(capsys: pytest.CaptureFixture[str]) -> None:
-    from keyboard.personalize import JobConfig
+    from wordahead.learn.personalize import JobConfig
 
     text = " ".join(_help(capsys, "train").split())
     assert f"default: time_budget_s, {JobConfig().time_budget_s:g}" in text
@@ -130,7 +130,7 @@ def test_schedule_show_is_human_unless_json(
 def test_link_puts_the_command_on_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from keyboard import install
+    from wordahead.install import session as install
 
     monkeypatch.setenv("PATH", "/usr/bin")
     bin_dir = tmp_path / "bin"
@@ -162,7 +162,7 @@ def test_service_install_and_remove(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_uninstall_removes_what_was_installed_and_asks_about_the_home(
     home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from keyboard.typing_log import TypingLog
+    from wordahead.store.typing_log import TypingLog
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.setenv("HOME", str(tmp_path / "user"))

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keyboard.adapter_store import ACTIVE_FILE, META_FILE, PHRASES_FILE, AdapterStore
-from keyboard.artifacts import ArtifactError, ArtifactSet, load_adapter
-from keyboard.paths import Home
-from keyboard.phrases import PhraseError, PhraseModel
 from tests.damage import mutate
+from wordahead.learn.adapter_store import ACTIVE_FILE, META_FILE, PHRASES_FILE, AdapterStore
+from wordahead.model.artifacts import ArtifactError, ArtifactSet, load_adapter
+from wordahead.paths import Home
+from wordahead.predict.sources.phrases import PhraseError, PhraseModel
 
 MUTATIONS = 600
 
@@ -148,9 +148,9 @@ def test_damaged_settings_leave_the_schedule_on_defaults(
 ) -> None:
     from datetime import datetime, timezone
 
-    from keyboard import schedule
-    from keyboard.personalize import JobConfig
-    from keyboard.types import KeyboardError
+    from wordahead.learn import schedule
+    from wordahead.learn.personalize import JobConfig
+    from wordahead.types import KeyboardError
 
     home.job_config.write_bytes(content)
     with pytest.raises(KeyboardError):  # `keyboard train` names the problem
@@ -171,7 +171,7 @@ def test_files_under_the_home_are_private_whatever_the_umask(
         version = store.promote(_shifted(store, 0.01), {"source": "test"}, model.to_bytes())
         store.use(version)
         store.rollback()
-        from keyboard.typing_log import TypingLog
+        from wordahead.store.typing_log import TypingLog
 
         with TypingLog(home.typing_log) as log:
             log.record("hello there", source="test")

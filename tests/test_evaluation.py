@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keyboard import cli
-from keyboard.evaluation import (
+from wordahead import cli
+from wordahead.evaluate.harness import (
     TypingReport,
     completed_word,
     history_and_typed,
@@ -25,8 +25,8 @@ from keyboard.evaluation import (
     simulate,
     split_history,
 )
-from keyboard.types import Candidate, KeyboardError, Prediction
-from keyboard.words import partial_word, word_spans, words
+from wordahead.predict.words import partial_word, word_spans, words
+from wordahead.types import Candidate, KeyboardError, Prediction
 
 
 class VocabularyPredictor:
@@ -189,7 +189,7 @@ def test_punctuation_candidates_take_no_place_the_client_shows_words():
 
 
 def test_shown_in_word_hides_only_what_was_typed_past():
-    from keyboard.shown import ShownInWord
+    from wordahead.predict.shown import ShownInWord
 
     shown = ShownInWord()
     assert shown.ask("w1", "", 3, 20) == 3 + 4  # at a word start: room for punctuation
@@ -382,7 +382,7 @@ def test_cli_types_with_the_active_adapter_or_the_one_named(capsys, tmp_path, ti
     """`keyboard eval` measured the base model whatever the daemon served."""
     import numpy as np
 
-    from keyboard.adapter_store import AdapterStore
+    from wordahead.learn.adapter_store import AdapterStore
 
     store = AdapterStore.in_home(home, tiny_llama)
     rng = np.random.default_rng(0)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keyboard.federated.community import UpdateRules
-from keyboard.federated.local import (
+from wordahead.federated.community import UpdateRules
+from wordahead.federated.local import (
     Declined,
     FederationSettings,
     RoundConfig,
@@ -20,10 +20,10 @@ from keyboard.federated.local import (
     round_text,
     train_round,
 )
-from keyboard.federated.privacy import gaussian_epsilon
-from keyboard.federated.server_optimizer import ServerOptimizer
-from keyboard.types import KeyboardError
-from keyboard.typing_log import TypingLog
+from wordahead.federated.privacy import gaussian_epsilon
+from wordahead.federated.server_optimizer import ServerOptimizer
+from wordahead.store.typing_log import TypingLog
+from wordahead.types import KeyboardError
 
 
 def _home(tmp_path: Path, lines: int = 30, **settings) -> Path:
@@ -53,7 +53,7 @@ def test_round_text_follows_the_typing_log_rules(tmp_path: Path, monkeypatch):
         round_text(home, run_id=1)
     with TypingLog(home / "typing_log.db") as log:
         log.resume()
-    monkeypatch.setattr("keyboard.personalize.on_battery", lambda: True)
+    monkeypatch.setattr("wordahead.learn.personalize.on_battery", lambda: True)
     with pytest.raises(Declined, match="battery"):
         round_text(home, run_id=1)
 
@@ -84,7 +84,7 @@ def test_server_round_config_is_bounded():
 
 
 def test_a_round_asking_for_unknown_groups_is_declined(tiny_llama):
-    from keyboard.artifacts import ArtifactSet
+    from wordahead.model.artifacts import ArtifactSet
 
     start = ArtifactSet.open(tiny_llama).initial_adapter()
     with pytest.raises(Declined, match="groups"):
@@ -92,8 +92,8 @@ def test_a_round_asking_for_unknown_groups_is_declined(tiny_llama):
 
 
 def test_train_round_returns_the_trainable_buffer_as_named_tensors(tmp_path: Path, tiny_llama):
-    from keyboard.artifacts import ArtifactSet
-    from keyboard.trainer import LoraTrainer
+    from wordahead.learn.trainer import LoraTrainer
+    from wordahead.model.artifacts import ArtifactSet
 
     artifacts = ArtifactSet.open(tiny_llama)
     start = artifacts.initial_adapter()
@@ -122,7 +122,7 @@ def test_train_round_returns_the_trainable_buffer_as_named_tensors(tmp_path: Pat
 
 
 def test_incoming_community_adapter_is_checked(tiny_llama):
-    from keyboard.artifacts import ArtifactSet
+    from wordahead.model.artifacts import ArtifactSet
 
     artifacts = ArtifactSet.open(tiny_llama)
     good = [v for v in artifacts.initial_adapter().values()]
@@ -204,14 +204,14 @@ def test_dp_noise_is_added_to_the_mean_before_the_server_optimizer(tmp_path: Pat
 
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
-    from keyboard.artifacts import ArtifactSet
-    from keyboard.federated.community import CommunityStore
-    from keyboard.federated.server_app import (
+    from wordahead.federated.community import CommunityStore
+    from wordahead.federated.server_app import (
         CheckedGrid,
         CommunityStrategy,
         ServerSettings,
     )
-    from keyboard.training_graphs import default_groups, groups_of
+    from wordahead.model.artifacts import ArtifactSet
+    from wordahead.model.training_graphs import default_groups, groups_of
 
     with pytest.raises(ValueError, match="server-optimizer"):
         ServerSettings.from_run_config({"min-clients": 4, "server-optimizer": "sgd"})
@@ -270,7 +270,7 @@ def test_dp_noise_is_added_to_the_mean_before_the_server_optimizer(tmp_path: Pat
 @pytest.mark.skipif(find_spec("flwr") is None, reason="needs the federated extra")
 @pytest.mark.notorch
 def test_a_machine_that_did_not_opt_in_declines(tmp_path: Path):
-    from keyboard.federated.client_app import CommunityClient
+    from wordahead.federated.client_app import CommunityClient
 
     home = tmp_path / "home"  # has a typing log, but never ran `keyboard federate`
     with TypingLog(home / "typing_log.db") as log:
@@ -282,8 +282,8 @@ def test_a_machine_that_did_not_opt_in_declines(tmp_path: Path):
 
 @pytest.mark.notorch
 def test_federate_is_off_until_joined_and_off_again(tmp_path: Path, capsys, monkeypatch):
-    from keyboard.cli import main
-    from keyboard.federated import join
+    from wordahead.cli import main
+    from wordahead.federated import join
 
     home = tmp_path / "kbhome"
     assert main(["federate"]) == 0
@@ -309,14 +309,14 @@ def test_nightly_job_trains_on_top_of_the_community_adapter(tmp_path: Path, tiny
     and the personal adapter the nightly job trains starts from it."""
     import io
 
-    from keyboard.adapter_diff import import_diff
-    from keyboard.adapter_store import AdapterStore
-    from keyboard.artifacts import ArtifactSet
-    from keyboard.federated.community import CommunityStore
-    from keyboard.paths import Home
-    from keyboard.personalize import JobConfig, run_job
-    from keyboard.progress import Progress
     from tests.tiny_models import corpus_lines
+    from wordahead.federated.community import CommunityStore
+    from wordahead.learn.adapter_diff import import_diff
+    from wordahead.learn.adapter_store import AdapterStore
+    from wordahead.learn.personalize import JobConfig, run_job
+    from wordahead.learn.progress import Progress
+    from wordahead.model.artifacts import ArtifactSet
+    from wordahead.paths import Home
 
     artifacts = ArtifactSet.open(tiny_llama)
     rng = np.random.default_rng(0)

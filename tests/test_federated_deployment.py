@@ -35,9 +35,9 @@ def _free_port() -> int:
 
 def make_home(home: Path, i: int) -> None:
     """A keyboard home that opted in, with a typing log of its own (and one excluded file)."""
-    from keyboard.federated.local import FederationSettings
-    from keyboard.typing_log import TypingLog
     from tests.tiny_models import corpus_lines
+    from wordahead.federated.local import FederationSettings
+    from wordahead.store.typing_log import TypingLog
 
     with TypingLog(home / "typing_log.db") as log:
         for line in corpus_lines()[i * 5 : i * 5 + 60]:
@@ -86,8 +86,8 @@ def _server_side_bytes(*roots: Path) -> bytes:
 
 
 def test_deployment_rounds_with_a_dead_and_a_malformed_node(tmp_path: Path, tiny_llama: Path):
-    from keyboard.artifacts import ArtifactSet
-    from keyboard.federated.local import FederationSettings
+    from wordahead.federated.local import FederationSettings
+    from wordahead.model.artifacts import ArtifactSet
 
     artifacts = ArtifactSet.open(tiny_llama)
     server = tmp_path / "server"
@@ -161,8 +161,8 @@ def test_deployment_rounds_with_a_dead_and_a_malformed_node(tmp_path: Path, tiny
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     # The community adapter changed, and each round's artifact imports into a daemon's store.
-    from keyboard.adapter_diff import import_diff
-    from keyboard.adapter_store import AdapterStore
+    from wordahead.learn.adapter_diff import import_diff
+    from wordahead.learn.adapter_store import AdapterStore
 
     store = AdapterStore(root=tmp_path / "user-adapters", artifacts=artifacts)
     initial = artifacts.initial_adapter()

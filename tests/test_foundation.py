@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keyboard import runtime
-from keyboard.artifacts import ArtifactError, ArtifactSet, bake_inference_model, load_adapter
-from keyboard.trainer import IGNORE, LoraTrainer, make_batches
-from keyboard.types import KeyboardError
 from tests.tiny_models import corpus_lines
+from wordahead.learn.trainer import IGNORE, LoraTrainer, make_batches
+from wordahead.model import runtime
+from wordahead.model.artifacts import ArtifactError, ArtifactSet, bake_inference_model, load_adapter
+from wordahead.types import KeyboardError
 
-# Models are built in the tests (request.getfixturevalue, build_model); keyboard.export
+# Models are built in the tests (request.getfixturevalue, build_model); wordahead.model.export
 # imports torch, so it is imported where it is used.
 pytestmark = pytest.mark.torch
 
@@ -68,7 +68,7 @@ def test_trained_inference_model_matches_pytorch_with_merged_lora(
     family: str, request: pytest.FixtureRequest, tmp_path: Path
 ):
     torch = pytest.importorskip("torch")
-    from keyboard.export import ExportConfig, load_base_model, wrap_with_lora
+    from wordahead.model.export import ExportConfig, load_base_model, wrap_with_lora
 
     art_dir = request.getfixturevalue(family)
     trainer, *_ = _train(art_dir, steps=10)
@@ -142,8 +142,8 @@ def test_manifest_describes_the_artifact_set(tiny_llama: Path):
 
 
 def test_top_layers_only_carry_adapters(tmp_path: Path):
-    from keyboard.export import ExportConfig, export_model
     from tests.tiny_models import build_model
+    from wordahead.model.export import ExportConfig, export_model
 
     hf = build_model("llama", tmp_path / "hf", layers=3)
     manifest = export_model(hf, tmp_path / "out", ExportConfig(rank=2, layers="top:1"))
@@ -154,7 +154,7 @@ def test_top_layers_only_carry_adapters(tmp_path: Path):
 
 
 def test_parse_layers():
-    from keyboard.export import parse_layers
+    from wordahead.model.export import parse_layers
 
     assert parse_layers("all", 4) == [0, 1, 2, 3]
     assert parse_layers("top:2", 4) == [2, 3]
@@ -195,9 +195,9 @@ def test_corrupt_or_mismatched_adapter_is_refused(tiny_llama: Path, tmp_path: Pa
 def test_device_side_never_imports_torch(tiny_llama: Path):
     code = f"""
 import sys
-from keyboard.artifacts import ArtifactSet
-from keyboard.trainer import LoraTrainer
-from keyboard import runtime
+from wordahead.model.artifacts import ArtifactSet
+from wordahead.learn.trainer import LoraTrainer
+from wordahead.model import runtime
 art = ArtifactSet.open({str(tiny_llama)!r})
 trainer = LoraTrainer(art, art.initial_adapter())
 batches = trainer.batches(["hello there, how are you today?"] * 8, seq_len=16, batch_size=2)

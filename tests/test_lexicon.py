@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from keyboard.evaluation import simulate
-from keyboard.lexicon import FILE, Lexicon, LexiconError
-from keyboard.phrases import PhraseModel
-from keyboard.predictor import Predictor
 from tests.tiny_models import TEXT
+from wordahead.evaluate.harness import simulate
+from wordahead.predict.lexicon import FILE, Lexicon, LexiconError
+from wordahead.predict.predictor import Predictor
+from wordahead.predict.sources.phrases import PhraseModel
 
 CONTEXTS = ["Thank you so much for ", "We are going to the b", "The meeting has been m", "I w"]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from keyboard.client import DaemonClient
-from keyboard.live_phrases import LivePhrases
-from keyboard.phrases import START, PhraseModel
 from tests.daemon_process import Served, short_dir, start_daemon
+from wordahead.daemon.client import DaemonClient
+from wordahead.predict.sources.live_phrases import LivePhrases
+from wordahead.predict.sources.phrases import START, PhraseModel
 
 NAME = "Zorblaxian"  # a word no tiny model offers on its own
 LINE = f"Greetings to {NAME} from the whole team."
@@ -119,8 +119,8 @@ def test_the_privacy_rules_hold_on_the_live_path(tiny_llama: Path, root: Path) -
 
 
 def test_phrases_off_stores_and_serves_no_ngrams(tiny_llama: Path, root: Path) -> None:
-    from keyboard.evaluation import personalize_in_throwaway_home
-    from keyboard.paths import Home
+    from wordahead.evaluate.harness import personalize_in_throwaway_home
+    from wordahead.paths import Home
 
     home = root / "home"
     home.mkdir(mode=0o700)

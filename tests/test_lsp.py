@@ -1,5 +1,5 @@
 """The language server: buffer reading and typed-text tracking, then real LSP conversations
-over stdio with `python -m keyboard lsp` against a real daemon serving a tiny model."""
+over stdio with `python -m wordahead lsp` against a real daemon serving a tiny model."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from keyboard.client import DaemonClient
-from keyboard.editor_text import (
+from tests.daemon_process import Served, serve
+from wordahead.daemon.client import DaemonClient
+from wordahead.editors.editor_text import (
     MAX_TYPED_CHANGE,
     TypedRun,
     context_before,
@@ -27,9 +28,8 @@ from keyboard.editor_text import (
     insertion,
     language_kind,
 )
-from keyboard.lsp import EditorConfig
-from keyboard.types import KeyboardError
-from tests.daemon_process import Served, serve
+from wordahead.editors.lsp import EditorConfig
+from wordahead.types import KeyboardError
 
 # --- reading a buffer ---------------------------------------------------------------------------
 
@@ -183,13 +183,13 @@ def test_finished_text_filters() -> None:
 
 
 class LspProcess:
-    """`python -m keyboard lsp` on pipes, spoken to as an editor does (Content-Length frames)."""
+    """`python -m wordahead lsp` on pipes, spoken to as an editor does (Content-Length frames)."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.log = log
         with open(log, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "keyboard", "lsp"],
+                [sys.executable, "-m", "wordahead", "lsp"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from keyboard.client import DaemonClient
 from tests.daemon_process import Served, serve
+from wordahead.daemon.client import DaemonClient
 
 PLUGIN = Path(__file__).resolve().parent.parent / "editors" / "nvim"
 NVIM = shutil.which("nvim")
@@ -46,7 +46,7 @@ vim.cmd("filetype on")
 vim.o.completeopt = "menuone,noselect"
 vim.o.swapfile = false
 require("keyboard").setup({
-  cmd = { os.getenv("KB_PYTHON"), "-m", "keyboard", "lsp" },
+  cmd = { os.getenv("KB_PYTHON"), "-m", "wordahead", "lsp" },
   filetypes = { "text" },
   init_options = { debounce_ms = 0 },
 })
@@ -136,7 +136,7 @@ def test_neovim_types_and_completes(served: Served, tmp_path: Path) -> None:
     )
     assert NVIM is not None
     # What the menu will show, asked now: once Neovim sends the typed line, the daemon learns
-    # it (keyboard.live_phrases) and its next words after "I would like to " may change.
+    # it (wordahead.predict.sources.live_phrases) and its next words after "I would like to " may change.
     with DaemonClient(served.socket) as client:
         expected = client.call("predict", context="I would like to ", k=5)
     proc = subprocess.run(

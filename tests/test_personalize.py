@@ -15,17 +15,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keyboard import personalize
-from keyboard.adapter_store import AdapterStore
-from keyboard.artifacts import ArtifactSet
-from keyboard.cli import main
-from keyboard.job_log import JobLog
-from keyboard.paths import Home
-from keyboard.personalize import JobConfig, gate, run_job
-from keyboard.phrases import ADAPTED_WEIGHT, DEFAULT_WEIGHT, PhraseModel, blend_weights
-from keyboard.progress import Progress
-from keyboard.types import KeyboardError
-from keyboard.typing_log import TypingLog
+from wordahead.cli import main
+from wordahead.learn import personalize
+from wordahead.learn.adapter_store import AdapterStore
+from wordahead.learn.job_log import JobLog
+from wordahead.learn.personalize import JobConfig, gate, run_job
+from wordahead.learn.progress import Progress
+from wordahead.model.artifacts import ArtifactSet
+from wordahead.paths import Home
+from wordahead.predict.sources.phrases import (
+    ADAPTED_WEIGHT,
+    DEFAULT_WEIGHT,
+    PhraseModel,
+    blend_weights,
+)
+from wordahead.store.typing_log import TypingLog
+from wordahead.types import KeyboardError
 
 REPO = Path(__file__).resolve().parent.parent
 # Made up, and two tokens of the tiny models' tokenizer ("Ġday" "rit"): a 2-layer model with
@@ -63,7 +68,7 @@ def _offers_word(words: list[str]) -> bool:
 
 
 def test_job_learns_the_users_word(home: Home, tiny_llama: Path) -> None:
-    from keyboard.predictor import Predictor
+    from wordahead.predict.predictor import Predictor
 
     predictor = Predictor(tiny_llama, threads=1)
     assert not _offers_word(predictor.predict("I love ", k=3).words)
@@ -159,7 +164,7 @@ def test_share_chosen_on_the_held_out_text(home: Home, tiny_llama: Path) -> None
 
 
 def _heldout_loss(model: Path, adapter: dict[str, np.ndarray], texts: list[str]) -> float:
-    from keyboard.trainer import LoraTrainer
+    from wordahead.learn.trainer import LoraTrainer
 
     trainer = LoraTrainer(ArtifactSet.open(model), adapter=adapter)
     return trainer.evaluate(trainer.batches(texts, 64, 4))
@@ -304,7 +309,7 @@ def test_kill_9_mid_job_leaves_the_previous_adapter(
     JobConfig.update(home.job_config, lr=1e-3, eval_every=1000, patience=1000)  # train until killed
     env = dict(os.environ, KEYBOARD_MODEL=str(tiny_llama))
     child = subprocess.Popen(
-        [sys.executable, "-m", "keyboard", "train", "--json", "--max-steps", "1000000",
+        [sys.executable, "-m", "wordahead", "train", "--json", "--max-steps", "1000000",
          "--time-budget", "120"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -381,8 +386,8 @@ def test_train_via_daemon_shows_progress(tiny_llama: Path) -> None:
     model); now the job's stages and steps reach stderr while it runs."""
     import shutil
 
-    from keyboard.client import DaemonClient
     from tests.daemon_process import daemon_env, short_dir, start_daemon
+    from wordahead.daemon.client import DaemonClient
 
     root = short_dir()
     home = Home.at(root / "home")
@@ -395,7 +400,7 @@ def test_train_via_daemon_shows_progress(tiny_llama: Path) -> None:
             for line in _user_lines():
                 client.call("observe", text=line, source="test")
         done = subprocess.run(
-            [sys.executable, "-m", "keyboard", "train", "--via-daemon", "--force"],
+            [sys.executable, "-m", "wordahead", "train", "--via-daemon", "--force"],
             env=daemon_env(home.root, tiny_llama, KEYBOARD_SOCKET=str(served.socket)),
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from keyboard.adapter_store import AdapterStore, forget_phrases
-from keyboard.artifacts import ArtifactSet
-from keyboard.paths import Home
-from keyboard.phrases import START, PhraseError, PhraseModel, tokens
+from wordahead.learn.adapter_store import AdapterStore, forget_phrases
+from wordahead.model.artifacts import ArtifactSet
+from wordahead.paths import Home
+from wordahead.predict.sources.phrases import START, PhraseError, PhraseModel, tokens
 
 TEXTS = [
     "See you at the lake.",
@@ -104,7 +104,7 @@ def test_file_round_trip_and_damage(tmp_path: Path) -> None:
 def test_predictor_offers_the_users_phrase_and_survives_a_damaged_file(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
-    from keyboard.predictor import Predictor
+    from wordahead.predict.predictor import Predictor
 
     predictor = Predictor(tiny_llama, threads=1)
     assert "dayrit" not in predictor.predict("see you at ", k=3).words
@@ -138,7 +138,7 @@ def test_store_keeps_phrases_per_version_and_forget_deletes_them(
 
 
 def test_status_says_which_phrases_are_served() -> None:
-    from keyboard.client import describe_status
+    from wordahead.daemon.client import describe_status
 
     served = {"adapter": {"version": "v0002", "phrases": {"words": 48210, "ngrams": 71344}}}
     assert "phrases      48,210 words, 71,344 word pairs/triples" in describe_status(served)
@@ -150,7 +150,7 @@ def test_compact_file_round_trip_reads_version_1_and_refuses_bad_arrays() -> Non
 
     import numpy as np
 
-    from keyboard.phrases import _MAGIC
+    from wordahead.predict.sources.phrases import _MAGIC
 
     model = PhraseModel.from_texts(TEXTS, weight=0.3)
     again = PhraseModel.from_bytes(model.to_bytes())

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keyboard.artifacts import ArtifactSet, save_adapter
-from keyboard.predictor import Predictor, model_window
-from keyboard.types import KeyboardError, Prediction
-from keyboard.words import WORD_RE, partial_word, split_prefix
+from wordahead.model.artifacts import ArtifactSet, save_adapter
+from wordahead.predict.predictor import Predictor, model_window
+from wordahead.predict.words import WORD_RE, partial_word, split_prefix
+from wordahead.types import KeyboardError, Prediction
 
 TYPED = (
     "Thank you so much for your help with the project. We are going to the beach this "
@@ -39,7 +39,7 @@ def assert_whole_words(prediction: Prediction, k: int) -> None:
 @pytest.fixture(scope="module")
 def holiday_adapter(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter that has seen "I'm away on holiday." many times (a 4-token word)."""
-    from keyboard.trainer import LoraTrainer
+    from wordahead.learn.trainer import LoraTrainer
 
     trainer = LoraTrainer(ArtifactSet.open(tiny_llama))
     batches = trainer.batches([HOLIDAY] * 64, seq_len=32, batch_size=8)
@@ -175,7 +175,7 @@ def test_cached_and_uncached_results_are_identical_over_a_typing_session(tiny_ll
 def test_a_tree_of_hypotheses_scores_as_one_row_each(family: str, request: pytest.FixtureRequest):
     # One run over one copy of the context's key/values, the hypotheses' tokens as a tree
     # (shared beginnings once), gives each hypothesis the logits of a run of its own.
-    from keyboard.predictor import _as_tree
+    from wordahead.predict.predictor import _as_tree
 
     predictor = Predictor(request.getfixturevalue(family))
     engine = predictor._engine
@@ -196,10 +196,10 @@ def test_answers_are_the_same_on_a_graph_without_the_tree_inputs(
 ):
     # A graph the tree rewrite does not recognise is served as exported (a batch row per
     # hypothesis): the same answers over a replayed typing session.
-    import keyboard.artifacts
+    import wordahead.model.artifacts
 
     tree = Predictor(tiny_llama, context_tokens=16)
-    monkeypatch.setattr(keyboard.artifacts, "tree_attention", lambda model: False)
+    monkeypatch.setattr(wordahead.model.artifacts, "tree_attention", lambda model: False)
     rows = Predictor(tiny_llama, context_tokens=16)
     assert tree._engine.tree and not rows._engine.tree and rows._engine.masked
     for context in _keystrokes(TYPED[:90]):
@@ -242,7 +242,7 @@ def test_cache_slots_never_answer_for_another_clients_context(tiny_llama: Path):
 
 
 def _queries(predictor: Predictor, texts: list[str]) -> list:
-    from keyboard.predictor import make_query
+    from wordahead.predict.predictor import make_query
 
     return [make_query(t, 3, predictor.context_tokens) for t in texts]
 
@@ -408,7 +408,7 @@ def test_a_missing_or_corrupt_adapter_serves_the_base_model(
         assert predictor.load_adapter(good, "v2")
         assert predictor.adapter_version == "v2"
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="keyboard.predictor"):
+        with caplog.at_level(logging.WARNING, logger="wordahead.predict.predictor"):
             assert predictor.load_adapter(adapter, "v3") is False
         assert predictor.adapter_version == "base"
         assert "adapter v3 could not be loaded, serving the base model" in caplog.text
@@ -443,7 +443,7 @@ def test_bad_input_gives_a_clear_error_or_an_answer(tiny_llama: Path):
 def test_int8_graph_is_used_when_asked_and_adapters_still_apply(
     tiny_llama: Path, holiday_adapter: Path, tmp_path: Path
 ):
-    from keyboard import quantize
+    from wordahead.model import quantize
 
     model = tmp_path / "model"
     shutil.copytree(tiny_llama, model)
@@ -467,7 +467,7 @@ def test_int8_graph_is_used_when_asked_and_adapters_still_apply(
 
 
 def test_paired_top3_test_counts_only_the_words_the_graphs_disagree_on():
-    from keyboard import quantize
+    from wordahead.model import quantize
 
     # 30 words only fp32 gets, 10 only int8 gets, 960 both: int8 is significantly worse.
     fp32 = [0] * 30 + [-1] * 10 + [2] * 960
@@ -495,7 +495,7 @@ def test_memory_stays_flat_across_adapter_swaps(tiny_llama: Path, tmp_path: Path
     import subprocess
     import sys
 
-    from keyboard.phrases import PhraseModel
+    from wordahead.predict.sources.phrases import PhraseModel
 
     # About 60,000 n-grams, read from their file at every swap as the daemon does.
     rng = np.random.default_rng(0)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keyboard.redaction import (
+from wordahead.store.redaction import (
     DEFAULT_EXCLUDED_SOURCES,
     REDACTED,
     excluded_by,

@@ -21,18 +21,18 @@ from typing import Any
 
 import pytest
 
-from keyboard import server
-from keyboard.adapter_store import PHRASES_FILE, AdapterStore
-from keyboard.artifacts import ArtifactSet
-from keyboard.client import DaemonClient, DaemonNotRunning, ForeignDaemon
-from keyboard.job_log import JobLog
-from keyboard.paths import Home
-from keyboard.phrases import PhraseModel
-from keyboard.protocol import RpcError
-from keyboard.typing_log import TypingLog
 from tests.daemon_process import daemon_env, short_dir, start_daemon
 from tests.damage import mutate
 from tests.full_disk import fill, small_disk
+from wordahead.daemon import server
+from wordahead.daemon.client import DaemonClient, DaemonNotRunning, ForeignDaemon
+from wordahead.daemon.protocol import RpcError
+from wordahead.learn.adapter_store import PHRASES_FILE, AdapterStore
+from wordahead.learn.job_log import JobLog
+from wordahead.model.artifacts import ArtifactSet
+from wordahead.paths import Home
+from wordahead.predict.sources.phrases import PhraseModel
+from wordahead.store.typing_log import TypingLog
 
 REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -149,7 +149,8 @@ def test_the_adapter_watcher_survives_a_failure_and_picks_up_a_switch(
 ) -> None:
     """Failure 1: the adapter watcher died silently, so a later `keyboard adapters use
     v0001` was never picked up. Now a supervisor logs the failure and restarts it."""
-    from keyboard import rpc_methods, supervisor
+    from wordahead.daemon import methods as rpc_methods
+    from wordahead.daemon import supervisor
 
     monkeypatch.setattr(supervisor, "ADAPTER_POLL_S", 0.05)
     monkeypatch.setattr(server, "RESTART_DELAY_S", (0.05, 0.5))
@@ -169,7 +170,7 @@ def test_the_adapter_watcher_survives_a_failure_and_picks_up_a_switch(
 
         monkeypatch.setattr(rpc_methods.RpcMethods, "reload_adapter", broken_once)
         monkeypatch.setattr(rpc_methods, "log", logging.getLogger("keyboard.test.quiet"))
-        with caplog.at_level(logging.ERROR, logger="keyboard.server"):
+        with caplog.at_level(logging.ERROR, logger="wordahead.daemon.server"):
             store.use(good)  # first noticed by a watcher whose reload raises
             until(lambda: served.call("status")["adapter"]["version"] == good, "switch seen")
         assert len(calls) >= 2
@@ -200,7 +201,7 @@ def test_a_background_task_that_fails_is_logged_and_restarted(
             await asyncio.sleep(0.01)
         task.cancel()
 
-    with caplog.at_level(logging.ERROR, logger="keyboard.server"):
+    with caplog.at_level(logging.ERROR, logger="wordahead.daemon.server"):
         asyncio.run(main())
     assert len(runs) == 3
     assert caplog.text.count("the test task failed; restarting it") == 2
@@ -240,7 +241,7 @@ def test_a_daemon_on_a_full_disk_serves_names_it_and_recovers(
     """Failure 2: restarting on a full disk called the intact database "not a usable typing
     log ... move it away". Now the daemon starts, predicts, says the disk is full, and opens
     the log again by itself once there is room."""
-    from keyboard import rpc_methods
+    from wordahead.daemon import methods as rpc_methods
 
     monkeypatch.setattr(rpc_methods, "REOPEN_S", 0.1)
     home = Home.at(disk / "home")
@@ -268,8 +269,8 @@ def test_train_on_a_full_disk_says_why_in_the_answer_and_in_status(
 ) -> None:
     """Failure 2: `train` on a full disk answered {exit_code: 1, result: null}; the reason went
     to daemon.log, on the same full disk, and was lost."""
-    from keyboard.client import describe_status
-    from keyboard.personalize import last_failure
+    from wordahead.daemon.client import describe_status
+    from wordahead.learn.personalize import last_failure
 
     home = Home.at(disk / "home")
     _observe_words(home, 40)
@@ -295,7 +296,7 @@ def test_a_job_that_dies_says_how(
 ) -> None:
     """A job killed before it can report (kill -9, a crash in native code): the `train`
     answer and `status` still say what happened, from its exit status and stderr."""
-    from keyboard.personalize import last_failure
+    from wordahead.learn.personalize import last_failure
 
     home = Home.at(root / "home")
     _observe_words(home, 40)
@@ -327,7 +328,7 @@ def test_serve_and_stop_with_a_partly_corrupt_database(tiny_llama: Path, root: P
 
     def keyboard(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "keyboard", *args, "--socket", str(sock)],
+            [sys.executable, "-m", "wordahead", *args, "--socket", str(sock)],
             env=env,
             capture_output=True,
             text=True,
@@ -381,7 +382,7 @@ def test_a_socket_in_a_world_writable_directory_is_refused(tiny_llama: Path, roo
     link.symlink_to(shared)
     for sock in (shared / "kb.sock", link / "kb.sock"):
         done = subprocess.run(
-            [sys.executable, "-m", "keyboard", "serve", "--foreground", "--socket", str(sock)],
+            [sys.executable, "-m", "wordahead", "serve", "--foreground", "--socket", str(sock)],
             env=daemon_env(root / "home", tiny_llama),
             capture_output=True,
             text=True,
@@ -457,7 +458,7 @@ def test_a_server_run_by_another_user_is_refused_and_gets_nothing(
         env = daemon_env(root / "home", tiny_llama)
         for args in (["predict", "Dear diary, "], ["serve", "--foreground"]):
             done = subprocess.run(
-                [sys.executable, "-m", "keyboard", *args, "--socket", str(sock)],
+                [sys.executable, "-m", "wordahead", *args, "--socket", str(sock)],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -500,7 +501,7 @@ def test_a_home_or_socket_directory_of_another_user_gives_a_clear_message(
 
     for env, args in cases:
         done = subprocess.run(
-            [sys.executable, "-m", "keyboard", *args],
+            [sys.executable, "-m", "wordahead", *args],
             env=env,
             capture_output=True,
             text=True,
@@ -586,20 +587,20 @@ def test_a_daemon_under_umask_000_keeps_every_file_private(tiny_llama: Path, roo
         served.stop()
 
 
-# --- 6. python -m keyboard from the checkout's parent ------------------------------------------------
+# --- 6. python -m wordahead from the checkout's parent ------------------------------------------------
 def test_serve_from_the_checkouts_parent_directory(tiny_llama: Path, root: Path) -> None:
-    """Failure 6: `keyboard serve` run from ~/src (the checkout at ~/src/keyboard) died with
-    ImportError: the child's `python -m keyboard` imported the checkout folder."""
+    """Failure 6: `keyboard serve` run from ~/src (the checkout at ~/src/wordahead) died with
+    ImportError: the child's `python -m wordahead` imported the checkout folder."""
     parent = root / "src"
     parent.mkdir()
-    (parent / "keyboard").symlink_to(REPO)
+    (parent / "wordahead").symlink_to(REPO)
     env = daemon_env(root / "home", tiny_llama)
     env.pop("PYTHONPATH", None)
     sock = root / "kb.sock"
     try:
         for command in (
             [str(Path(sys.executable).parent / "keyboard"), "serve", "--socket", str(sock)],
-            [sys.executable, "-m", "keyboard", "status", "--json", "--socket", str(sock)],
+            [sys.executable, "-m", "wordahead", "status", "--json", "--socket", str(sock)],
         ):
             done = subprocess.run(
                 command, cwd=parent, env=env, capture_output=True, text=True, timeout=120
@@ -609,7 +610,7 @@ def test_serve_from_the_checkouts_parent_directory(tiny_llama: Path, root: Path)
         assert json.loads(done.stdout)["model"]["dir"] == str(tiny_llama)
     finally:
         subprocess.run(
-            [sys.executable, "-m", "keyboard", "stop", "--socket", str(sock)],
+            [sys.executable, "-m", "wordahead", "stop", "--socket", str(sock)],
             env=env,
             capture_output=True,
             timeout=60,
@@ -636,7 +637,7 @@ def test_a_killed_job_is_not_shown_running(tiny_llama: Path, root: Path) -> None
 
 
 def test_status_shows_a_job_failure_until_a_later_job_runs() -> None:
-    from keyboard.client import describe_status
+    from wordahead.daemon.client import describe_status
 
     failure = {"time": "2026-11-29T16:58:09+00:00", "job": None, "reason": "the disk is full"}
 

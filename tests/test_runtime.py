@@ -24,7 +24,7 @@ def _run(code: str) -> str:
 def test_runtime_loads_inference_training_and_quantization_without_torch():
     out = _run(
         "import sys\n"
-        "from keyboard import runtime\n"
+        "from wordahead.model import runtime\n"
         "ort = runtime.onnxruntime(); api = runtime.training_api(); q = runtime.quantization_api()\n"
         "assert callable(api.Module) and callable(api.Optimizer) and callable(q.quantize_dynamic)\n"
         "print('TORCH', 'torch' in sys.modules, ort.__version__)\n"

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from keyboard import personalize, schedule
-from keyboard.cli import main
-from keyboard.paths import Home, keyboard_command
-from keyboard.types import KeyboardError
-from keyboard.typing_log import TypingLog
+from wordahead.cli import main
+from wordahead.learn import personalize, schedule
+from wordahead.paths import Home, keyboard_command
+from wordahead.store.typing_log import TypingLog
+from wordahead.types import KeyboardError
 
 
 @pytest.fixture

@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keyboard import protocol as rpc
-from keyboard.paths import Home
 from tests.daemon_process import Served, daemon_env, short_dir, start_daemon, wait_ready
+from wordahead.daemon import protocol as rpc
+from wordahead.paths import Home
 
 CONTEXTS = [
     "I would like to",
@@ -213,9 +213,9 @@ def test_serving_process_never_imports_torch(conn: Conn, daemon: Served) -> None
 def test_reload_serves_the_active_adapter(tiny_llama: Path, root: Path) -> None:
     import numpy as np
 
-    from keyboard.adapter_store import AdapterStore
-    from keyboard.artifacts import ArtifactSet
-    from keyboard.phrases import PhraseModel
+    from wordahead.learn.adapter_store import AdapterStore
+    from wordahead.model.artifacts import ArtifactSet
+    from wordahead.predict.sources.phrases import PhraseModel
 
     served = start_daemon(tiny_llama, root / "home", root / "s.sock")
     try:
@@ -338,7 +338,7 @@ def test_error_codes(conn: Conn, line: bytes, code: int) -> None:
 @pytest.fixture
 def in_thread(tiny_llama: Path, root: Path) -> Iterator[Any]:
     """A daemon on a thread of this process, for failures that need reaching inside."""
-    from keyboard import server
+    from wordahead.daemon import server
 
     config = server.ServeConfig(root / "s.sock", tiny_llama, Home.at(root / "home"))
     daemon, thread = server.run_in_thread(config)
@@ -352,7 +352,7 @@ def in_thread(tiny_llama: Path, root: Path) -> Iterator[Any]:
 
 def test_server_error_codes(in_thread: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The server range: each failure gets its documented code, and serving goes on."""
-    from keyboard import connections
+    from wordahead.daemon import connections
 
     sock = in_thread.config.socket_path
     with connect(sock) as c:
@@ -698,7 +698,7 @@ def test_cli_client(tiny_llama: Path, root: Path) -> None:
 
     def keyboard(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "keyboard", *args],
+            [sys.executable, "-m", "wordahead", *args],
             env=env,
             capture_output=True,
             text=True,
@@ -735,7 +735,7 @@ def test_cli_client(tiny_llama: Path, root: Path) -> None:
     assert keyboard("status").returncode == 1
     assert "not running" in keyboard("train", "--via-daemon").stderr
     # Without a daemon, forget works on the database directly.
-    from keyboard.typing_log import TypingLog
+    from wordahead.store.typing_log import TypingLog
 
     with TypingLog(Home.at(env["KEYBOARD_HOME"]).typing_log) as log:
         log.record("written while the daemon was down", source="diary")
@@ -744,7 +744,7 @@ def test_cli_client(tiny_llama: Path, root: Path) -> None:
 
 
 def test_work_ahead_keeps_to_its_share_of_the_cpu():
-    from keyboard.rpc_methods import AheadBudget
+    from wordahead.daemon.methods import AheadBudget
 
     now = [100.0]
     budget = AheadBudget(share=0.25, burst=0.25, clock=lambda: now[0])
@@ -792,7 +792,7 @@ def test_a_lone_prediction_is_computed_without_the_pool(
 def test_work_ahead_waits_for_a_pause(in_thread: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # Keystrokes closer together than AHEAD_DELAY_S compute nothing ahead; a pause after
     # the last one computes the keystroke after it.
-    from keyboard import rpc_methods
+    from wordahead.daemon import methods as rpc_methods
 
     monkeypatch.setattr(rpc_methods, "AHEAD_DELAY_S", 0.5)
     predictor = in_thread.methods.predictor

@@ -201,7 +201,7 @@ def test_prepared_data_and_distillation(tmp_path):
 def test_lexicon_takes_in_the_dictionaries(tmp_path):
     """The lexicon: the corpus's training words seen twice, and every word of the word lists
     (not their lines that are no word); the corpus alone without them."""
-    from keyboard.lexicon import Lexicon
+    from wordahead.predict.lexicon import Lexicon
 
     corpus = _corpus(tmp_path)
     words = tmp_path / "words"

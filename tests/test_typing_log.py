@@ -18,18 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from keyboard import cli
-from keyboard.job_log import JobLog
-from keyboard.paths import Home
-from keyboard.redaction import REDACTED
-from keyboard.types import KeyboardError
-from keyboard.typing_log import (
+from wordahead import cli
+from wordahead.learn.job_log import JobLog
+from wordahead.paths import Home
+from wordahead.store.redaction import REDACTED
+from wordahead.store.typing_log import (
     MAX_TEXT_BYTES,
     SCHEMA_VERSION,
     InvalidText,
     TextTooLarge,
     TypingLog,
 )
+from wordahead.types import KeyboardError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,7 +124,7 @@ def test_loose_permissions_on_an_existing_file_are_tightened(tmp_path: Path) -> 
 # --- durability and concurrency ---------------------------------------------------------------
 WRITER = """
     import sys
-    from keyboard.typing_log import TypingLog
+    from wordahead.store.typing_log import TypingLog
     log = TypingLog(sys.argv[1])
     limit = int(sys.argv[2])
     i = 0
@@ -485,8 +485,8 @@ def test_cli_log_stats_pause_forget(tmp_path: Path, monkeypatch, capsys) -> None
 def test_a_full_disk_is_named_and_nothing_advises_moving_the_log(monkeypatch) -> None:
     """Failure 2: on a full disk, an intact database was called "not a usable typing log ...
     move it away to start afresh". A real tmpfs where the runner may mount one (root)."""
-    from keyboard.typing_log import TypingLogError
     from tests.full_disk import fill, small_disk
+    from wordahead.store.typing_log import TypingLogError
 
     with small_disk() as disk:
         if disk is None:  # simulated ENOSPC: SQLite's report of a full disk, and statvfs's
@@ -516,8 +516,8 @@ def test_a_full_disk_is_named_and_nothing_advises_moving_the_log(monkeypatch) ->
 def test_full_disk_simulated(tmp_path: Path, monkeypatch) -> None:
     """The same without a mount: SQLite reports a full disk as SQLITE_FULL, or as a disk I/O
     error when its shared-memory file cannot grow; statvfs says no space is left."""
-    from keyboard import typing_log
-    from keyboard.typing_log import TypingLogError
+    from wordahead.store import typing_log
+    from wordahead.store.typing_log import TypingLogError
 
     path = tmp_path / "typing_log.db"
     with TypingLog(path) as log:
@@ -565,7 +565,7 @@ def test_stats_on_a_partly_corrupt_database_says_so_without_a_traceback(
     assert err.startswith("keyboard: ") and "Traceback" not in err
     assert "damaged" in err and ".recover" in err
     done = subprocess.run(
-        [sys.executable, "-m", "keyboard", "stats"],
+        [sys.executable, "-m", "wordahead", "stats"],
         env={**os.environ, "KEYBOARD_HOME": str(tmp_path)},
         capture_output=True,
         text=True,
@@ -580,8 +580,8 @@ def test_a_job_killed_with_sigkill_is_not_left_running(tmp_path: Path) -> None:
     child = _child(
         """
         import sys, time
-        from keyboard.job_log import JobLog
-        from keyboard.typing_log import TypingLog
+        from wordahead.learn.job_log import JobLog
+        from wordahead.store.typing_log import TypingLog
         log = TypingLog(sys.argv[1])
         print(JobLog(log).start(), flush=True)
         time.sleep(60)

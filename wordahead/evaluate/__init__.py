@@ -1,0 +1,1 @@
+"""evaluate: typing simulations that measure what predictions save."""

@@ -1,0 +1,1 @@
+"""predict: whole-word suggestions from the model, blended with the suggestion sources."""

@@ -1,0 +1,121 @@
+"""The real words a model may offer: the words of its training corpus, shipped with the model.
+
+A byte-level model can spell anything, and a small one spells plausible non-words ("tomore",
+"sorryly"). The Predictor offers a completion only if the lexicon holds it (case-insensitively)
+or the user typed it (their phrase model's words). Words with a digit ("2nd", "mp3") are
+not dictionary words and always pass.
+
+On disk: `lexicon.txt.gz`, one lower-cased word per line, sorted (readable, and diffable between
+models). In memory: the sorted words as one UTF-8 string and their offsets (about 3 MB for
+191k words; a list of str would take 12 MB), searched by bisection, which answers both "is this
+a word" and "does any word start with this" (the search drops spellings that can no longer
+become a word). UTF-8 bytes sort as their code points do, so the bytes can be bisected.
+"""
+
+from __future__ import annotations
+
+import bisect
+import gzip
+from array import array
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from wordahead.types import KeyboardError
+
+FILE = "lexicon.txt.gz"
+# Answers remembered per lexicon: the search asks about the same few thousand spellings again
+# and again while a word is typed (83% repeats), and a packed bisection costs ~3 us.
+MEMO_SIZE = 8192
+
+
+class LexiconError(KeyboardError):
+    """A lexicon file that cannot be read."""
+
+
+def _has_digit(word: str) -> bool:
+    return not word.isalpha() and any(ch.isdigit() for ch in word)  # most words: one C call
+
+
+def _remember(memo: dict[str, bool], key: str, value: bool) -> None:
+    if len(memo) >= MEMO_SIZE:
+        memo.clear()  # a new typing context: start over rather than track what is old
+    memo[key] = value
+
+
+def _sorted_words(words: Iterable[str]) -> list[str]:
+    return sorted({w.lower() for w in words if w})
+
+
+class _Packed(Sequence[bytes]):
+    """Sorted words packed into one bytes object: item i is the i-th word's UTF-8."""
+
+    def __init__(self, words: list[str]) -> None:
+        self._data = "".join(words).encode("utf-8")
+        ends = array("q", [0])
+        total = 0
+        for w in words:
+            total += len(w.encode("utf-8")) if not w.isascii() else len(w)
+            ends.append(total)
+        self._ends = ends
+
+    def __len__(self) -> int:
+        return len(self._ends) - 1
+
+    def __getitem__(self, i: int) -> bytes:  # type: ignore[override]  # ints: what bisect asks
+        return self._data[self._ends[i] : self._ends[i + 1]]
+
+
+class Lexicon:
+    """Lower-cased words; membership and prefixes, case-insensitive."""
+
+    def __init__(self, words: Iterable[str]) -> None:
+        self._words = _Packed(_sorted_words(words))
+        self._is_word: dict[str, bool] = {}
+        self._starts: dict[str, bool] = {}
+
+    def __len__(self) -> int:
+        return len(self._words)
+
+    def __contains__(self, word: object) -> bool:
+        if not isinstance(word, str) or not word:
+            return False
+        known = self._is_word.get(word)
+        if known is None:
+            known = _has_digit(word) or self._find(word) == 0
+            _remember(self._is_word, word, known)
+        return known
+
+    def has_prefix(self, part: str) -> bool:
+        """Whether some word starts with `part` (any part with a digit may go on)."""
+        known = self._starts.get(part)
+        if known is None:
+            known = _has_digit(part) or self._find(part) >= 0
+            _remember(self._starts, part, known)
+        return known
+
+    def _find(self, part: str) -> int:
+        """0: `part` is a word; 1: a longer word starts with it; -1: no word does."""
+        key = part.lower().encode("utf-8")
+        i = bisect.bisect_left(self._words, key)
+        if i == len(self._words):
+            return -1
+        found = self._words[i]
+        return 0 if found == key else 1 if found.startswith(key) else -1
+
+    @staticmethod
+    def save(path: str | Path, words: Iterable[str]) -> int:
+        """Write `words` (lower-cased, deduplicated, sorted); returns how many."""
+        unique = _sorted_words(words)
+        # No name and mtime 0 in the header: the same words give the same bytes.
+        with open(path, "wb") as raw, gzip.GzipFile("", "wb", fileobj=raw, mtime=0) as f:
+            f.write(("\n".join(unique) + "\n").encode("utf-8"))
+        return len(unique)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Lexicon:
+        try:
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                words = [line.rstrip("\n") for line in f]
+        except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
+            raise LexiconError(f"lexicon {path} cannot be read: {exc}") from exc
+        return cls(w for w in words if w)

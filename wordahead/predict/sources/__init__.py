@@ -1,0 +1,1 @@
+"""predict.sources: what besides the model decides a suggestion (the user's phrases, ...)."""

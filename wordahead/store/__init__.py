@@ -1,0 +1,1 @@
+"""store: what the user typed, kept privately in SQLite (redacted)."""

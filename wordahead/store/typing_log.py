@@ -1,0 +1,641 @@
+"""The typing log: what the user types, redacted and stored privately in SQLite for training."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import inspect
+import json
+import math
+import os
+import re
+import sqlite3
+import threading
+import time
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from wordahead import paths
+from wordahead.predict.words import partial_word, words
+from wordahead.store.redaction import DEFAULT_EXCLUDED_SOURCES, excluded_by, redact
+from wordahead.types import KeyboardError
+
+MAX_TEXT_BYTES = 64 * 1024  # per call; a bigger paste is split by the caller or refused
+MAX_SOURCE_CHARS = 512
+DEFAULT_RETENTION_DAYS = 90
+RETENTION_CHECK_SECONDS = 3600.0  # the writer re-applies retention at most this often
+BUSY_TIMEOUT_MS = 10_000
+INTERRUPTED = "the process running it stopped (killed, or the machine went down)"
+
+TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # UTC, fixed width: string order is time order
+# C0/C1 controls except tab and newline, DEL, lone surrogates (unencodable), BOM.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\ufeff]")
+
+
+class TypingLogError(KeyboardError):
+    """The database failed: a full disk, an I/O error, damage, a lock held elsewhere. The
+    message says which, and what to do; it advises moving the file only when it is damaged."""
+
+
+class InvalidText(KeyboardError):
+    """Text the typing log refuses: not text, not UTF-8, empty, or too large."""
+
+
+class TextTooLarge(InvalidText):
+    """More than MAX_TEXT_BYTES in one call."""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """The outcome of one `record` call: the new row id, or why nothing was stored."""
+
+    id: int | None
+    reason: str = ""  # "paused", "private", "excluded source (*.env)" when id is None
+    text: str = field(default="", repr=False)  # what was stored (redacted); "" when nothing
+
+    @property
+    def stored(self) -> bool:
+        return self.id is not None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"stored": self.stored}
+        if self.id is not None:
+            out["id"] = self.id
+        else:
+            out["reason"] = self.reason
+        return out
+
+
+def utc_iso(ts: datetime) -> str:
+    """`ts` as the log's fixed-width UTC string; naive datetimes are taken as local time."""
+    return ts.astimezone(timezone.utc).strftime(TS_FORMAT)
+
+
+def parse_time(value: str | datetime) -> datetime:
+    """A datetime from an ISO 8601 string ("2024-05-01", "2024-05-01T12:00Z") or a datetime."""
+    if isinstance(value, datetime):
+        return value
+    try:
+        return datetime.fromisoformat(value.strip())
+    except (ValueError, AttributeError) as exc:
+        raise KeyboardError(
+            f"not an ISO 8601 date or time: {value!r} (try 2024-05-01 or 2024-05-01T13:30)"
+        ) from exc
+
+
+def clean_text(text: object) -> str:
+    """Validate and normalise one input: UTF-8, NFC, controls removed, newlines as `\\n`.
+
+    Raises InvalidText (with a message a person can act on) instead of storing anything odd.
+    """
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        raw = bytes(text)
+        if len(raw) > MAX_TEXT_BYTES:
+            raise TextTooLarge(_too_large(len(raw)))
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidText(
+                f"text is not valid UTF-8 (bad byte at offset {exc.start}); nothing was stored"
+            ) from None
+    if not isinstance(text, str):
+        raise InvalidText(f"expected text (str or UTF-8 bytes), got {type(text).__name__}")
+    if len(text) > MAX_TEXT_BYTES:  # every char is >= 1 byte: refuse before any work
+        raise TextTooLarge(_too_large(len(text)))
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = unicodedata.normalize("NFC", _CONTROL.sub("", text))
+    size = len(text.encode("utf-8"))
+    if size > MAX_TEXT_BYTES:
+        raise TextTooLarge(_too_large(size))
+    if not text.strip():
+        raise InvalidText("text is empty or only whitespace; nothing to store")
+    return text
+
+
+def _too_large(size: int) -> str:
+    return (
+        f"text is {size:,} bytes; the limit is {MAX_TEXT_BYTES:,} bytes per call "
+        "(split it into smaller pieces)"
+    )
+
+
+def _clean_source(source: object) -> str:
+    if source is None:
+        return ""
+    if not isinstance(source, str):
+        raise InvalidText(f"source must be a string, got {type(source).__name__}")
+    return _CONTROL.sub("", source).strip()[:MAX_SOURCE_CHARS]
+
+
+def word_count(text: str) -> int:
+    return len(words(text))
+
+
+def join_accepted(context: str, accepted: str) -> str:
+    """The text the user ended up with: `context` whose partial last word `accepted` completes."""
+    prefix = partial_word(context)
+    if prefix and accepted.lower().startswith(prefix.lower()):
+        return context[: len(context) - len(prefix)] + accepted
+    return context + accepted
+
+
+# --- schema ---------------------------------------------------------------------------------
+# Migration N takes the database from user_version N-1 to N. Append, never edit a shipped one.
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE entries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids never reused after forget,
+        ts TEXT NOT NULL,                      -- so a watermark never skips new text
+        source TEXT NOT NULL DEFAULT '',
+        kind TEXT NOT NULL DEFAULT 'typed' CHECK (kind IN ('typed', 'accepted')),
+        text TEXT NOT NULL,
+        words INTEGER NOT NULL,
+        accepted TEXT                          -- the accepted suggestion, for kind 'accepted'
+    );
+    CREATE INDEX entries_ts ON entries(ts);
+    CREATE INDEX entries_source ON entries(source);
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        started TEXT NOT NULL,
+        ended TEXT,
+        status TEXT NOT NULL,
+        metrics TEXT NOT NULL DEFAULT '{}',
+        adapter_version TEXT,
+        reason TEXT NOT NULL DEFAULT '',
+        watermark INTEGER,
+        pid INTEGER
+    );
+    CREATE INDEX jobs_started ON jobs(started);
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _create_private_file(path: Path) -> None:
+    """Create `path` 0600 from the first byte (O_EXCL: never follow or reuse someone's file)."""
+    if not path.parent.exists():  # an existing directory is the caller's choice
+        paths.private_dir(path.parent)  # (a home is made 0700 by paths.Home.at)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        os.close(fd)
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            if p.stat().st_mode & 0o077:
+                os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
+
+
+FULL_DISK_BYTES = 1 << 20  # below this much free space, an I/O error is a full disk
+_DAMAGED = {"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CORRUPT_INDEX", "SQLITE_CORRUPT_SEQUENCE"}
+_LOCKED = ("SQLITE_BUSY", "SQLITE_LOCKED")
+_NO_ACCESS = ("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def full_disk_message(path: Path) -> str | None:
+    """What to tell a person when `path`'s disk has (almost) no space left: how much is free
+    and keyboard's own files in that directory, largest first; None when there is room."""
+    directory = path if path.is_dir() else path.parent
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    if free >= FULL_DISK_BYTES:
+        return None
+    own: list[tuple[int, str]] = []
+    try:
+        for entry in directory.iterdir():
+            try:
+                own.append((_size(entry), entry.name))
+            except OSError:
+                continue
+    except OSError:
+        pass
+    own.sort(reverse=True)
+    listed = ", ".join(f"{name} {_human(size)}" for size, name in own[:5] if size)
+    return (
+        f"the disk holding {directory} is full ({_human(free)} free). The typing log is "
+        "intact: free some space on that disk, then retry"
+        + (
+            f" (keyboard's largest files there: {listed}; daemon.log and old adapter "
+            "versions can go, typing_log.db holds your text)"
+            if listed
+            else ""
+        )
+    )
+
+
+def describe_database_error(exc: BaseException, path: Path) -> str:
+    """A message a person can act on for a failure of the SQLite file at `path`. SQLite reports
+    a full disk as SQLITE_FULL or, when the shared-memory file cannot grow, as a plain
+    "disk I/O error": the free space decides."""
+    name = str(getattr(exc, "sqlite_errorname", "") or "")
+    io_error = name.startswith("SQLITE_IOERR") or isinstance(exc, OSError)
+    if name == "SQLITE_FULL" or getattr(exc, "errno", None) == errno.ENOSPC or io_error:
+        full = full_disk_message(path)
+        if full or not io_error:
+            return f"the typing log {path} cannot be written: " + (
+                full or "the disk is full. The typing log is intact: free some space, then retry"
+            )
+    if name in _DAMAGED or "malformed" in str(exc) or "not a database" in str(exc):
+        return (
+            f"{path} is damaged ({exc}). Keep a copy of it; `sqlite3 {path} .recover` may "
+            "save its text. To start afresh, move it away (keyboard then creates a new one)"
+        )
+    if name.startswith(_LOCKED):
+        return f"the typing log {path} is locked by another process ({exc}); close it and retry"
+    if name.startswith(_NO_ACCESS) or isinstance(exc, PermissionError):
+        return f"cannot open or write the typing log {path} ({exc}): check its owner and mode"
+    if io_error:
+        return (
+            f"reading or writing the typing log {path} failed ({exc}): an I/O error of the "
+            "disk or file system. The file was left as it is"
+        )
+    return f"the typing log {path} failed: {exc}"
+
+
+def guarded(method: Any) -> Any:
+    """Database failures of a TypingLog method become TypingLogError with a clear message."""
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def generator(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from method(self, *args, **kwargs)
+            except (sqlite3.Error, OSError) as exc:
+                raise TypingLogError(describe_database_error(exc, self.path)) from exc
+
+        return generator
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.Error, OSError) as exc:
+            raise TypingLogError(describe_database_error(exc, self.path)) from exc
+
+    return call
+
+
+def _open_database(path: Path) -> sqlite_utils.Database:
+    """The typing log's database at `path`: created 0600, configured, migrated to this
+    version's schema."""
+    try:
+        _create_private_file(path)
+        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    except (sqlite3.Error, OSError) as exc:
+        raise TypingLogError(describe_database_error(exc, path)) from exc
+    try:
+        db = sqlite_utils.Database(conn, execute_plugins=False)
+        _configure(db)
+        _migrate(db, path)
+    except (sqlite3.Error, OSError) as exc:
+        conn.close()
+        raise TypingLogError(describe_database_error(exc, path)) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return db
+
+
+def _configure(db: sqlite_utils.Database) -> None:
+    db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    db.enable_wal()
+    # FULL: every commit fsyncs the WAL before `record` returns. NORMAL+WAL would already
+    # survive kill -9 (the written WAL pages live in the OS page cache), but not a power
+    # cut or kernel crash; text arrives at typing speed, so one fsync per call is cheap
+    # and "acknowledged" can mean "on disk".
+    db.execute("PRAGMA synchronous=FULL")
+    # Deleted text is overwritten with zeros, not just unlinked from the b-tree.
+    db.execute("PRAGMA secure_delete=ON")
+    # VACUUM and sorts stay in memory: no temporary copy of the text in /tmp.
+    db.execute("PRAGMA temp_store=MEMORY")
+    db.execute("PRAGMA foreign_keys=ON")
+
+
+def _migrate(db: sqlite_utils.Database, path: Path) -> None:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise KeyboardError(
+            f"the typing log {path} has schema version {version}, newer than this "
+            f"keyboard understands ({SCHEMA_VERSION}); upgrade keyboard"
+        )
+    if version == SCHEMA_VERSION:
+        return
+    # IMMEDIATE: two processes opening a fresh log at once must not both migrate.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            db.executescript(_MIGRATIONS[number - 1])
+            db.execute(f"PRAGMA user_version={number}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.rollback()
+        raise
+
+
+class TypingLog:
+    """The user's typed text, redacted, in a private SQLite file (WAL; one writer, many readers).
+
+    One instance may be shared by threads (calls are serialised by `lock`). Other processes
+    open their own instance: the daemon writes, the trainer reads and records its jobs
+    (wordahead.learn.job_log), the CLI pauses and forgets.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        """Open (or create) the log at `path`: a home's `Home.typing_log`."""
+        self.path = Path(path)
+        self.lock = threading.RLock()
+        self._retention_checked = -math.inf
+        self.db = _open_database(self.path)
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    def __enter__(self) -> TypingLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        with self.lock:
+            return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    # --- settings -------------------------------------------------------------------------
+    @guarded
+    def _settings(self) -> dict[str, Any]:
+        return {r["key"]: json.loads(r["value"]) for r in self.db.query("SELECT * FROM settings")}
+
+    @guarded
+    def _set(self, key: str, value: Any) -> None:
+        with self.lock, self.db.atomic():
+            self.db.table("settings").upsert({"key": key, "value": json.dumps(value)}, pk="key")
+
+    @guarded
+    def _get(self, key: str, default: Any) -> Any:
+        with self.lock:
+            row = self.db.execute("SELECT value FROM settings WHERE key = ?", [key]).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._get("paused", False))
+
+    def pause(self) -> None:
+        """Stop storing text (every process sees it: the flag lives in the database)."""
+        self._set("paused", True)
+
+    def resume(self) -> None:
+        self._set("paused", False)
+
+    @property
+    def excluded_sources(self) -> list[str]:
+        return list(self._get("excluded_sources", list(DEFAULT_EXCLUDED_SOURCES)))
+
+    def set_excluded_sources(self, patterns: Iterable[str]) -> None:
+        cleaned = [p.strip() for p in patterns if isinstance(p, str) and p.strip()]
+        self._set("excluded_sources", cleaned)
+
+    @property
+    def retention_days(self) -> int:
+        return int(self._get("retention_days", DEFAULT_RETENTION_DAYS))
+
+    def set_retention_days(self, days: int) -> None:
+        if not isinstance(days, int) or days < 1:
+            raise KeyboardError(f"retention must be a whole number of days >= 1, got {days!r}")
+        self._set("retention_days", days)
+
+    @property
+    def watermark(self) -> int:
+        """The highest entry id a successful personalization job has consumed."""
+        return int(self._get("watermark", 0))
+
+    def set_watermark(self, entry_id: int) -> None:
+        if not isinstance(entry_id, int) or entry_id < 0:
+            raise KeyboardError(f"watermark must be an entry id >= 0, got {entry_id!r}")
+        self._set("watermark", entry_id)
+
+    # --- writing --------------------------------------------------------------------------
+    @guarded
+    def record(
+        self,
+        text: str | bytes,
+        source: str = "",
+        private: bool = False,
+        ts: datetime | None = None,
+        *,
+        accepted: str | None = None,
+    ) -> Recorded:
+        """Store `text` (redacted) unless paused, private or from an excluded source.
+
+        Bad input raises InvalidText before anything is written; a stored row is complete
+        and on disk when this returns.
+        """
+        if ts is not None and not isinstance(ts, datetime):
+            raise InvalidText(f"ts must be a datetime, got {type(ts).__name__}")
+        source = _clean_source(source)
+        if private:
+            return Recorded(None, "private")  # dropped before even looking at the text
+        clean = clean_text(text)
+        stamp = utc_iso(ts or datetime.now(timezone.utc))
+        with self.lock:
+            settings = self._settings()
+            if settings.get("paused", False):
+                return Recorded(None, "paused")
+            patterns = settings.get("excluded_sources", DEFAULT_EXCLUDED_SOURCES)
+            pattern = excluded_by(source, patterns)
+            if pattern is not None:
+                return Recorded(None, f"excluded source ({pattern})")
+            self._retention_if_due(settings)
+            stored = redact(clean)
+            row = {
+                "ts": stamp,
+                "source": source,
+                "kind": "typed" if accepted is None else "accepted",
+                "text": stored,
+                "words": word_count(stored),
+                "accepted": None if accepted is None else redact(accepted),
+            }
+            with self.db.atomic():
+                table = self.db.table("entries")
+                table.insert(row)
+                rowid = table.last_rowid
+            assert rowid is not None
+            return Recorded(int(rowid), text=stored)
+
+    def add_feedback(
+        self, context: str, accepted: str, source: str = "", ts: datetime | None = None
+    ) -> int | None:
+        """Store a suggestion the user accepted, as the text it produced (redacted like any
+        entry). None when logging is paused or the source is excluded."""
+        context = "" if context is None else context
+        if not isinstance(context, str) or not isinstance(accepted, str):
+            raise InvalidText("context and accepted must be strings")
+        word = clean_text(accepted).strip()
+        tail = context[-MAX_TEXT_BYTES // 4 :]  # keep the end: that is what predicted the word
+        tail = _CONTROL.sub("", tail)
+        return self.record(join_accepted(tail, word), source=source, ts=ts, accepted=word).id
+
+    # --- deleting -------------------------------------------------------------------------
+    @guarded
+    def forget(
+        self,
+        since: str | datetime | None = None,
+        until: str | datetime | None = None,
+        source: str | None = None,
+        everything: bool = False,
+    ) -> int:
+        """Delete entries in [since, until) and/or from `source` (a glob when it has * ? [),
+        or all of them; then VACUUM and truncate the WAL so the text is gone from the files.
+        Returns the number of entries deleted."""
+        where: list[str] = []
+        params: list[Any] = []
+        if not everything:
+            if since is None and until is None and not source:
+                raise KeyboardError(
+                    "say what to forget: a time range (since/until), a source, or everything"
+                )
+            if since is not None:
+                where.append("ts >= ?")
+                params.append(utc_iso(parse_time(since)))
+            if until is not None:
+                where.append("ts < ?")
+                params.append(utc_iso(parse_time(until)))
+            if source:
+                where.append("source GLOB ?" if any(c in source for c in "*?[") else "source = ?")
+                params.append(source)
+        sql = "DELETE FROM entries" + (" WHERE " + " AND ".join(where) if where else "")
+        with self.lock:
+            with self.db.atomic():
+                deleted = self.db.execute(sql, params).rowcount
+            self._scrub()
+        return int(deleted)
+
+    @guarded
+    def apply_retention(self, days: int | None = None) -> int:
+        """Delete entries older than `days` (default: the retention setting, 90)."""
+        with self.lock:
+            days = self.retention_days if days is None else days
+            cutoff = utc_iso(datetime.now(timezone.utc) - timedelta(days=days))
+            with self.db.atomic():
+                deleted = self.db.execute("DELETE FROM entries WHERE ts < ?", [cutoff]).rowcount
+            self._retention_checked = time.monotonic()
+            if deleted:
+                self._scrub()
+        return int(deleted)
+
+    def _retention_if_due(self, settings: dict[str, Any]) -> None:
+        if time.monotonic() - self._retention_checked >= RETENTION_CHECK_SECONDS:
+            self.apply_retention(int(settings.get("retention_days", DEFAULT_RETENTION_DAYS)))
+
+    def _scrub(self) -> None:
+        """Rewrite the file without deleted rows and empty the WAL, which still holds old
+        page images. Readers mid-transaction delay the truncation; the busy timeout waits."""
+        self.db.vacuum()
+        for _ in range(5):
+            busy = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            if not busy:
+                return
+            time.sleep(0.2)
+        raise KeyboardError(
+            "the entries were deleted, but another process kept the database busy, so old "
+            "copies may remain in the write-ahead log until it closes; run forget again"
+        )
+
+    # --- reading --------------------------------------------------------------------------
+    @guarded
+    def stats(self) -> dict[str, Any]:
+        """Counts and sizes for a person to inspect: nothing here contains the text itself."""
+        with self.lock:
+            total = next(
+                self.db.query(
+                    "SELECT count(*) AS entries, coalesce(sum(words), 0) AS words, "
+                    "sum(kind = 'accepted') AS accepted, min(ts) AS oldest, max(ts) AS newest "
+                    "FROM entries"
+                )
+            )
+            by_source = {
+                r["source"]: {"entries": r["n"], "words": r["w"]}
+                for r in self.db.query(
+                    "SELECT source, count(*) AS n, coalesce(sum(words), 0) AS w FROM entries "
+                    "GROUP BY source ORDER BY n DESC"
+                )
+            }
+            settings = self._settings()
+        size = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+        return {
+            "path": str(self.path),
+            "entries": total["entries"],
+            "words": total["words"],
+            "accepted": total["accepted"] or 0,
+            "oldest": total["oldest"],
+            "newest": total["newest"],
+            "by_source": by_source,
+            "db_bytes": size,
+            "paused": bool(settings.get("paused", False)),
+            "retention_days": int(settings.get("retention_days", DEFAULT_RETENTION_DAYS)),
+            "excluded_sources": list(settings.get("excluded_sources", DEFAULT_EXCLUDED_SOURCES)),
+            "watermark": int(settings.get("watermark", 0)),
+        }
+
+    @guarded
+    def recent(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The newest entries, newest first, as stored (what the user can inspect)."""
+        with self.lock:
+            return list(
+                self.db.query(
+                    "SELECT id, ts, source, kind, words, text FROM entries "
+                    "ORDER BY id DESC LIMIT ?",
+                    [limit],
+                )
+            )
+
+    def iter_text(self, after: int = 0) -> Iterator[tuple[int, str, int]]:
+        """(id, text, words) of entries with id > `after`, oldest first, fetched in pages."""
+        for entry_id, _, text, count in self.iter_entries(after):
+            yield entry_id, text, count
+
+    @guarded
+    def iter_entries(self, after: int = 0) -> Iterator[tuple[int, str, str, int]]:
+        """(id, source, text, words) of entries with id > `after`, oldest first, in pages."""
+        last = after
+        while True:
+            with self.lock:
+                page = self.db.execute(
+                    "SELECT id, source, text, words FROM entries WHERE id > ? ORDER BY id LIMIT 500",
+                    [last],
+                ).fetchall()
+            if not page:
+                return
+            yield from page
+            last = page[-1][0]

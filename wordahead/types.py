@@ -1,0 +1,47 @@
+"""Small shared types that cross module boundaries (predictions, the error type)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+MAX_K = 20  # candidates one predict may ask for (the predictor's limit, and the wire's)
+MAX_PUNCT = 4  # punctuation candidates an answer at a word start may hold (among the k)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One suggestion: a whole word (or a punctuation mark) and its probability."""
+
+    word: str
+    score: float
+    kind: str = "word"  # "word" or "punct"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the predictor answers for the text before the cursor."""
+
+    prefix: str  # the partial word being completed; "" at a word boundary
+    candidates: list[Candidate]
+    adapter: str  # adapter version in use ("base" when none)
+    latency_ms: float = 0.0
+
+    @property
+    def words(self) -> list[str]:
+        return [c.word for c in self.candidates]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "candidates": [c.to_json() for c in self.candidates],
+            "adapter": self.adapter,
+            "latency_ms": round(self.latency_ms, 3),
+        }
+
+
+class KeyboardError(Exception):
+    """An error with a message a person can act on."""
