@@ -222,7 +222,7 @@ def test_cli_export_on_a_local_model_dir(tmp_path: Path):
         [
             sys.executable,
             "-m",
-            "keyboard",
+            "wordahead",
             "export",
             "--base-model",
             str(hf),
@@ -247,7 +247,7 @@ def test_cli_export_on_a_local_model_dir(tmp_path: Path):
         [
             sys.executable,
             "-m",
-            "keyboard",
+            "wordahead",
             "export",
             "--base-model",
             str(tmp_path / "nope"),
