@@ -8,7 +8,7 @@ Flower's simulation engine (`flower-superlink --simulation` and `flwr run`, as
 tests/test_federated_deployment.py runs it), once without DP noise and once per noise
 multiplier. Then the held-out users' test lines (the last 20%, the first --max-test-lines)
 are typed through the Predictor with the base model and with each community adapter
-(`wordahead.evaluate.harness.simulate`, KSR@3 and next-word top-3). Also reported: epsilon at
+(`wordahead.evaluate.simulate.simulate`, KSR@3 and next-word top-3). Also reported: epsilon at
 delta = 1e-6, bytes down and up per client per round, seconds per round (the server's own
 rounds.jsonl). Prints JSON on stdout, progress on stderr.
 
@@ -128,7 +128,8 @@ def federate(
 def evaluate(
     model: Path, adapter: dict | None, heldout: list[Path], max_lines: int, dev: bool = False
 ) -> dict[str, Any]:
-    from wordahead.evaluate.harness import read_messages, simulate, split_history
+    from wordahead.evaluate.harness import read_messages, split_history
+    from wordahead.evaluate.simulate import simulate
     from wordahead.predict.predictor import Predictor
 
     predictor = Predictor(model, threads=1)

@@ -35,12 +35,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from wordahead.evaluate.harness import (  # noqa: E402
-    partial_word,
-    read_messages,
-    simulate,
-    split_history,
-)
+from wordahead.evaluate.harness import read_messages, split_history  # noqa: E402
+from wordahead.evaluate.simulate import simulate  # noqa: E402
+from wordahead.predict.words import partial_word  # noqa: E402
 from wordahead.types import Candidate, KeyboardError, Prediction  # noqa: E402
 
 SHIM_SOURCE = REPO / "benchmarks" / "presage_shim" / "presage_shim.cpp"

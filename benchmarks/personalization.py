@@ -5,7 +5,7 @@ For each user file (JSON Lines, ../shared/corpus/users by default) the first 80%
 are the user's history: the real personalization job (`wordahead.learn.personalize.run_job`, as
 `keyboard eval --personalize` runs it, in a throwaway keyboard home) trains on them, and the
 last 20% (the first --max-test-lines of them) are typed through the Predictor with the same
-typing simulation (`wordahead.evaluate.harness.simulate`) under each condition:
+typing simulation (`wordahead.evaluate.simulate.simulate`) under each condition:
 
     base          the shipped model, no phrases
     phrases       the base model with the job's phrases (the user's word n-grams)
@@ -96,7 +96,8 @@ def user_main(
     dev: bool,
     phrase_weights: list[float],
 ) -> int:
-    from wordahead.evaluate.harness import history_and_typed, simulate
+    from wordahead.evaluate.harness import history_and_typed
+    from wordahead.evaluate.simulate import simulate
     from wordahead.learn.personalize import peak_rss_mb
     from wordahead.predict.predictor import Predictor
     from wordahead.predict.sources.live_phrases import LivePhrases
@@ -470,7 +471,8 @@ def drive(
     if args.markdown:
         args.markdown.write_text(table + "\n")
     if args.plot and final["results"]:
-        from wordahead.evaluate.harness import TypingReport, plot_reports
+        from wordahead.evaluate.harness import plot_reports
+        from wordahead.evaluate.simulate import TypingReport
 
         rows = {
             Path(r["file"]).stem: {c: TypingReport(**v) for c, v in r["conditions"].items()}

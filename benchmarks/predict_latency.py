@@ -17,7 +17,7 @@ context:
 - presage (Debian database, a user model that learned the same history;
   benchmarks/peer_presage.py) typing the same keystrokes in the same run, and the ratios;
 - next-word top-1 / top-3 accuracy and KSR@3 of fp32 vs int8 on the same text
-  (wordahead.evaluate.harness.simulate).
+  (wordahead.evaluate.simulate.simulate).
 
     python benchmarks/predict_latency.py [--model models/starter] [--text FILE.jsonl]
         [--chars 1000] [--accuracy-words 1500] [--threads 1,2] [--record] [--no-socket]
@@ -44,13 +44,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from wordahead import paths  # noqa: E402
-from wordahead.evaluate.harness import (  # noqa: E402
-    next_word_ranks,
-    percentile,
-    read_messages,
-    simulate,
-    split_history,
-)
+from wordahead.evaluate.harness import read_messages, split_history  # noqa: E402
+from wordahead.evaluate.simulate import next_word_ranks, percentile, simulate  # noqa: E402
 from wordahead.types import KeyboardError  # noqa: E402
 
 DEFAULT_TEXT = REPO.parent / "shared" / "corpus" / "users" / "president_barack_obama.jsonl"

@@ -30,7 +30,8 @@ def log(message: str) -> None:
 
 def user_ksr(path: Path, model: Path, boosts: list[float], max_lines: int) -> dict[str, Any]:
     """KSR@3 on the user's dev lines: nightly only, then learning as you type per boost."""
-    from wordahead.evaluate.harness import history_and_typed, simulate
+    from wordahead.evaluate.harness import history_and_typed
+    from wordahead.evaluate.simulate import simulate
     from wordahead.predict.predictor import Predictor
     from wordahead.predict.sources.live_phrases import LivePhrases
     from wordahead.predict.sources.phrases import PhraseModel

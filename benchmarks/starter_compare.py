@@ -81,7 +81,8 @@ def base_typing(model_dir: Path, max_words: int) -> dict[str, Any]:
 def user_typing(model_dir: Path, user: Path, max_lines: int, lexicon: Path) -> dict[str, Any]:
     from starter_sizes import real_word_check
 
-    from wordahead.evaluate.harness import read_messages, simulate, split_history
+    from wordahead.evaluate.harness import read_messages, split_history
+    from wordahead.evaluate.simulate import simulate
     from wordahead.predict.lexicon import Lexicon
     from wordahead.predict.predictor import Predictor
 

@@ -108,7 +108,8 @@ def dev_typing(model_dir: Path, dev_lines: int, lexicon: Path) -> dict[str, Any]
     """KSR@3, top-3 and non-words shown on the last dev_lines messages of every user's history.
 
     A non-word is a suggestion that neither the base corpus nor the user's history holds."""
-    from wordahead.evaluate.harness import read_messages, simulate, split_history
+    from wordahead.evaluate.harness import read_messages, split_history
+    from wordahead.evaluate.simulate import simulate
     from wordahead.predict.lexicon import Lexicon
     from wordahead.predict.predictor import Predictor
 

@@ -1,6 +1,6 @@
 """Measure the shipped starter model through the project's Predictor, before any personalization.
 
-Two text sets, each typed word by word through `wordahead.evaluate.harness.simulate` (3 suggestions):
+Two text sets, each typed word by word through `wordahead.evaluate.simulate.simulate` (3 suggestions):
 
 - the held-out 1% of every base source (the hold-out rule of scripts/train_starter.py), one
   document at a time, with no other context;
@@ -27,14 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_starter import read_source, source_files  # noqa: E402 (numpy only, no torch)
 
-from wordahead.evaluate.harness import (  # noqa: E402
-    TypingReport,
-    percentile,
-    read_messages,
-    simulate,
-    split_history,
-    word_spans,
-)
+from wordahead.evaluate.harness import read_messages, split_history  # noqa: E402
+from wordahead.evaluate.simulate import TypingReport, percentile, simulate  # noqa: E402
+from wordahead.predict.words import word_spans  # noqa: E402
 from wordahead.types import KeyboardError  # noqa: E402
 
 

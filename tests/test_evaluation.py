@@ -15,15 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wordahead import cli
-from wordahead.evaluate.harness import (
+from wordahead.evaluate.harness import history_and_typed, read_messages, split_history
+from wordahead.evaluate.simulate import (
     TypingReport,
     completed_word,
-    history_and_typed,
     next_word_ranks,
     percentile,
-    read_messages,
     simulate,
-    split_history,
 )
 from wordahead.predict.words import partial_word, word_spans, words
 from wordahead.types import Candidate, KeyboardError, Prediction

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.tiny_models import TEXT
-from wordahead.evaluate.harness import simulate
+from wordahead.evaluate.simulate import simulate
 from wordahead.predict.lexicon import FILE, Lexicon, LexiconError
 from wordahead.predict.predictor import Predictor
 from wordahead.predict.sources.phrases import PhraseModel

@@ -871,9 +871,9 @@ def _typed(
     history: list[str],
     phrases: PhraseModel | None = None,
 ) -> _Typed:
-    """`typed` typed (wordahead.evaluate.harness.simulate) with a predictor that serves `tensors`
+    """`typed` typed (wordahead.evaluate.simulate.simulate) with a predictor that serves `tensors`
     (None: the base model) and the user's `phrases`."""
-    from wordahead.evaluate.harness import simulate
+    from wordahead.evaluate.simulate import simulate
     from wordahead.predict.predictor import Predictor
 
     predictor = Predictor(model_dir, threads=threads)

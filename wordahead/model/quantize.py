@@ -164,7 +164,7 @@ def paired_top3_test(fp32_ranks: Sequence[int], int8_ranks: Sequence[int]) -> di
     """One-sided exact McNemar test of "int8 has the lower top-3" on the same words.
 
     Ranks are each word's place among the suggestions at its start (-1: not shown), as
-    `wordahead.evaluate.harness.next_word_ranks` measures them. Only the words one graph gets right
+    `wordahead.evaluate.simulate.next_word_ranks` measures them. Only the words one graph gets right
     and the other wrong tell the graphs apart; under "no difference" int8 misses each of those
     with probability 1/2, so p is the chance of at least as many int8-only misses.
     """
