@@ -90,7 +90,9 @@ def settings_grid() -> list[Any]:
     from wordahead.predict.sources.phrase_completion import PhraseSettings
 
     grid = []
-    for normalised, words, weight in itertools.product((False, True), (2, 3, 4, 5), (0.0, 0.3, 0.6)):
+    for normalised, words, weight in itertools.product(
+        (False, True), (2, 3, 4, 5), (0.0, 0.3, 0.6)
+    ):
         thresholds = (0.5, 0.6, 0.7, 0.8, 0.9) if normalised else (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
         for threshold in thresholds:
             grid.append(PhraseSettings(words, threshold, normalised, weight))
@@ -126,8 +128,12 @@ def main() -> None:
     parser.add_argument("users_dir", nargs="?", type=Path, default=DEFAULT_USERS)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--split", choices=("dev", "test"), default="dev")
-    parser.add_argument("--homes", type=Path, default=None,
-                        help="DIR/USER/job.json: the nightly job run for each user (personalized)")
+    parser.add_argument(
+        "--homes",
+        type=Path,
+        default=None,
+        help="DIR/USER/job.json: the nightly job run for each user (personalized)",
+    )
     parser.add_argument("--models", default="base,personalized")
     parser.add_argument("--users", default="*.jsonl", help="glob of user files in USERS_DIR")
     parser.add_argument("--max-lines", type=int, default=40)
@@ -181,7 +187,8 @@ def main() -> None:
     out["means"] = means(rows)
     out["accept_one_word"] = {"means": means(score(traces, settings, accept_words=True))}
     out["word_only_reports"] = {
-        kind: {u: t.report.to_json() for u, t in by_user.items()} for kind, by_user in traces.items()
+        kind: {u: t.report.to_json() for u, t in by_user.items()}
+        for kind, by_user in traces.items()
     }
     for kind, m in out["means"].items():
         log(
