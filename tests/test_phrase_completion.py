@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from wordahead.evaluate.harness import simulate
 from wordahead.evaluate.phrase_typist import PhraseTrace, replay, right_words, trace
+from wordahead.evaluate.simulate import simulate
 from wordahead.predict.sources.phrase_completion import (
     Chain,
     PhraseCompleter,

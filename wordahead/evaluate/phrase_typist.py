@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from wordahead.evaluate.harness import (
+from wordahead.evaluate.simulate import (
     DEFAULT_CONTEXT_CHARS,
     TypingPredictor,
     TypingReport,
