@@ -40,7 +40,7 @@ def user_losses(
     from wordahead.evaluate.harness import history_and_typed, personalize_in_throwaway_home
     from wordahead.learn.adapter_store import AdapterStore
     from wordahead.learn.job_log import JobLog
-    from wordahead.learn.personalize import JobConfig
+    from wordahead.learn.policy import JobConfig
     from wordahead.learn.trainer import LoraTrainer
     from wordahead.model.artifacts import ArtifactSet
     from wordahead.paths import Home

@@ -70,7 +70,8 @@ def job_main(
     dev: bool,
 ) -> int:
     from wordahead.evaluate.harness import history_and_typed, personalize_in_throwaway_home
-    from wordahead.learn.personalize import JobConfig, peak_rss_mb
+    from wordahead.learn.policy import JobConfig
+    from wordahead.memory import peak_rss_mb
 
     history, _ = history_and_typed(path, dev)
     settings = dict(job_config)
@@ -98,7 +99,7 @@ def user_main(
 ) -> int:
     from wordahead.evaluate.harness import history_and_typed
     from wordahead.evaluate.simulate import simulate
-    from wordahead.learn.personalize import peak_rss_mb
+    from wordahead.memory import peak_rss_mb
     from wordahead.predict.predictor import Predictor
     from wordahead.predict.sources.live_phrases import LivePhrases
     from wordahead.predict.sources.phrases import PhraseModel, blend_weight

@@ -45,7 +45,7 @@ def test_help_texts_say_what_each_command_does(capsys: pytest.CaptureFixture[str
 
 
 def test_help_defaults_come_from_the_values(capsys: pytest.CaptureFixture[str]) -> None:
-    from wordahead.learn.personalize import JobConfig
+    from wordahead.learn.policy import JobConfig
 
     text = " ".join(_help(capsys, "train").split())
     assert f"default: time_budget_s, {JobConfig().time_budget_s:g}" in text

@@ -149,7 +149,7 @@ def test_damaged_settings_leave_the_schedule_on_defaults(
     from datetime import datetime, timezone
 
     from wordahead.learn import schedule
-    from wordahead.learn.personalize import JobConfig
+    from wordahead.learn.policy import JobConfig
     from wordahead.types import KeyboardError
 
     home.job_config.write_bytes(content)

@@ -53,7 +53,7 @@ def test_round_text_follows_the_typing_log_rules(tmp_path: Path, monkeypatch):
         round_text(home, run_id=1)
     with TypingLog(home / "typing_log.db") as log:
         log.resume()
-    monkeypatch.setattr("wordahead.learn.personalize.on_battery", lambda: True)
+    monkeypatch.setattr("wordahead.learn.policy.on_battery", lambda: True)
     with pytest.raises(Declined, match="battery"):
         round_text(home, run_id=1)
 
@@ -313,7 +313,8 @@ def test_nightly_job_trains_on_top_of_the_community_adapter(tmp_path: Path, tiny
     from wordahead.federated.community import CommunityStore
     from wordahead.learn.adapter_diff import import_diff
     from wordahead.learn.adapter_store import AdapterStore
-    from wordahead.learn.personalize import JobConfig, run_job
+    from wordahead.learn.personalize import run_job
+    from wordahead.learn.policy import JobConfig
     from wordahead.learn.progress import Progress
     from wordahead.model.artifacts import ArtifactSet
     from wordahead.paths import Home

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 
 from wordahead.cli import main
-from wordahead.learn import personalize
+from wordahead.learn import personalize, policy
 from wordahead.learn.adapter_store import AdapterStore
+from wordahead.learn.gate import HeldOutTyping, gate
 from wordahead.learn.job_log import JobLog
-from wordahead.learn.personalize import JobConfig, gate, run_job
+from wordahead.learn.personalize import run_job
+from wordahead.learn.policy import JobConfig
 from wordahead.learn.progress import Progress
 from wordahead.model.artifacts import ArtifactSet
 from wordahead.paths import Home
@@ -149,8 +151,8 @@ def test_share_chosen_on_the_held_out_text(home: Home, tiny_llama: Path) -> None
     ksr = {0.1: 0.30, 0.3: 0.32}  # typed by the other shares; the default's comes measured
     phrases = PhraseModel()
 
-    def measure(p: PhraseModel) -> personalize._Typed:
-        return personalize._Typed([], [], ksr[p.weight])
+    def measure(p: PhraseModel) -> HeldOutTyping:
+        return HeldOutTyping([], [], ksr[p.weight])
 
     assert personalize._choose_share(measure, phrases, 0.31)[0] == 0.3
     assert phrases.weight == ADAPTED_WEIGHT  # left as the gate measured it
@@ -263,15 +265,15 @@ def test_lock_refuses_a_second_job(
     home: Home, tiny_llama: Path, capsys: pytest.CaptureFixture
 ) -> None:
     _log(home, _user_lines())
-    with personalize.job_lock(home):
-        assert (personalize.job_running(home) or "").startswith(f"pid {os.getpid()}, started ")
+    with policy.job_lock(home):
+        assert (policy.job_running(home) or "").startswith(f"pid {os.getpid()}, started ")
         result = run_job(home, tiny_llama, config=_fast(), progress=_quiet())
         assert result.status == "busy" and f"pid {os.getpid()}" in result.reason
         assert result.exit_code == personalize.EXIT_BUSY
         code = main(["train", "--json", "--model", str(tiny_llama)])
         assert code == personalize.EXIT_BUSY
         assert json.loads(capsys.readouterr().out.splitlines()[-1])["status"] == "busy"
-    assert personalize.job_running(home) is None
+    assert policy.job_running(home) is None
     with TypingLog(home.typing_log) as log:
         assert JobLog(log).recent() == []  # a refused job records nothing and consumes nothing
 
@@ -290,7 +292,7 @@ def test_too_little_text_or_battery_skips(
         (power / name).mkdir(parents=True)
         for key, value in files.items():
             (power / name / key).write_text(value + "\n")
-    monkeypatch.setattr(personalize, "POWER_SUPPLY", power)
+    monkeypatch.setattr(policy, "POWER_SUPPLY", power)
     _log(home, _user_lines())
     skipped = run_job(home, tiny_llama, config=_fast(), progress=_quiet())
     assert skipped.status == "skipped" and "battery" in skipped.reason
@@ -326,7 +328,7 @@ def test_kill_9_mid_job_leaves_the_previous_adapter(
                 if events[-1] == "step":
                     break
         assert events and events[-1] == "step", f"never saw training start: {events}"
-        assert personalize.job_running(home) is not None  # the child holds the lock
+        assert policy.job_running(home) is not None  # the child holds the lock
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
     finally:
@@ -338,8 +340,8 @@ def test_kill_9_mid_job_leaves_the_previous_adapter(
     assert version == "v0001" and [e.version for e in store.versions()] == ["v0001"]
     loaded = store.load(version)
     assert all(np.array_equal(loaded[n], start[n]) for n in start)
-    assert personalize.job_running(home) is None  # the kernel released the lock
-    with personalize.job_lock(home):
+    assert policy.job_running(home) is None  # the kernel released the lock
+    with policy.job_lock(home):
         pass
     with TypingLog(home.typing_log) as log:
         assert log.watermark == 0  # nothing consumed

@@ -270,7 +270,7 @@ def test_train_on_a_full_disk_says_why_in_the_answer_and_in_status(
     """Failure 2: `train` on a full disk answered {exit_code: 1, result: null}; the reason went
     to daemon.log, on the same full disk, and was lost."""
     from wordahead.daemon.client import describe_status
-    from wordahead.learn.personalize import last_failure
+    from wordahead.learn.policy import last_failure
 
     home = Home.at(disk / "home")
     _observe_words(home, 40)
@@ -296,7 +296,7 @@ def test_a_job_that_dies_says_how(
 ) -> None:
     """A job killed before it can report (kill -9, a crash in native code): the `train`
     answer and `status` still say what happened, from its exit status and stderr."""
-    from wordahead.learn.personalize import last_failure
+    from wordahead.learn.policy import last_failure
 
     home = Home.at(root / "home")
     _observe_words(home, 40)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from wordahead.cli import main
-from wordahead.learn import personalize, schedule
+from wordahead.learn import policy, schedule
 from wordahead.paths import Home, keyboard_command
 from wordahead.store.typing_log import TypingLog
 from wordahead.types import KeyboardError
@@ -47,7 +47,7 @@ def test_next_run_aware_follows_local_clock_across_dst(berlin: None) -> None:
 
 
 def test_next_run_uses_the_configured_time(home: Home) -> None:
-    personalize.JobConfig.update(home.job_config, at="04:30")
+    policy.JobConfig.update(home.job_config, at="04:30")
     at = schedule.configured_at(home)
     assert schedule.next_run(datetime(2024, 5, 1, 12, 0), at) == datetime(2024, 5, 2, 4, 30)
 
@@ -66,7 +66,7 @@ def test_should_run_needs_enough_new_words_and_a_free_lock(home: Home) -> None:
         log.record(" ".join(["hello there my friend"] * 60))
         run, reason = schedule.should_run(log, home)
         assert run and "new words" in reason
-        with personalize.job_lock(home):
+        with policy.job_lock(home):
             decision = schedule.should_run(log, home)
             assert not decision and "already running" in decision.reason
         assert schedule.should_run(log, home)
@@ -81,15 +81,15 @@ def _supply(root: Path, name: str, **files: str) -> None:
 
 
 def test_on_battery_reads_sysfs(tmp_path: Path) -> None:
-    assert not personalize.on_battery(tmp_path / "missing")
+    assert not policy.on_battery(tmp_path / "missing")
     _supply(tmp_path, "BAT0", type="Battery", status="Discharging")
     _supply(tmp_path, "AC", type="Mains", online="0")
-    assert personalize.on_battery(tmp_path)
+    assert policy.on_battery(tmp_path)
     (tmp_path / "AC" / "online").write_text("1\n")
-    assert not personalize.on_battery(tmp_path)
+    assert not policy.on_battery(tmp_path)
     (tmp_path / "AC" / "online").write_text("0\n")
     (tmp_path / "BAT0" / "status").write_text("Charging\n")
-    assert not personalize.on_battery(tmp_path)
+    assert not policy.on_battery(tmp_path)
 
 
 def test_systemd_install_remove_round_trip(
@@ -107,9 +107,7 @@ def test_systemd_install_remove_round_trip(
     assert "Type=oneshot" in service and "Nice=10" in service
     assert "ConditionACPower=true" in service  # train_on_battery is off by default
     assert "OnCalendar=*-*-* 05:15:00" in timer and "Persistent=true" in timer
-    assert (
-        personalize.JobConfig.load(home.job_config).at == "05:15"
-    )  # the daemon follows the same time
+    assert policy.JobConfig.load(home.job_config).at == "05:15"  # the daemon follows the same time
     assert "05:15" in capsys.readouterr().out
     # Installing again replaces, never duplicates.
     schedule.install(home, "06:00", mode="systemd", enable=False, train_on_battery=True)

@@ -532,7 +532,7 @@ def _add_lsp(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from wordahead.learn.personalize import JobConfig
+    from wordahead.learn.policy import JobConfig
 
     defaults = JobConfig()  # what personalize.json leaves unset
     p = sub.add_parser(
@@ -565,7 +565,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         import signal
         import traceback
 
-        from wordahead.learn import personalize
+        from wordahead.learn import personalize, policy
         from wordahead.store.typing_log import full_disk_message
 
         if args.via_daemon:
@@ -578,11 +578,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         home: Home | None = None
         try:
             home = Home.from_env()
-            personalize.reserve_failure_record(home)  # while there is room for it
-            config = personalize.JobConfig.load(home.job_config)
+            policy.reserve_failure_record(home)  # while there is room for it
+            config = policy.JobConfig.load(home.job_config)
             if args.threads is not None:
                 config.threads = max(1, args.threads)
-            personalize.lower_priority(config.nice)
+            policy.lower_priority(config.nice)
             result = personalize.run_job(
                 home,
                 _model_dir(args),
@@ -603,13 +603,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                 traceback.print_exc()
                 reason = f"{type(exc).__name__}: {exc}"
             if home is not None:
-                personalize.record_failure(home, reason)
+                policy.record_failure(home, reason)
             if not args.json:
                 raise
             print(json.dumps({"status": "failed", "reason": reason}))
             return 1
         if result.status == "failed":
-            personalize.record_failure(home, result.reason, result.job_id)
+            policy.record_failure(home, result.reason, result.job_id)
         if args.json:
             print(json.dumps(result.to_json()))
         else:

@@ -7,7 +7,7 @@ would keep each one's pages. `limit_arenas` caps the heaps at two and fixes the 
 blocks are mapped on their own (glibc raises it to the largest block freed, up to 32 MB, so the
 key/value arrays of the cache slots would stay in the heaps); `trim` collects reference cycles
 and returns the heaps' free pages (after a swap, and when the daemon goes idle). Both do
-nothing where the C library is not glibc.
+nothing where the C library is not glibc. `peak_rss_mb` says how large this process got.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import resource
 import sys
 from functools import cache
 from typing import Any
@@ -56,3 +57,20 @@ def trim(collect: bool = True) -> bool:
         gc.collect()
     libc = _glibc()
     return bool(libc is not None and libc.malloc_trim(0))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB.
+
+    VmHWM where /proc has it: `ru_maxrss` survives exec, so a job started by the daemon (or a
+    benchmark) would report its parent's peak when that was higher.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024

@@ -19,7 +19,7 @@ from wordahead.daemon import protocol as rpc
 from wordahead.daemon.protocol import RpcError
 from wordahead.learn.adapter_store import AdapterStore, forget_phrases
 from wordahead.learn.job_log import JobLog
-from wordahead.learn.personalize import JobConfig
+from wordahead.learn.policy import JobConfig
 from wordahead.paths import Home
 from wordahead.predict.predictor import Predictor
 from wordahead.predict.sources.live_phrases import LivePhrases

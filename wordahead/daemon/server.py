@@ -238,7 +238,7 @@ class Daemon:
         from wordahead.daemon.methods import RpcMethods, TypingLogThread
         from wordahead.daemon.supervisor import JobSupervisor
         from wordahead.learn.adapter_store import AdapterStore
-        from wordahead.learn.personalize import reserve_failure_record
+        from wordahead.learn.policy import reserve_failure_record
         from wordahead.predict.predictor import Predictor
 
         home, model_dir = self.config.home, self.config.model_dir

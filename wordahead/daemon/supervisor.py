@@ -22,7 +22,7 @@ from wordahead.daemon.methods import RpcMethods
 from wordahead.daemon.protocol import RpcError
 from wordahead.learn import schedule
 from wordahead.learn.job_log import JobLog
-from wordahead.learn.personalize import last_failure, record_failure
+from wordahead.learn.policy import last_failure, record_failure
 from wordahead.paths import keyboard_command
 
 log = logging.getLogger("wordahead.daemon.server")

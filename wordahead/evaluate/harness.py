@@ -309,7 +309,7 @@ def evaluate_file(
                 result.after = simulate(
                     predictor, test, history=history, k=k, progress=report("personalized")
                 )
-        from wordahead.learn.personalize import peak_rss_mb
+        from wordahead.memory import peak_rss_mb
 
         result.peak_rss_mb = peak_rss_mb()  # VmHWM: the job and both typings ran in here
     return result

@@ -98,7 +98,7 @@ def round_text(home: Path, run_id: int) -> tuple[list[str], int]:
     allowed. Only text logged since the last federated run counts; too little declines.
     Every round of one run trains on the same text.
     """
-    from wordahead.learn.personalize import on_battery
+    from wordahead.learn.policy import on_battery
     from wordahead.store.redaction import excluded_by
     from wordahead.store.typing_log import TypingLog
 

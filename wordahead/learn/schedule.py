@@ -17,6 +17,7 @@ from wordahead.install.systemd import (
     unit_dir,
     user_manager_available,
 )
+from wordahead.learn import policy
 from wordahead.paths import Home, keyboard_command
 from wordahead.types import KeyboardError
 
@@ -40,14 +41,12 @@ def parse_at(at: str) -> time:
 def configured_at(home: Home) -> str:
     """The configured time of the nightly job (`at` in personalize.json; default 03:00; a bad
     value is logged and the default used, so the daemon's schedule never stops)."""
-    from wordahead.learn.personalize import JobConfig
-
-    at = JobConfig.load_or_defaults(home.job_config).at
+    at = policy.JobConfig.load_or_defaults(home.job_config).at
     try:
         parse_at(at)
     except KeyboardError as exc:
-        log.warning("%s: %s; the job runs at %s", home.job_config, exc, JobConfig.at)
-        return JobConfig.at
+        log.warning("%s: %s; the job runs at %s", home.job_config, exc, policy.JobConfig.at)
+        return policy.JobConfig.at
     return at
 
 
@@ -87,14 +86,12 @@ class Decision:
 def should_run(typing_log: TypingLog, home: Home) -> Decision:
     """The daemon's check at the scheduled time: the job's own skip rule (enough new text, not
     on battery unless configured) and no job running. `typing_log` is `home`'s, open."""
-    from wordahead.learn import personalize
-
-    config = personalize.JobConfig.load_or_defaults(home.job_config)
-    words = personalize.words_since_last_job(typing_log)
-    reason = personalize.skip_reason(config, words)
+    config = policy.JobConfig.load_or_defaults(home.job_config)
+    words = policy.words_since_last_job(typing_log)
+    reason = policy.skip_reason(config, words)
     if reason is not None:
         return Decision(False, reason)
-    holder = personalize.job_running(home)
+    holder = policy.job_running(home)
     if holder is not None:
         return Decision(False, f"a personalization job is already running ({holder})")
     return Decision(True, f"{words} new words since the last job")
@@ -194,13 +191,11 @@ def install(
     `enable`, start the timer; "cron": add one marked line to the user's crontab (printed
     when there is no `crontab` command); "auto": systemd when a user manager answers.
     """
-    from wordahead.learn.personalize import JobConfig
-
-    config = JobConfig.load(home.job_config)
+    config = policy.JobConfig.load(home.job_config)
     at = at or config.at
     parse_at(at)
     if at != config.at:
-        JobConfig.update(
+        policy.JobConfig.update(
             home.job_config, at=at
         )  # the daemon's own schedule follows the same setting
     battery_ok = config.train_on_battery if train_on_battery is None else train_on_battery
