@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -21,6 +22,7 @@ from wordahead.predict.lexicon import Lexicon, LexiconError
 from wordahead.types import KeyboardError
 
 Adapter = dict[str, np.ndarray]  # LoRA tensor name -> values
+log = logging.getLogger(__name__)
 
 
 class ArtifactError(KeyboardError):
@@ -99,7 +101,7 @@ class ArtifactSet:
         try:
             return Lexicon.load(path)
         except LexiconError as exc:
-            logging.getLogger(__name__).warning("%s; offering words without it", exc)
+            log.warning("%s; offering words without it", exc)
             return None
 
     def initial_adapter(self) -> Adapter:
@@ -223,6 +225,31 @@ def write_atomic(path: Path, write: Any) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+DAMAGED_SUFFIX = ".damaged"  # a derived file found damaged, kept beside it for a look
+
+
+def set_aside(path: Path, problem: str) -> None:
+    """Log that the derived file (or directory) `path` is damaged and move it to
+    `path.damaged` (replacing an older one), so whatever made it makes it again. Where it
+    cannot be moved (a read-only model directory) it is only logged, and left unused."""
+    aside = path.with_name(path.name + DAMAGED_SUFFIX)
+    try:
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside)
+        os.replace(path, aside)
+    except OSError as exc:
+        log.warning(
+            "%s is damaged (%s); not using it (cannot move it aside: %s)",
+            path,
+            problem,
+            exc.strerror,
+        )
+        return
+    log.warning(
+        "%s is damaged (%s); moved it to %s and going on without it", path, problem, aside.name
+    )
 
 
 def save_adapter(path: str | Path, tensors: Adapter) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 from wordahead import paths
 from wordahead.model import runtime
-from wordahead.model.artifacts import ArtifactError, ArtifactSet, write_atomic
+from wordahead.model.artifacts import ArtifactError, ArtifactSet, set_aside, write_atomic
 
 INT8_FILE = "inference.int8.onnx"  # 8-bit weights (a CPU with VNNI)
 INT8_7BIT_FILE = "inference.int8-7bit.onnx"  # 7-bit weights (any other CPU)
@@ -122,21 +122,47 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _checksum_file(graph: Path) -> Path:
+    """Beside a cached int8 graph: the digests of the graph and of the graph it was made from."""
+    return graph.with_name(graph.name + ".sha256")
+
+
+def _cached_graph_problem(graph: Path, source_sha256: str) -> str | None:
+    """Why the cached int8 graph `graph` may not be used (None: it is whole and made from the
+    fp32 graph whose digest is `source_sha256`)."""
+    try:
+        expected = json.loads(_checksum_file(graph).read_text())
+    except FileNotFoundError:
+        return "no checksum recorded with it"
+    except (OSError, ValueError, RecursionError) as exc:
+        return f"its checksum cannot be read: {exc}"
+    if not isinstance(expected, dict) or expected.get("source_sha256") != source_sha256:
+        return "made from another version of the model"
+    if expected.get("sha256") != _sha256(graph):
+        return "its bytes do not match the checksum recorded when it was made"
+    return None
+
+
 def int8_model(artifacts: ArtifactSet) -> Path:
     """The int8 inference graph of `artifacts`, quantized on first use and cached next to the
-    model (or under the keyboard home when the model directory is read-only)."""
+    model (or under the keyboard home when the model directory is read-only). A cached graph
+    is used only if its checksum matches; a damaged one is set aside and made again."""
     source = artifacts.inference_model
+    source_sha256 = _sha256(source)
     name = INT8_FILE if int8_variant() == "8-bit" else INT8_7BIT_FILE
-    local = artifacts.root / name
-    if local.is_file() and local.stat().st_mtime >= source.stat().st_mtime:
-        return local
     if os.access(artifacts.root, os.W_OK):
-        target = local
+        target = artifacts.root / name
     else:
-        target = paths.private_dir(paths.home() / "models" / _sha256(source)[:16]) / name
-        if target.is_file():
+        target = paths.private_dir(paths.home() / "models" / source_sha256[:16]) / name
+    if target.is_file():
+        problem = _cached_graph_problem(target, source_sha256)
+        if problem is None:
             return target
-    return quantize_model(source, target, set(artifacts.lora_shapes))
+        set_aside(target, problem)
+    quantize_model(source, target, set(artifacts.lora_shapes))
+    record = {"source_sha256": source_sha256, "sha256": _sha256(target)}
+    write_atomic(_checksum_file(target), lambda f: f.write(json.dumps(record).encode()))
+    return target
 
 
 def read_record(artifacts: ArtifactSet) -> dict[str, Any] | None:
@@ -146,7 +172,7 @@ def read_record(artifacts: ArtifactSet) -> dict[str, Any] | None:
         record = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ArtifactError(f"cannot read {path}: {exc}") from exc
     return record if isinstance(record, dict) else None
 
@@ -154,7 +180,11 @@ def read_record(artifacts: ArtifactSet) -> dict[str, Any] | None:
 def int8_by_default(artifacts: ArtifactSet) -> bool:
     """True only if a measurement of this very graph, in the int8 variant this CPU gets, found
     no significant top-3 loss on enough words."""
-    record = read_record(artifacts)
+    try:
+        record = read_record(artifacts)
+    except ArtifactError as exc:  # a derived file: serving goes on in fp32
+        set_aside(artifacts.root / RECORD_FILE, f"{exc}; serving the fp32 graph")
+        return False
     if not record or record.get("inference_sha256") != _sha256(artifacts.inference_model):
         return False
     return record.get("variant") == int8_variant() and bool(record.get("int8_ok"))

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from wordahead.model.artifacts import set_aside, write_atomic
 from wordahead.types import KeyboardError
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from wordahead.model.artifacts import ArtifactSet
 
 GRAPH_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+CHECKSUM_FILE = "sha256.json"  # the digests of GRAPH_FILES, written once they are complete
 MAX_IR_VERSION = 10  # ORT training 1.19.2 reads IR version 10 at most
 
 
@@ -127,8 +129,11 @@ def training_files(artifacts: ArtifactSet, groups: list[str], cache_dir: Path) -
     ).hexdigest()[:16]
     root = cache_dir
     out = root / f"{'+'.join(groups)}-{key}"
-    if all((out / name).is_file() for name in GRAPH_FILES):
-        return out
+    if out.exists():
+        problem = _cache_problem(out)
+        if problem is None:
+            return out
+        set_aside(out, f"{problem}; making the training graphs again")
     parameters = artifacts.manifest["training"]["parameters"]
     frozen = sorted(set(parameters) - set(requires_grad))
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -146,6 +151,9 @@ def training_files(artifacts: ArtifactSet, groups: list[str], cache_dir: Path) -
         if done.returncode != 0:
             tail = (done.stderr or "").strip().splitlines()[-3:]
             raise GroupError(f"cannot make the training graphs for {'+'.join(groups)}: {tail}")
+        digests = {name: _sha256(staging / name) for name in GRAPH_FILES}
+        text = json.dumps(digests)
+        write_atomic(staging / CHECKSUM_FILE, lambda f: f.write(text.encode()))
         if out.exists():  # another job made it meanwhile, or a damaged earlier attempt
             shutil.rmtree(out, ignore_errors=True)
         os.replace(staging, out)
@@ -155,11 +163,40 @@ def training_files(artifacts: ArtifactSet, groups: list[str], cache_dir: Path) -
     return out
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cache_problem(out: Path) -> str | None:
+    """Why the cached graphs in `out` may not be used (None: every file matches the digest
+    recorded when they were made)."""
+    try:
+        expected = json.loads((out / CHECKSUM_FILE).read_text())
+    except FileNotFoundError:
+        return "no checksum recorded with them"
+    except (OSError, ValueError, RecursionError) as exc:
+        return f"their checksum cannot be read: {exc}"
+    if not isinstance(expected, dict):
+        return "their checksum cannot be read"
+    for name in GRAPH_FILES:
+        try:
+            if _sha256(out / name) != expected.get(name):
+                return f"{name} does not match the checksum recorded when it was made"
+        except OSError as exc:
+            return f"{name} cannot be read: {exc.strerror}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m wordahead.model.training_graphs OUT` with {loss_model, requires_grad, frozen} as
     JSON on stdin: what `training_files` runs in its child process."""
     import onnx
 
+    os.umask(0o077)  # the graphs are private from their first byte, like the rest of the home
     out = Path((argv if argv is not None else sys.argv[1:])[0])
     spec = json.loads(sys.stdin.read())
     model = onnx.load(spec["loss_model"])

@@ -26,6 +26,8 @@ FILE = "lexicon.txt.gz"
 # Answers remembered per lexicon: the search asks about the same few thousand spellings again
 # and again while a word is typed (83% repeats), and a packed bisection costs ~3 us.
 MEMO_SIZE = 8192
+# 16x the shipped lexicon's 1.9 MB: any real word list fits, a gzip bomb stops here.
+MAX_TEXT_BYTES = 32 * 2**20
 
 
 class LexiconError(KeyboardError):
@@ -113,9 +115,19 @@ class Lexicon:
 
     @classmethod
     def load(cls, path: str | Path) -> Lexicon:
+        """The lexicon in `path`; a LexiconError when it cannot be read, holds no words, or
+        inflates past MAX_TEXT_BYTES (checked while reading: a bomb never takes the memory)."""
         try:
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                words = [line.rstrip("\n") for line in f]
+            with gzip.open(path, "rb") as f:
+                data = f.read(MAX_TEXT_BYTES + 1)
+            if len(data) > MAX_TEXT_BYTES:
+                raise LexiconError(
+                    f"lexicon {path} inflates past {MAX_TEXT_BYTES >> 20} MB: not a word list"
+                )
+            words = data.decode("utf-8").split("\n")
         except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
             raise LexiconError(f"lexicon {path} cannot be read: {exc}") from exc
-        return cls(w for w in words if w)
+        lexicon = cls(w for w in words if w)
+        if not len(lexicon):
+            raise LexiconError(f"lexicon {path} holds no words")
+        return lexicon
