@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -51,6 +52,21 @@ def make_private(root: Path) -> None:
                     os.chmod(entry, mode)
             except OSError:
                 continue
+
+
+def open_no_follow(path: Path, flags: int, mode: int = 0o600) -> int:
+    """`os.open(path, flags, mode)` for a file keyboard keeps (a lock, log, pid or state
+    file), refusing a symbolic link planted in its place: written through, its target (any
+    file of the user's) would be overwritten. Created `mode` from the first byte."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise KeyboardError(
+            f"{path} is a symbolic link, and keyboard does not write through links in its "
+            f"files (its target would be overwritten); remove it (`rm {path}`) and retry"
+        ) from None
 
 
 def check_socket_dir(directory: Path) -> Path:

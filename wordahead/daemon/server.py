@@ -85,7 +85,7 @@ def _socket_answers(path: Path) -> bool:
 
 def _claim_lock(lock_path: Path, socket_path: Path) -> int:
     """Hold the home's daemon lock (flock: released by the kernel if we die). Returns its fd."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = paths.open_no_follow(lock_path, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -115,7 +115,7 @@ def _describe_holder(fd: int, socket_path: Path) -> None:
 def _hold_pid_file(path: Path, socket_path: Path) -> int:
     """Write and lock the pid file beside the socket for the daemon's lifetime (`keyboard
     stop` trusts it only while locked). Returns its fd."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    fd = paths.open_no_follow(path, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -444,7 +444,7 @@ def start_background(
     with contextlib.suppress(FileNotFoundError):
         if log_path.stat().st_size > 4 * 2**20:  # keep one old log, not an ever-growing one
             log_path.replace(log_path.with_name(log_path.name + ".1"))
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    fd = paths.open_no_follow(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     start = os.lseek(fd, 0, os.SEEK_END)
     command = paths.keyboard_command("serve", "--foreground", "--socket", str(socket_path))
     command += ["--model", str(config.model_dir.resolve()), "--threads", str(config.threads)]

@@ -22,7 +22,7 @@ from wordahead.daemon.methods import RpcMethods
 from wordahead.daemon.protocol import RpcError
 from wordahead.learn import schedule
 from wordahead.learn.job_log import JobLog
-from wordahead.learn.policy import last_failure, record_failure
+from wordahead.learn.policy import job_holder, last_failure, record_failure
 from wordahead.paths import keyboard_command
 
 log = logging.getLogger("wordahead.daemon.server")
@@ -64,15 +64,19 @@ class JobSupervisor:
         job = self.job
         recorded = last_failure(self.home)
         mine = self.last_failure
-        return {
-            "running": None
-            if job is None
-            else {
+        running: dict[str, Any] | None = None
+        if job is not None:
+            running = {
                 "job": job.job_id,
                 "pid": job.process.pid,
                 "started": job.started,
                 "progress": job.progress,
-            },
+            }
+        elif (holder := job_holder(self.home)) is not None:
+            # started by an earlier daemon (or `keyboard train`): it holds the home's job lock
+            running = {"job": None, **holder, "progress": None}
+        return {
+            "running": running,
             "next_run": None if self.next_scheduled is None else self.next_scheduled.isoformat(),
             # why the last job failed, even when the typing log could not record it
             "last_failure": mine

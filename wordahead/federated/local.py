@@ -7,6 +7,7 @@ trained adapter tensors (or a reason to sit the round out); text never leaves th
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +20,7 @@ from wordahead.paths import Home
 from wordahead.types import KeyboardError
 
 SETTINGS_FILE = "federated.json"
+log = logging.getLogger(__name__)
 
 
 class Declined(KeyboardError):
@@ -49,17 +51,40 @@ class FederationSettings:
 
     @classmethod
     def load(cls, home: Path) -> FederationSettings:
+        """The settings in `home`; a damaged file is logged and read as the defaults (off:
+        nothing joins until `keyboard federate` writes the file again, which repairs it)."""
         path = cls.path(home)
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             return cls()
-        except (OSError, ValueError) as exc:
-            raise KeyboardError(f"cannot read {path}: {exc}") from exc
-        known = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or set(data) - known:
-            raise KeyboardError(f"{path}: unknown settings {sorted(set(data) - known)}")
-        return cls(**data)
+        except (OSError, ValueError, RecursionError) as exc:
+            problem: str | None = str(exc)
+        else:
+            problem = cls._problem(data)
+            if problem is None:
+                return cls(**data)
+        log.warning(
+            "%s is damaged (%s); federated learning is off until `keyboard federate --off` "
+            "(or `keyboard federate --superlink ...`) writes it again",
+            path,
+            problem,
+        )
+        return cls()
+
+    @classmethod
+    def _problem(cls, data: object) -> str | None:
+        """What is wrong with settings read as `data` (None: nothing)."""
+        if not isinstance(data, dict):
+            return "not a JSON object"
+        defaults = {f.name: getattr(cls(), f.name) for f in fields(cls)}
+        if unknown := sorted(set(data) - set(defaults)):
+            return f"unknown settings {unknown}"
+        for name, value in data.items():
+            expected = type(defaults[name])
+            if type(value) is not expected and not (expected is float and type(value) is int):
+                return f"{name} is not a {expected.__name__}"
+        return None
 
     def save(self, home: Path) -> None:
         text = json.dumps(asdict(self), indent=2) + "\n"

@@ -4,7 +4,7 @@ and taking them away again (uninstall; the keyboard home only when the user conf
 from __future__ import annotations
 
 import os
-import shlex
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -12,6 +12,8 @@ from pathlib import Path
 
 from wordahead.install.systemd import (
     captured_environment,
+    environment_lines,
+    exec_start,
     systemctl,
     unit_dir,
     user_manager_available,
@@ -20,14 +22,53 @@ from wordahead.paths import Home, keyboard_command
 from wordahead.types import KeyboardError
 
 SERVICE = "keyboard.service"  # the daemon; the nightly job is schedule.UNIT
-# What a keyboard home holds; a home with anything else in it is not deleted wholesale.
-HOME_ENTRIES = frozenset(
-    {
-        "typing_log.db", "typing_log.db-wal", "typing_log.db-shm", "typing_log.db-journal",
-        "adapters", "models", "personalize.json", "personalize.lock", "daemon.lock",
-        "daemon.log", "daemon.log.1", "daemon.pid", "keyboard.sock",
-    }
-)  # fmt: skip
+
+# Every path keyboard makes in a home, relative to it (regular expressions over the whole
+# path). A home holding anything else, at any depth, is not deleted wholesale.
+_ATOMIC = r"(?:\.[^/]+\.tmp)?"  # the temp file of an atomic write beside any of them
+_DAMAGED = r"(?:\.damaged)?"  # a derived file found damaged and set aside
+_STORE = r"adapters/[^/]+"  # one store per model
+_VERSION = r"(?:v\d{4,}|\.tmp-v\d{4,}-[^/]+|\.trash-v\d{4,})"  # whole, being written, pruned
+_GRAPHS = r"cache/training/(?:[\w+]+-[0-9a-f]{16}" + _DAMAGED + r"|\.partial-[^/]+)"
+HOME_FILES = tuple(
+    re.compile(pattern)
+    for pattern in (
+        r"typing_log\.db(?:-wal|-shm|-journal)?",
+        r"(?:\.?)(?:personalize|federated)\.json" + _ATOMIC,
+        r"personalize\.lock|daemon\.lock|job-failure\.json",
+        r"daemon\.log(?:\.1)?|daemon\.pid|keyboard\.sock|keyboard\.pid",
+        r"adapters|" + _STORE,
+        _STORE + r"/(?:\.lock|\.?ACTIVE" + _ATOMIC + r")",
+        _STORE + r"/" + _VERSION + r"(?:/(?:adapter\.npz|meta\.json|phrases\.zlib))?",
+        r"models|models/[0-9a-f]{16}",
+        r"models/[0-9a-f]{16}/\.?inference\.int8(?:-7bit)?\.onnx(?:\.sha256)?" + _ATOMIC + _DAMAGED,
+        r"cache|cache/training|" + _GRAPHS,
+        _GRAPHS + r"/[^/]+",  # the graphs, their checksum, ORT's own files while made
+    )
+)
+
+
+def keyboard_made(relative: str) -> bool:
+    """Whether keyboard makes the entry at `relative` (a path inside a home, `/`-separated)."""
+    return any(pattern.fullmatch(relative) for pattern in HOME_FILES)
+
+
+def foreign_entries(root: Path) -> list[str]:
+    """The entries under `root` keyboard did not make, as paths relative to it, at any
+    depth (a directory of them is named once); symbolic links are never keyboard's."""
+    foreign: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath).relative_to(root)
+        for name in sorted(dirnames):
+            relative = (here / name).as_posix()
+            if (Path(dirpath) / name).is_symlink() or not keyboard_made(relative):
+                foreign.append(relative + ("" if (Path(dirpath) / name).is_symlink() else "/"))
+                dirnames.remove(name)  # named once; its contents are not keyboard's either
+        for name in sorted(filenames):
+            relative = (here / name).as_posix()
+            if (Path(dirpath) / name).is_symlink() or not keyboard_made(relative):
+                foreign.append(relative)
+    return sorted(foreign)
 
 
 @dataclass
@@ -118,14 +159,13 @@ def service_text(model_dir: Path | None = None, socket: Path | None = None) -> s
     env = {**captured_environment(), "MALLOC_ARENA_MAX": "2"}
     if os.environ.get("KEYBOARD_SOCKET"):
         env["KEYBOARD_SOCKET"] = os.environ["KEYBOARD_SOCKET"]
-    lines = "".join(f"Environment={shlex.quote(f'{k}={v}')}\n" for k, v in sorted(env.items()))
     return (
         "[Unit]\n"
         "Description=keyboard: private next-word prediction (the daemon)\n"
         "\n[Service]\n"
         "Type=simple\n"
-        f"ExecStart={shlex.join(command)}\n"
-        f"{lines}"
+        f"{exec_start(command)}"
+        f"{environment_lines(env)}"
         "Restart=on-failure\n"
         "RestartSec=2\n"
         "TimeoutStopSec=30\n"  # SIGTERM: requests in flight finish first
@@ -175,14 +215,23 @@ def remove_service(enable: bool = True) -> Changes:
 # --- uninstall ------------------------------------------------------------------------------
 def delete_home(home: Home) -> Changes:
     """Delete the keyboard home: the typing log, adapters, settings. Refused when it holds
-    anything keyboard did not put there (a KEYBOARD_HOME pointed at another directory)."""
-    if not home.root.exists():
+    anything keyboard did not put there, at any depth (a KEYBOARD_HOME pointed at another
+    directory, a file saved among the adapters). A home that is a symbolic link: its
+    directory is deleted, then the link."""
+    link = home.root if home.root.is_symlink() else None
+    root = home.root.resolve()
+    if not root.is_dir():
         return Changes()
-    foreign = sorted(p.name for p in home.root.iterdir() if p.name not in HOME_ENTRIES)
+    foreign = foreign_entries(root)
     if foreign:
+        more = f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
         raise KeyboardError(
-            f"{home.root} holds files keyboard did not make ({', '.join(foreign[:5])}); "
-            "not deleting it: remove what is keyboard's by hand"
+            f"{home.root} holds files keyboard did not make ({', '.join(foreign[:10])}{more}); "
+            "not deleting it: move those away, or remove what is keyboard's by hand"
         )
-    shutil.rmtree(home.root)
-    return Changes(done=[f"deleted {home.root} (typing log, adapters, settings)"])
+    shutil.rmtree(root)
+    done = [f"deleted {root} (typing log, adapters, settings)"]
+    if link is not None:
+        link.unlink()
+        done.append(f"removed the link {link}")
+    return Changes(done=done)

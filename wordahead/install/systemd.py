@@ -4,6 +4,7 @@ a unit must carry."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -49,3 +50,26 @@ def captured_environment() -> dict[str, str]:
     """Settings a unit must see as this shell does (systemd starts it with a bare environment)."""
     keep = ("KEYBOARD_HOME", "KEYBOARD_MODEL", "HF_HUB_OFFLINE")
     return {k: os.environ[k] for k in keep if os.environ.get(k)}
+
+
+def unit_escape(text: str) -> str:
+    """`text` as a unit file value: systemd expands `%` specifiers (`%h`: the home
+    directory) in ExecStart= and Environment=, so a literal `%` is written `%%`."""
+    return text.replace("%", "%%")
+
+
+def exec_start(command: list[str]) -> str:
+    """The ExecStart= line that runs `command` as given (quoted, specifiers escaped)."""
+    return f"ExecStart={unit_escape(shlex.join(command))}\n"
+
+
+def environment_lines(env: dict[str, str]) -> str:
+    """One Environment= line per setting, quoted and with specifiers escaped."""
+    return "".join(
+        f"Environment={unit_escape(shlex.quote(f'{k}={v}'))}\n" for k, v in sorted(env.items())
+    )
+
+
+def cron_escape(text: str) -> str:
+    """`text` in a crontab command: cron turns an unescaped `%` into a newline."""
+    return text.replace("%", "\\%")

@@ -163,7 +163,7 @@ class AdapterStore:
 
         flock is released by the kernel when the holder dies, so a crash never leaves it stuck.
         """
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = paths.open_no_follow(self.root / ".lock", os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wordahead import paths
 from wordahead.paths import Home
 from wordahead.types import KeyboardError
 
@@ -223,7 +224,7 @@ class JobBusy(KeyboardError):
 def job_lock(home: Home) -> Iterator[None]:
     """Hold the home's job lock, or raise JobBusy. flock: the kernel releases it when the
     holder exits or is killed, so a crashed job never leaves it stuck."""
-    fd = os.open(home.job_lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = paths.open_no_follow(home.job_lock, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -239,24 +240,38 @@ def job_lock(home: Home) -> Iterator[None]:
 
 
 def _holder(fd: int) -> str:
+    info = _holder_record(fd)
+    return f"pid {info['pid']}, started {info['started']}" if info else "pid unknown"
+
+
+def _holder_record(fd: int) -> dict[str, Any] | None:
     try:
         info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f"pid {info['pid']}, started {info['started']}"
+        return {"pid": int(info["pid"]), "started": str(info["started"])}
     except (OSError, ValueError, KeyError, TypeError):
-        return "pid unknown"
+        return None
 
 
 def job_running(home: Home) -> str | None:
     """Who holds the home's job lock ("pid N, started T"), or None when no job is running."""
-    path = home.job_lock
-    if not path.exists():
+    holder = job_holder(home)
+    if holder is None:
         return None
-    fd = os.open(path, os.O_RDONLY)
+    return f"pid {holder['pid']}, started {holder['started']}" if holder["pid"] else "pid unknown"
+
+
+def job_holder(home: Home) -> dict[str, Any] | None:
+    """The running job's {pid, started} (0 and "" when it did not say), or None when no job
+    holds the home's lock: how a daemon started after the job finds it."""
+    try:
+        fd = os.open(home.job_lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None  # none there (or a link planted there, which no job would hold)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return _holder(fd)
+            return _holder_record(fd) or {"pid": 0, "started": ""}
         return None
     finally:
         os.close(fd)

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from wordahead.install.systemd import (
     captured_environment,
+    cron_escape,
+    environment_lines,
+    exec_start,
     systemctl,
     unit_dir,
     user_manager_available,
@@ -104,10 +107,7 @@ def job_command() -> list[str]:
 
 
 def service_text(on_ac_only: bool = True) -> str:
-    env = "".join(
-        f"Environment={shlex.quote(f'{k}={v}')}\n"
-        for k, v in sorted(captured_environment().items())
-    )
+    env = environment_lines(captured_environment())
     condition = "ConditionACPower=true\n" if on_ac_only else ""
     return (
         "[Unit]\n"
@@ -115,7 +115,7 @@ def service_text(on_ac_only: bool = True) -> str:
         f"{condition}"
         "\n[Service]\n"
         "Type=oneshot\n"
-        f"ExecStart={shlex.join(job_command())}\n"
+        f"{exec_start(job_command())}"
         f"{env}"
         "Nice=10\n"
         "IOSchedulingClass=idle\n"
@@ -141,7 +141,8 @@ def cron_line(at: str) -> str:
     t = parse_at(at)
     env = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(captured_environment().items()))
     command = shlex.join(job_command())
-    return f"{t.minute} {t.hour} * * * {env + ' ' if env else ''}nice -n 10 {command} {CRON_MARK}"
+    command = cron_escape(f"{env + ' ' if env else ''}nice -n 10 {command}")
+    return f"{t.minute} {t.hour} * * * {command} {CRON_MARK}"
 
 
 def crontab_with(current: str, line: str | None) -> str:
