@@ -3,8 +3,12 @@ checked exactly on hand-made texts with a scripted predictor."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 import pytest
 
+from wordahead import cli
 from wordahead.evaluate.phrase_typist import PhraseTrace, replay, right_words, trace
 from wordahead.evaluate.simulate import simulate
 from wordahead.predict.sources.phrase_completion import (
@@ -141,3 +145,19 @@ def test_the_trace_types_exactly_as_simulate_does():
     assert replay(traced, None).keystrokes_phrases == expected.keystrokes
     again = PhraseTrace.from_json(traced.to_json())
     assert replay(again, settings()) == replay(traced, settings())
+
+
+def test_keyboard_eval_reports_phrases_next_to_the_word_only_typing(capsys, tmp_path, tiny_llama):
+    path = tmp_path / "user.txt"
+    path.write_text("Hello there, it's me.\nSecond message: well-known words!\n")
+    argv = ["eval", str(path), "--model", str(tiny_llama), "--adapter", "base", "--phrases"]
+    assert cli.main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    before, phrases = data["before"], data["phrases_before"]
+    assert phrases["settings"] == asdict(PhraseSettings())
+    for report in (phrases["whole"], phrases["one_word"]):
+        assert report["keystrokes_words"] == before["keystrokes"]
+        assert report["chars"] == before["chars"]
+        assert report["keystrokes_phrases"] <= report["keystrokes_words"]
+    assert cli.main(argv) == 0
+    assert "precision" in capsys.readouterr().out

@@ -286,6 +286,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="the adapter to type with (default: active, the one the daemon serves; with "
         "--personalize, base)",
     )
+    p.add_argument(
+        "--phrases",
+        action="store_true",
+        help="also type with phrase completion (ghost text, the daemon's settings): KSR with "
+        "phrases, trigger rate, precision",
+    )
 
     def run(args: argparse.Namespace) -> int:
         import json
@@ -313,6 +319,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
             personalize=args.personalize,
             threads=args.threads,
             progress=progress,
+            phrases=_phrase_settings() if args.phrases else None,
         )
         rows = {result.served: result.before}
         if result.after is not None:
@@ -329,6 +336,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
             + (f" after {result.history} of history" if result.history else "")
         )
         print(evaluation.report_table(rows))
+        if result.phrases_before is not None:
+            _print_phrases(result)
         if result.job_seconds is not None:
             print(
                 f"personalization job: {result.job_status}; {result.job_seconds:.1f} s, "
@@ -339,6 +348,22 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+def _phrase_settings() -> Any:
+    from wordahead.predict.sources.phrase_completion import PhraseSettings
+
+    return PhraseSettings()
+
+
+def _print_phrases(result: Any) -> None:
+    from wordahead.evaluate.phrase_typist import phrase_table
+
+    rows = {result.served: result.phrases_before}
+    if result.phrases_after is not None:
+        rows["personalized"] = result.phrases_after
+    print("with phrases (ghost text; '1 word': words of a phrase taken one by one):")
+    print(phrase_table(rows))
 
 
 # --- daemon ---------------------------------------------------------------------------------------

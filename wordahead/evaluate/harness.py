@@ -13,6 +13,7 @@ from typing import Any
 
 from wordahead.evaluate.simulate import TypingReport, simulate
 from wordahead.paths import Home
+from wordahead.predict.sources.phrase_completion import PhraseSettings
 from wordahead.types import KeyboardError
 
 
@@ -173,6 +174,8 @@ class FileEvaluation:
     peak_rss_mb: float | None = None  # this process's peak, which includes the predictor
     adapter: str | None = None  # the adapter the job promoted ("after")
     served: str = "base"  # the adapter typed with for `before`
+    phrases_before: dict[str, Any] | None = None  # with phrases (wordahead.evaluate.phrase_typist)
+    phrases_after: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = {key: value for key, value in asdict(self).items() if value is not None}
@@ -243,6 +246,7 @@ def evaluate_file(
     progress: Callable[[str, int, int], None] | None = None,
     adapter: str = "base",
     home: Home | None = None,
+    phrases: PhraseSettings | None = None,
 ) -> FileEvaluation:
     """Type a user's file through the Predictor the daemon uses and report the metrics.
 
@@ -251,6 +255,7 @@ def evaluate_file(
     a throwaway home, and the last 20% (the first `max_lines` of them) are typed before and
     after, with the history as preceding context both times. `adapter` is typed with:
     "base", "active" or a stored version in `home` (personalization starts from the base).
+    With `phrases`, the phrase-aware typist's reports come too (wordahead.evaluate.phrase_typist).
     """
     import tempfile
 
@@ -282,7 +287,17 @@ def evaluate_file(
         served.path, served.version, served.phrases
     ):
         raise KeyboardError(f"adapter {served.version} could not be loaded ({served.path})")
-    before = simulate(predictor, test, history=history, k=k, progress=report("base"))
+
+    def typed(stage: str) -> tuple[TypingReport, dict[str, Any] | None]:
+        if phrases is None:
+            return simulate(predictor, test, history=history, k=k, progress=report(stage)), None
+        from wordahead.evaluate.phrase_typist import type_with_phrases
+
+        return type_with_phrases(
+            predictor, test, phrases, history=history, k=k, progress=report(stage)
+        )
+
+    before, phrases_before = typed("base")
     result = FileEvaluation(
         file=str(path),
         messages=len(messages),
@@ -290,6 +305,7 @@ def evaluate_file(
         evaluated=len(test),
         before=before,
         served=served.version,
+        phrases_before=phrases_before,
     )
     if personalize:
         with tempfile.TemporaryDirectory(prefix="keyboard-eval-") as throwaway:
@@ -301,14 +317,12 @@ def evaluate_file(
             if job.adapter_path is None:
                 # Not promoted (the job's gate kept the base model): the user keeps typing
                 # with the base model, so "after" is "before".
-                result.after = before
+                result.after, result.phrases_after = before, phrases_before
             else:
                 result.adapter = job.version or Path(job.adapter_path).name
                 if not predictor.load_adapter(job.adapter_path, phrases=job.phrases_path):
                     raise KeyboardError(f"cannot load the adapter {job.adapter_path}")
-                result.after = simulate(
-                    predictor, test, history=history, k=k, progress=report("personalized")
-                )
+                result.after, result.phrases_after = typed("personalized")
         from wordahead.memory import peak_rss_mb
 
         result.peak_rss_mb = peak_rss_mb()  # VmHWM: the job and both typings ran in here

@@ -303,3 +303,39 @@ def replay(
         phrase_saved=saved,
         phrase_ksr=saved / chars if chars else 0.0,
     )
+
+
+def type_with_phrases(
+    predictor: TypingPredictor,
+    messages: Sequence[str],
+    settings: PhraseSettings,
+    *,
+    history: Sequence[str] = (),
+    k: int = 3,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[TypingReport, dict[str, Any]]:
+    """`simulate`'s report of typing `messages`, and what phrases under `settings` add: the
+    whole-phrase typist's report and the accept-one-word variant's."""
+    traced = trace(predictor, messages, history=history, k=k, progress=progress)
+    return traced.report, {
+        "settings": asdict(settings),
+        "whole": replay(traced, settings).to_json(),
+        "one_word": replay(traced, settings, accept_words=True).to_json(),
+    }
+
+
+def phrase_table(rows: dict[str, dict[str, Any]]) -> str:
+    """A plain-text table of phrase reports, one row per label."""
+    width = max([len(label) for label in rows] + [8])
+    lines = [
+        f"{'':<{width}}  {'KSR words':>9}  {'phrases':>7}  {'1 word':>6}  {'trigger':>7}  "
+        f"{'precision':>9}"
+    ]
+    for label, r in rows.items():
+        w, o = r["whole"], r["one_word"]
+        lines.append(
+            f"{label:<{width}}  {100 * w['ksr_words']:9.2f}  {100 * w['ksr_phrases']:7.2f}  "
+            f"{100 * o['ksr_phrases']:6.2f}  {100 * w['trigger_rate']:6.1f}%  "
+            f"{100 * w['precision']:8.1f}%"
+        )
+    return "\n".join(lines)
