@@ -371,19 +371,15 @@ def test_conversation(editor: LspProcess, served: Served, tmp_path: Path) -> Non
         assert item["textEdit"]["range"]["start"] == {"line": 0, "character": 16}
         assert item["textEdit"]["newText"] == item["label"]
 
-    # Ghost text: the top word (and maybe more) replacing the prefix.
+    # Ghost text: the daemon's phrase, only when it is confident (never, for a tiny random
+    # model at the default threshold; tests/test_ghost_text.py shows one).
     inline = editor.request(
         "textDocument/inlineCompletion",
         {**editor.at(uri, 0, 18), "context": {"triggerKind": 2}},
     )
-    top = expected["candidates"][0]
-    if top["kind"] == "word":
-        (ghost,) = inline["items"]
-        assert ghost["insertText"].split(" ")[0] == top["word"]
-        assert ghost["range"]["start"] == {"line": 0, "character": 16}
-        assert ghost["range"]["end"] == {"line": 0, "character": 18}
-    else:
-        assert inline["items"] == []
+    with DaemonClient(served.socket) as client:
+        assert client.call("phrase", context="I would like to bo") == {"phrase": None}
+    assert inline["items"] == []
 
     # Cancellation: the request is cancelled during its debounce and answers RequestCancelled.
     request_id = editor.start("textDocument/completion", editor.at(uri, 0, 18))

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from wordahead import __version__, memory
 from wordahead.daemon import protocol as rpc
+from wordahead.daemon.ghost_text import GhostText
 from wordahead.daemon.protocol import RpcError
 from wordahead.learn.adapter_store import AdapterStore, forget_phrases
 from wordahead.learn.job_log import JobLog
@@ -161,6 +162,7 @@ class RpcMethods:
         self._served: tuple[Any, list[str]] = (None, [])
         # The user phrases served, learning as the user types (None: phrases are off).
         self.live: LivePhrases | None = None
+        self.ghost = GhostText(home, predictor, infer_pool, lambda: self._asks)
         # Set by the daemon once the other parts exist: what `train` and `status` report on,
         # and whether the request being answered is the only one (else False: never known).
         self.train: Callable[[bool, bool], Awaitable[dict[str, Any]]] | None = None
@@ -168,6 +170,7 @@ class RpcMethods:
         self.alone: Callable[[], bool] = bool
         self.table: dict[str, Callable[..., Awaitable[Any]]] = {
             "predict": self.predict,
+            "phrase": self.ghost.phrase,
             "observe": self.observe,
             "feedback": self.feedback,
             "status": self.status,
@@ -359,6 +362,7 @@ class RpcMethods:
             active = None
         phrases: PhraseModel | None = None
         use_phrases = JobConfig.load_or_defaults(self.home.job_config).phrases
+        self.ghost.settings_changed()
         if active is None:
             self.predictor.load_adapter(None, version="base", phrases=self._live(None, {}))
             self.adapter_metadata = {}

@@ -181,6 +181,7 @@ class Param:
 # Method name -> its parameters in positional order. The server implements exactly these.
 METHODS: dict[str, tuple[Param, ...]] = {
     "predict": (Param("context", str, required=True), Param("k", int, default=3)),
+    "phrase": (Param("context", str, required=True),),
     "observe": (
         Param("text", str, required=True),
         Param("source", str, default=""),

@@ -55,8 +55,7 @@ class EditorConfig:
     logging: bool = True  # send finished text and accepted suggestions to the typing log
     debounce_ms: int = 40  # a request newer than this supersedes the older one
     items: int = 5  # completion items
-    inline_words: int = 3  # ghost text: at most this many words
-    inline_min_score: float = 0.2  # a word after the first needs at least this probability
+    inline_words: int = 8  # ghost text: at most this many of the daemon's phrase (0: none)
     context_chars: int = 2000  # how much text before the cursor the daemon sees
 
     @classmethod
@@ -72,7 +71,6 @@ class EditorConfig:
             "debounce_ms": int,
             "items": int,
             "inline_words": int,
-            "inline_min_score": (int, float),
             "context_chars": int,
         }
         values: dict[str, Any] = {}
@@ -95,7 +93,6 @@ class EditorConfig:
             "debounce_ms": (0, 1000),
             "items": (1, 20),
             "inline_words": (0, 8),
-            "inline_min_score": (0, 1),
             "context_chars": (16, 16000),
         }
         for key, (low, high) in limits.items():
@@ -138,6 +135,9 @@ class DaemonLink:
 
     async def predict(self, context: str, k: int) -> dict[str, Any]:
         return await asyncio.to_thread(self.predictions.call, "predict", context=context, k=k)
+
+    async def phrase(self, context: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.predictions.call, "phrase", context=context)
 
     async def call(self, method: str, **params: Any) -> Any:
         return await asyncio.to_thread(self.logging.call, method, **params)
@@ -190,6 +190,20 @@ class KeyboardServer(LanguageServer):
             self.window_show_message(
                 lsp.ShowMessageParams(type=lsp.MessageType.Warning, message=f"keyboard: {exc}")
             )
+
+    async def phrase(self, context: str) -> dict[str, Any] | None:
+        """The daemon's phrase for `context` (None: none, or the daemon cannot say)."""
+        try:
+            result = await self.daemon.phrase(context)
+        except DaemonNotRunning as exc:
+            self.daemon_unreachable(exc)
+            return None
+        except KeyboardError as exc:
+            log.warning("phrase failed: %s", exc)
+            return None
+        self._daemon_down = False
+        phrase = result.get("phrase") if isinstance(result, dict) else None
+        return phrase if isinstance(phrase, dict) and phrase.get("words") else None
 
     async def predict(self, context: str, k: int | None = None) -> dict[str, Any] | None:
         try:
@@ -434,6 +448,8 @@ async def completion(ls: KeyboardServer, params: lsp.CompletionParams) -> lsp.Co
 async def inline_completion(
     ls: KeyboardServer, params: lsp.InlineCompletionParams
 ) -> lsp.InlineCompletionList | None:
+    """Ghost text: the daemon's phrase (wordahead.predict.sources.phrase_completion), shown
+    only when it is confident; taking it is reported as feedback, like a word."""
     uri, position = params.text_document.uri, params.position
     found = ls.context_at(uri, position)
     if found is None or ls.config.inline_words == 0:
@@ -442,32 +458,17 @@ async def inline_completion(
     version = ls.workspace.get_text_document(uri).version
     if not await ls.settled(uri, "inline", version):
         return lsp.InlineCompletionList(items=[])
-    prediction = await ls.predict(context)
-    if prediction is None:
+    phrase = await ls.phrase(context)
+    if phrase is None:
         return lsp.InlineCompletionList(items=[])
-    candidates = prediction.get("candidates") or []
-    if not candidates or candidates[0].get("kind", "word") != "word":
-        return lsp.InlineCompletionList(items=[])  # punctuation comes next, not a word
-    prefix = prediction.get("prefix") or ""
+    words = phrase["words"][: ls.config.inline_words]
+    prefix = phrase.get("prefix") or ""
     start = _prefix_start(ls.workspace.get_text_document(uri), position, context, prefix)
-    first = candidates[0]["word"]
-    ghost = insertion(context, prefix if start != position else "", first)
-    # More words while the model is confident: each next word is predicted after the last.
-    typed = context[: len(context) - len(prefix)] if start != position else context
-    for _ in range(ls.config.inline_words - 1):
-        more = await ls.predict(typed + ghost + " ")
-        top = (more or {}).get("candidates") or []
-        if (
-            not top
-            or top[0].get("kind", "word") != "word"  # punctuation ends the phrase
-            or top[0].get("score", 0.0) < ls.config.inline_min_score
-        ):
-            break
-        ghost += " " + top[0]["word"]
+    ghost = insertion(context, prefix if start != position else "", " ".join(words))
     item = lsp.InlineCompletionItem(
         insert_text=ghost,
         range=lsp.Range(start=start, end=position),
-        command=ls.accept_command(doc, context, first),
+        command=ls.accept_command(doc, context, " ".join(words)),
     )
     return lsp.InlineCompletionList(items=[item])
 

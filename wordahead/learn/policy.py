@@ -61,6 +61,12 @@ class JobConfig:
     # phrases.blend_weights that typed the held-out text best; false: the default share.
     choose_share: bool = True
     groups: str = ""  # adapter groups trained, e.g. "attention,mlp" ("": the model's choice)
+    # Phrase completion (ghost text) the daemon offers: at most phrase_max_words words, only
+    # above phrase_threshold (set on the users' dev lines for a target precision; see
+    # wordahead.predict.sources.phrase_completion); false: no phrases.
+    phrase_completion: bool = True
+    phrase_max_words: int = 4
+    phrase_threshold: float = 0.35
 
     @classmethod
     def load(cls, path: Path) -> JobConfig:

@@ -86,6 +86,7 @@ class Phrase:
         return {
             "text": self.text,
             "words": list(self.words),
+            "prefix": self.prefix,
             "score": round(self.score, 6),
             "probability": round(self.probability, 6),
         }
@@ -200,7 +201,12 @@ class PhraseCompleter:
         return word_chain(self.predictor, context, s.max_words, s.floor(), stop, user)
 
     def complete(self, context: str, stop: Callable[[], bool] | None = None) -> Phrase | None:
-        return choose(self.chain(context, stop), self.settings)
+        """The phrase for `context`, or None (none passes; or `stop()` said the text has
+        changed since it was asked)."""
+        chain = self.chain(context, stop)
+        if stop is not None and stop():
+            return None
+        return choose(chain, self.settings)
 
 
 def user_probability(predictor: object) -> UserProbability | None:
