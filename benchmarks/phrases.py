@@ -19,7 +19,7 @@ then scored from them:
 Prints JSON on stdout (a summary table on stderr).
 
     nice python benchmarks/phrases.py --split dev --homes /tmp/trained-homes/dev --tune \
-        [--max-lines 40] [--traces ~/.cache/keyboard-bench/phrases]
+        [--max-lines 40] [--max-chars N] [--traces ~/.cache/keyboard-bench/phrases]
     nice python benchmarks/phrases.py --split test --homes /tmp/trained-homes/test \
         [--threshold T --max-words N --normalised --user-weight W]
 """
@@ -69,7 +69,7 @@ def user_trace(args: argparse.Namespace, user: Path, kind: str) -> Any:
 
     job = args.homes / user.stem / "job.json" if args.homes else None
     key = json.dumps(
-        [user.stem, kind, args.split, args.max_lines, args.k,
+        [user.stem, kind, args.split, args.max_lines, args.max_chars, args.k,
          job.read_text() if job and job.is_file() and kind != "base" else None],
     )  # fmt: skip
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -77,6 +77,7 @@ def user_trace(args: argparse.Namespace, user: Path, kind: str) -> Any:
     if path.is_file():
         return PhraseTrace.from_json(json.loads(path.read_text()))
     history, typed = history_and_typed(user, dev=args.split == "dev", max_lines=args.max_lines)
+    typed = first_chars(typed, args.max_chars)
     predictor = load_predictor(args.model, kind, job)
     log(f"{user.stem} {kind}: typing {len(typed)} lines")
     traced = trace(predictor, typed, history=history, k=args.k)
@@ -84,6 +85,18 @@ def user_trace(args: argparse.Namespace, user: Path, kind: str) -> Any:
     path.write_text(json.dumps(traced.to_json()))
     log(f"{user.stem} {kind}: {traced.report.seconds:.0f} s, KSR {100 * traced.report.ksr:.2f}")
     return traced
+
+
+def first_chars(lines: list[str], max_chars: int | None) -> list[str]:
+    """The first lines, up to the one that brings them to `max_chars` characters (all: None)."""
+    if max_chars is None:
+        return lines
+    out: list[str] = []
+    for line in lines:
+        if sum(map(len, out)) >= max_chars:
+            break
+        out.append(line)
+    return out
 
 
 def settings_grid() -> list[Any]:
@@ -137,6 +150,12 @@ def main() -> None:
     parser.add_argument("--models", default="base,personalized")
     parser.add_argument("--users", default="*.jsonl", help="glob of user files in USERS_DIR")
     parser.add_argument("--max-lines", type=int, default=40)
+    parser.add_argument(
+        "--max-chars",
+        type=int,
+        default=None,
+        help="of those lines, only the first ones up to this many characters (a slow machine)",
+    )
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--traces", type=Path, default=DEFAULT_TRACES)
     parser.add_argument("--tune", action="store_true", help="score the grid of settings (dev)")
@@ -168,7 +187,12 @@ def main() -> None:
         args.normalised if args.normalised is not None else base.normalised,
         args.user_weight if args.user_weight is not None else base.user_weight,
     )
-    out: dict[str, Any] = {"split": args.split, "max_lines": args.max_lines, "k": args.k}
+    out: dict[str, Any] = {
+        "split": args.split,
+        "max_lines": args.max_lines,
+        "max_chars": args.max_chars,
+        "k": args.k,
+    }
     if args.tune:
         grid = []
         for s in settings_grid():
