@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from wordahead.model.artifacts import ArtifactSet, save_adapter
-from wordahead.predict.predictor import Predictor, model_window
+from wordahead.predict.predictor import Predictor
+from wordahead.predict.query import model_window
 from wordahead.predict.words import WORD_RE, partial_word, split_prefix
 from wordahead.types import KeyboardError, Prediction
 
@@ -242,7 +243,7 @@ def test_cache_slots_never_answer_for_another_clients_context(tiny_llama: Path):
 
 
 def _queries(predictor: Predictor, texts: list[str]) -> list:
-    from wordahead.predict.predictor import make_query
+    from wordahead.predict.query import make_query
 
     return [make_query(t, 3, predictor.context_tokens) for t in texts]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 MAX_K = 20  # candidates one predict may ask for (the predictor's limit, and the wire's)
@@ -11,14 +11,15 @@ MAX_PUNCT = 4  # punctuation candidates an answer at a word start may hold (amon
 
 @dataclass(frozen=True)
 class Candidate:
-    """One suggestion: a whole word (or a punctuation mark) and its probability."""
+    """One suggestion: a whole word (or a punctuation mark) and its probability. Fields a
+    kind of its own needs are added with the default None, which `to_json` leaves out."""
 
     word: str
     score: float
     kind: str = "word"  # "word" or "punct"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: value for f in fields(self) if (value := getattr(self, f.name)) is not None}
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class Prediction:
     candidates: list[Candidate]
     adapter: str  # adapter version in use ("base" when none)
     latency_ms: float = 0.0
+    # Suggestions offered beside the candidates, not among them (a phrase as ghost text).
+    beside: list[Candidate] = field(default_factory=list)
 
     @property
     def words(self) -> list[str]:
@@ -40,6 +43,7 @@ class Prediction:
             "candidates": [c.to_json() for c in self.candidates],
             "adapter": self.adapter,
             "latency_ms": round(self.latency_ms, 3),
+            **({"beside": [c.to_json() for c in self.beside]} if self.beside else {}),
         }
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import re
 import threading
 import time
 import unicodedata
@@ -62,10 +61,13 @@ from wordahead.model.artifacts import (
     tensors_sha256,
 )
 from wordahead.predict.lexicon import Lexicon
-from wordahead.predict.sources.live_phrases import LivePhrases
+from wordahead.predict.query import SURROGATES, Query, make_query
+from wordahead.predict.real_words import RealWords
+from wordahead.predict.sources import assemble
+from wordahead.predict.sources.base import Draft, SuggestionSource
 from wordahead.predict.sources.phrases import PhraseError, PhraseModel
-from wordahead.predict.words import MAX_PREFIX_CHARS, WORD_RE, is_word_char, split_prefix
-from wordahead.types import MAX_K, MAX_PUNCT, Candidate, KeyboardError, Prediction
+from wordahead.predict.words import WORD_RE, is_word_char
+from wordahead.types import MAX_PUNCT, Candidate, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +88,6 @@ SLOT_WAIT_S = 0.05  # how long a prediction waits for the busy slot holding its 
 SLOT_KEEP_TAKES = 4 * SLOTS  # a slot not taken for this many predictions lets its key/values go
 PREFETCH = 2  # next keystrokes computed ahead (the letters the top suggestions go on with)
 TOP_TOKENS = 24  # likeliest tokens of a kind memoised per distribution (>= MAX_K)
-_SURROGATES = re.compile("[\ud800-\udfff]")
-_SPACE = re.compile(r"\s")
-_NON_SPACE = re.compile(r"\S")
 
 
 # --- the vocabulary, seen as bytes ---------------------------------------------------------------
@@ -214,61 +213,6 @@ class TokenTable:
         return self.sorted_ids[lo:hi]
 
 
-# --- the context window --------------------------------------------------------------------------
-def model_window(text: str, context_tokens: int, end: int | None = None) -> tuple[str, bool]:
-    """The part of `text[:end]` the model reads, and whether it is the start of the text.
-
-    A pure function of the text: the cut moves in steps of `context_tokens` characters (so the
-    window, and the cached key/values, stay put while the user types on) and lands after a
-    whitespace (so it starts at a word). The window holds 2-3 x `context_tokens` characters;
-    the token ids are cut to the last `context_tokens` afterwards (dense text only). Only the
-    window is copied, so a megabyte of text costs no more than a line.
-    """
-    n = len(text) if end is None else end
-    step = context_tokens
-    if n <= 3 * step:
-        return text[:n], True
-    cut = ((n - 2 * step) // step) * step
-    space = _SPACE.search(text, cut, min(n, cut + step // 2))
-    if space is not None:
-        cut = space.end()
-    return text[cut:n], False
-
-
-@dataclass(frozen=True)
-class Query:
-    """What one predict call asks, after the text has been split and bounded."""
-
-    window: str  # model input text (without the space that belongs to the next token)
-    at_start: bool  # the window is the start of the text: EOS goes first
-    lead: bytes  # b" " when the word starts with a space token, else b""
-    prefix: str  # the typed part of the word ("" at a boundary)
-    k: int
-
-
-def make_query(context: object, k: object, context_tokens: int) -> Query | str:
-    """Validate and split a predict call's arguments; a str result is a prefix too long to
-    complete (no suggestions)."""
-    if not isinstance(context, str):
-        raise KeyboardError(f"context must be text (str), not {type(context).__name__}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise KeyboardError(f"k must be a whole number from 1 to {MAX_K} (got {k!r})")
-    prefix = split_prefix(context[-(MAX_PREFIX_CHARS + 1) :])[1]
-    if len(prefix) > MAX_PREFIX_CHARS:
-        return prefix
-    end = len(context) - len(prefix)  # the text before the word, never copied whole
-    if _NON_SPACE.search(context, 0, end) is None:
-        end = 0  # empty or whitespace only: predict the start of a text
-    lead = b""
-    if end and context[end - 1] == " ":
-        end, lead = end - 1, b" "
-    window, at_start = model_window(context, context_tokens, end)
-    # Only the window is sanitised, so a megabyte of text costs no more than its tail; lone
-    # surrogates (from bad decoding upstream) cannot be encoded and become U+FFFD.
-    window = _SURROGATES.sub("\ufffd", window)
-    return Query(window, at_start, lead, _SURROGATES.sub("\ufffd", prefix), k)
-
-
 # --- the search ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Hyp:
@@ -320,8 +264,10 @@ def search_words(
     max_depth: int,
     beam: int,
     real: RealWords | None = None,
+    exact: bool = False,
 ) -> dict[bytes, float]:
-    """The most probable whole words that start with `prefix`, as {word bytes: probability}.
+    """The most probable whole words that start with `prefix`, as {word bytes: probability}
+    (`exact`: the word `prefix` alone).
 
     Level by level: every hypothesis of the frontier has its next-token distribution; a
     hypothesis that spells a word (all of the prefix, not ending in a hyphen, and a real word
@@ -332,12 +278,14 @@ def search_words(
     finished: dict[bytes, float] = {}
 
     def can_finish(word: bytes) -> bool:
-        return len(word) >= len(prefix) and _can_end(word) and (real is None or real.accept(word))
+        spelled = len(word) == len(prefix) if exact else len(word) >= len(prefix)
+        return spelled and _can_end(word) and (real is None or real.accept(word))
 
     def kth_best() -> float:
-        if len(finished) < k:
+        if len(finished) < k or exact:
             # Fewer than k words yet (a prefix few real words start with): still prune what
             # cannot come within MIN_SHARE of the best, or the search runs to its depth limit.
+            # One word asked: each tokenization adds to its one score, so prune only those.
             return max(finished.values(), default=0.0) * MIN_SHARE
         return sorted(finished.values(), reverse=True)[k - 1]
 
@@ -346,8 +294,8 @@ def search_words(
         expansions: list[tuple[float, _Hyp, int]] = []
         floor = kth_best()
         for h, nxt in zip(hyps, nexts, strict=True):
-            if h.score <= floor:
-                continue  # none of its words can make the top k
+            if h.score <= floor or (exact and len(h.word) >= len(prefix)):
+                continue  # none of its words can make the top k (or be the word asked)
             ids, ps = _next_tokens(table, h, nxt, lead, prefix, beam, floor / h.score)
             scores = (ps * h.score).tolist()
             expansions.extend(zip(scores, [h] * len(scores), ids.tolist(), strict=True))
@@ -363,7 +311,7 @@ def search_words(
                 if can_finish(word):
                     finished[word] = finished.get(word, 0.0) + score
                     floor = kth_best()
-            elif real is None or real.viable(word):
+            elif (not exact or len(word) <= len(prefix)) and (real is None or real.viable(word)):
                 grown.append(_Hyp((*h.tokens, t), word, score))
         if not grown:
             break
@@ -630,6 +578,14 @@ def open_session(model: bytes, threads: int, source: Path) -> Any:
         raise ArtifactError(f"cannot load {source}: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A prediction's suggestions, as the results cache keeps them."""
+
+    candidates: tuple[Candidate, ...]
+    beside: tuple[Candidate, ...] = ()  # offered beside the k places (see sources.base.Draft)
+
+
 class Engine:
     """One adapter served by the predictor's session: its LoRA inputs, and the caches that
     belong to it."""
@@ -637,17 +593,18 @@ class Engine:
     def __init__(
         self, session: Any, lora: dict[str, np.ndarray], artifacts: ArtifactSet,
         table: TokenTable, version: str, cache: bool,
-        phrases: PhraseModel | LivePhrases | None = None, slots: int = SLOTS,
-        lexicon: Lexicon | None = None,
+        sources: tuple[SuggestionSource, ...] = (), slots: int = SLOTS,
+        lexicon: Lexicon | None = None, phrases: SuggestionSource | None = None,
     ) -> None:  # fmt: skip
         self.session = session
         self.lora = lora  # the adapter's tensors, as the graph's inputs take them
         self.table = table
         self.version = version
         self.cache = cache
-        self.phrases = phrases  # the user's own phrases, blended in (None: the LM alone)
+        self.sources = sources  # what besides the model decides, in order (none: the LM alone)
+        self.phrases = phrases  # the user's phrases among them (None: none)
         # What may be offered (None: any spelling, the model ships no lexicon).
-        self.real = RealWords(lexicon, phrases) if lexicon is not None else None
+        self.real = RealWords(lexicon, sources) if lexicon is not None else None
         inference = artifacts.manifest["inference"]
         self.kv_heads = int(inference["kv_heads"])
         self.head_dim = int(inference["head_dim"])
@@ -659,7 +616,7 @@ class Engine:
         self.masked = "attention_mask" in inputs
         self.slots = _Slots(slots)
         self.lock = threading.Lock()  # guards `results`
-        self.results: OrderedDict[Any, tuple[Candidate, ...]] = OrderedDict()
+        self.results: OrderedDict[Any, Answer] = OrderedDict()
 
     def run(
         self, ids: np.ndarray, past: Sequence[np.ndarray], past_len: int, presents: bool,
@@ -709,16 +666,16 @@ class Engine:
         if self.cache:
             self.slots.give_back(state)
 
-    def cached(self, query: Any) -> tuple[Candidate, ...] | None:
+    def cached(self, query: Any) -> Answer | None:
         with self.lock:
             hit = self.results.get(query)
             if hit is not None:
                 self.results.move_to_end(query)
             return hit
 
-    def remember(self, query: Any, candidates: tuple[Candidate, ...]) -> None:
+    def remember(self, query: Any, answer: Answer) -> None:
         with self.lock:
-            self.results[query] = candidates
+            self.results[query] = answer
             if len(self.results) > LRU_SIZE:
                 self.results.popitem(last=False)
 
@@ -773,53 +730,6 @@ class Engine:
         return evaluate
 
 
-# --- real words ----------------------------------------------------------------------------------
-class RealWords:
-    """The words the Predictor may offer: the model's lexicon and the user's own words."""
-
-    def __init__(self, lexicon: Lexicon, phrases: PhraseModel | LivePhrases | None = None) -> None:
-        self.lexicon = lexicon
-        self.phrases = phrases
-        # Snapshots for prefix checks (membership asks the phrase model itself, which may
-        # learn): the stored words once, the few typed since on each change.
-        stored = phrases.stored if isinstance(phrases, LivePhrases) else phrases
-        self._stored = Lexicon(stored.unigrams if stored is not None else ())
-        self._recent = Lexicon(())
-        self.user_words_changed()
-
-    def user_words_changed(self) -> None:
-        """The live phrases learned a message: take in its words for prefix checks."""
-        if isinstance(self.phrases, LivePhrases):
-            self._recent = Lexicon(self.phrases.recent.unigrams)
-
-    def is_word(self, word: str) -> bool:
-        if word in self.lexicon:
-            return True
-        if self.phrases is None:
-            return False
-        # The user's words keep their case: "zanzibar" and "ZANZIBAR" are their "Zanzibar".
-        unigrams = self.phrases.unigrams
-        return any(form in unigrams for form in (word, word.lower(), word.capitalize()))
-
-    def can_start(self, part: str) -> bool:
-        """Whether some real word starts with `part`."""
-        return (
-            self.lexicon.has_prefix(part)
-            or self._stored.has_prefix(part)
-            or self._recent.has_prefix(part)
-        )
-
-    def accept(self, raw: bytes) -> bool:
-        try:
-            return self.is_word(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            return False
-
-    def viable(self, raw: bytes) -> bool:
-        # A cut-off multi-byte character at the end may still become anything.
-        return self.can_start(raw.decode("utf-8", errors="ignore"))
-
-
 # --- the predictor -------------------------------------------------------------------------------
 class Predictor:
     """Whole-word suggestions for the text before the cursor, from an artifact set's inference
@@ -870,11 +780,12 @@ class Predictor:
         self,
         adapter: Adapter | None,
         version: str,
-        phrases: PhraseModel | LivePhrases | None = None,
+        sources: tuple[SuggestionSource, ...] = (),
+        phrases: SuggestionSource | None = None,
     ) -> Engine:
         return Engine(
             self._session, self._lora.values(adapter), self.artifacts, self.table, version,
-            self.cache, phrases, self.slots, self.lexicon,
+            self.cache, sources, self.slots, self.lexicon, phrases,
         )  # fmt: skip
 
     @property
@@ -883,12 +794,18 @@ class Predictor:
 
     # --- adapters --------------------------------------------------------------------------
     @property
-    def phrases(self) -> PhraseModel | LivePhrases | None:
-        """The user phrase model served with the adapter (None: none)."""
+    def phrases(self) -> SuggestionSource | None:
+        """The user phrases served with the adapter (None: none)."""
         return self._engine.phrases
 
+    @property
+    def sources(self) -> tuple[SuggestionSource, ...]:
+        """The suggestion sources served with the adapter, in the order they blend."""
+        return self._engine.sources
+
     def user_phrases_changed(self) -> None:
-        """The served phrases learned something: results computed before are stale."""
+        """A served source learned something (the live phrases, a message): results computed
+        before are stale, and the sources' words are taken again."""
         engine = self._engine
         with engine.lock:
             engine.results.clear()
@@ -899,19 +816,23 @@ class Predictor:
         self,
         adapter: str | Path | dict | None,
         version: str = "base",
-        phrases: PhraseModel | LivePhrases | str | Path | None = None,
+        phrases: SuggestionSource | str | Path | None = None,
+        sources: Sequence[SuggestionSource] | None = None,
     ) -> bool:
-        """Serve `adapter` (an .npz path or LoRA tensors; None: the base model) and the user's
-        `phrases` (a PhraseModel or its file; None: none) from now on.
+        """Serve `adapter` (an .npz path or LoRA tensors; None: the base model) and the
+        suggestion sources from now on: those `sources.assemble` makes of the user's `phrases`
+        (a PhraseModel, LivePhrases or a phrase file; None: none), or `sources` as given.
 
         The new session is built before it replaces the old one, so predictions never stop.
         A missing or corrupt adapter is logged and the base model is served instead (False);
         a damaged phrase file is logged and left out (False), the adapter is still served.
         The memory of the engine replaced goes back to the system (once no prediction uses it).
         """
+        if sources is not None and phrases is not None:
+            raise ValueError("give the user's phrases or the sources, not both")
         with self._swap:
             try:
-                return self._load(adapter, version, phrases)
+                return self._load(adapter, version, phrases, sources)
             finally:
                 memory.trim()
 
@@ -919,7 +840,8 @@ class Predictor:
         self,
         adapter: str | Path | dict | None,
         version: str,
-        phrases: PhraseModel | LivePhrases | str | Path | None,
+        phrases: SuggestionSource | str | Path | None,
+        given: Sequence[SuggestionSource] | None,
     ) -> bool:
         ok = True
         if isinstance(phrases, (str, Path)):
@@ -928,21 +850,22 @@ class Predictor:
             except PhraseError as exc:
                 log.warning("user phrases left out: %s", exc)
                 phrases, ok = None, False
+        sources = tuple(given) if given is not None else assemble(phrases, self.lexicon)
         if adapter is None:
-            if self._engine.version != "base" or self._engine.phrases is not phrases:
-                self._engine = self._build(None, "base", phrases)
+            if self._engine.version != "base" or not _same(self._engine.sources, sources):
+                self._engine = self._build(None, "base", sources, phrases)
             return ok
         try:
             tensors = self._check_adapter(adapter)
             if version == "base":  # an adapter needs a name of its own
                 version = _version_name(adapter, tensors)
-            engine = self._build(tensors, version, phrases)
+            engine = self._build(tensors, version, sources, phrases)
         except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, keep serving
             name = version if version != "base" else _describe(adapter)
             log.warning(
                 "adapter %s could not be loaded, serving the base model instead: %s", name, exc
             )
-            if self._engine.version != "base" or self._engine.phrases is not None:
+            if self._engine.version != "base" or self._engine.sources:
                 self._engine = self._build(None, "base")
             return False
         self._engine = engine
@@ -966,12 +889,12 @@ class Predictor:
         query = make_query(context, k, self.context_tokens)
         if isinstance(query, str):  # a "word" too long to complete
             return Prediction(query, [], engine.version, _ms(started))
-        candidates = engine.cached(query) if engine.cache else None
-        if candidates is None:
-            candidates = self._compute(engine, query)
+        answer = engine.cached(query) if engine.cache else None
+        if answer is None:
+            answer = self._compute(engine, query)
             if engine.cache:
-                engine.remember(query, candidates)
-        return Prediction(query.prefix, list(candidates), engine.version, _ms(started))
+                engine.remember(query, answer)
+        return _prediction(query, answer, engine.version, started)
 
     def predict_cached(self, context: str, k: int = 3) -> Prediction | None:
         """`predict`'s answer if it is already known (asked before, or computed ahead), else
@@ -983,10 +906,10 @@ class Predictor:
         query = make_query(context, k, self.context_tokens)
         if isinstance(query, str):
             return None
-        candidates = engine.cached(query)
-        if candidates is None:
+        answer = engine.cached(query)
+        if answer is None:
             return None
-        return Prediction(query.prefix, list(candidates), engine.version, _ms(started))
+        return _prediction(query, answer, engine.version, started)
 
     def prefetch(self, context: str, k: int = 3, stop: Callable[[], bool] | None = None) -> int:
         """Compute ahead what the next keystroke after `context` will likely ask: the word
@@ -1007,7 +930,7 @@ class Predictor:
         if done is None:
             return 0  # not asked yet: nothing to guess from
         ahead: list[str] = []
-        for c in done:
+        for c in done.candidates:
             if c.kind != "word":
                 continue
             if c.word == query.prefix:
@@ -1047,7 +970,7 @@ class Predictor:
 
     def _compute(
         self, engine: Engine, query: Query, stop: Callable[[], bool] | None = None
-    ) -> tuple[Candidate, ...]:
+    ) -> Answer:
         context = self.context_ids(query)
         state = engine.take_state(context)
         state.stop = stop
@@ -1059,29 +982,23 @@ class Predictor:
 
     def _search(
         self, engine: Engine, state: _State, context: tuple[int, ...], query: Query
-    ) -> tuple[Candidate, ...]:
+    ) -> Answer:
         root = engine.root(state, context)
         evaluate = engine.evaluator(state, context)
         k = query.k
-        phrases = engine.phrases
-        # With user phrases, a few more LM words compete with the user's (the same beam width,
+        sources = engine.sources
+        # Sources that reweigh the model's words see a few more of them (the same beam width,
         # but a weaker k-th-best bound to prune with: a little more search per keystroke).
-        k_lm = max(k, BEAM_WIDTH) if phrases is not None else k
+        lm_words = max([k, *(s.lm_words for s in sources)])
         real = engine.real
-        found = self._words(root, evaluate, query.lead, query.prefix, k_lm, real)
-        if len(found) < k and query.prefix != query.prefix.lower():
-            # A capitalised prefix the model rarely saw capitalised ("THAN", "Xylo"): complete
-            # its lower-case form and carry the typed capitals over.
-            lower = query.prefix.lower()
-            shout = len(query.prefix) > 1 and query.prefix.isupper()
-            for word, p in self._words(root, evaluate, query.lead, lower, k, real).items():
-                tail = word[len(lower) :]
-                cased = query.prefix + (tail.upper() if shout else tail)
-                if WORD_RE.fullmatch(cased) and cased not in found:
-                    found[cased] = p
-        if phrases is not None:
-            found = phrases.blend(found, query.window, query.at_start, query.prefix, k)
-        candidates = [Candidate(w, p, "word") for w, p in found.items()]
+        found = find_words(self.table, root, evaluate, query.lead, query.prefix, k, real, lm_words)
+        draft = Draft(found)
+        if sources:
+            lm = ContextModel(self, engine, state, context, query, root, evaluate)
+            for source in sources:
+                draft = source.suggest(query, draft, lm)
+        candidates = [Candidate(w, p, "word") for w, p in draft.words.items()]
+        candidates += draft.others
         if not query.prefix:
             ids = self.table.punct_spaced if query.lead else self.table.punct_plain
             if len(ids):
@@ -1090,7 +1007,7 @@ class Predictor:
                 for t in best.tolist():
                     mark = self.table.punct[t]
                     punct[mark] = punct.get(mark, 0.0) + float(root.probs[t])
-                share = 1.0 - phrases.weight if phrases is not None else 1.0  # the blend's
+                share = draft.lm_share  # what the sources' blends left the model
                 candidates += [Candidate(m, share * p, "punct") for m, p in punct.items()]
         candidates.sort(key=lambda c: (-c.score, c.word))
         if not candidates and query.prefix and WORD_RE.fullmatch(query.prefix):
@@ -1098,35 +1015,141 @@ class Predictor:
                 # Nothing found within the search's limits: offer the word as typed, score 0
                 # (no model estimate), so a completion list is never empty for a real word.
                 candidates = [Candidate(query.prefix, 0.0, "word")]
-        return tuple(candidates[:k])
+        return Answer(tuple(candidates[:k]), draft.beside)
 
-    def is_real_word(self, word: str, phrases: PhraseModel | LivePhrases | None = None) -> bool:
-        """A word the model's lexicon or the user's phrases hold (any word without a lexicon)."""
-        return self.lexicon is None or RealWords(self.lexicon, phrases).is_word(word)
+    def is_real_word(self, word: str, *sources: SuggestionSource) -> bool:
+        """A word the model's lexicon or the vocabulary of one of `sources` holds (any word
+        without a lexicon)."""
+        return self.lexicon is None or RealWords(self.lexicon, sources).is_word(word)
 
-    def _words(
-        self,
-        root: Next,
-        evaluate: Evaluate,
-        lead: bytes,
-        prefix: str,
-        k: int,
-        real: RealWords | None = None,
-    ) -> dict[str, float]:
-        raw_prefix = prefix.encode("utf-8")
-        # Room for the prefix (a token spells two bytes or more, but for odd text) and the rest.
-        depth = min(MAX_DEPTH, MAX_WORD_TOKENS + (len(raw_prefix) + 1) // 2)
-        beam = max(BEAM_WIDTH, k)
-        raw = search_words(self.table, root, evaluate, lead, raw_prefix, k, depth, beam, real)
-        words: dict[str, float] = {}
-        for word_bytes, p in raw.items():
-            try:
-                word = word_bytes.decode("utf-8")
-            except UnicodeDecodeError:
-                continue  # a multi-byte character cut off by the depth limit
-            if p > 0 and WORD_RE.fullmatch(word) and word.startswith(prefix):
-                words[word] = words.get(word, 0.0) + p
-        return words
+
+class ContextModel:
+    """The language model as the sources see it during one prediction (a `LanguageModel`):
+    the engine, key/value slot and context of the prediction."""
+
+    def __init__(
+        self, predictor: Predictor, engine: Engine, state: _State, context: tuple[int, ...],
+        query: Query, root: Next, evaluate: Evaluate,
+    ) -> None:  # fmt: skip
+        self._predictor = predictor
+        self._engine = engine
+        self._state = state
+        self._context = context
+        self._query = query
+        self._root = root
+        self._evaluate = evaluate
+
+    def words(self, prefix: str, k: int, before: str | None = None) -> dict[str, float]:
+        root, evaluate, lead = self._at(before)
+        table, real = self._predictor.table, self._engine.real
+        return find_words(table, root, evaluate, lead, prefix, k, real)
+
+    def probability(self, word: str, before: str | None = None) -> float:
+        root, evaluate, lead = self._at(before)
+        raw = word.encode("utf-8")
+        found = search_words(
+            self._predictor.table, root, evaluate, lead, raw, 1, _depth(raw), BEAM_WIDTH,
+            exact=True,
+        )  # fmt: skip
+        return found.get(raw, 0.0)
+
+    def is_real(self, word: str) -> bool:
+        real = self._engine.real
+        return real is None or real.is_word(word)
+
+    def _at(self, before: str | None) -> tuple[Next, Evaluate, bytes]:
+        """The next-token distribution after `before`, an evaluator of the tokens after it,
+        and the lead of the word that follows."""
+        query = self._query
+        if before is None:
+            return self._root, self._evaluate, query.lead
+        text, lead = (before[:-1], b" ") if before.endswith(" ") else (before, b"")
+        text = SURROGATES.sub("\ufffd", text)
+        predictor = self._predictor
+        if text.startswith(query.window):
+            # The query's text continued: its context's key/values, and the new tokens run on
+            # them as hypotheses are (GPT-2's pre-tokenizer splits before a space, so the
+            # continuation's tokens are those of the whole text).
+            more = text[len(query.window) :]
+            tail = predictor.tokenizer.encode(more, add_special_tokens=False).ids if more else []
+            if not tail:
+                return self._root, self._evaluate, lead
+            if len(tail) <= MAX_DEPTH:
+                ahead = tuple(tail)
+                evaluate = self._evaluate
+
+                def continued(hyps: list[tuple[int, ...]]) -> list[Next]:
+                    return evaluate([ahead + h for h in hyps])
+
+                return evaluate([ahead])[0], continued, lead
+        # Another text: the slot moves to it, keeping the tokens it shares with the context.
+        context = predictor.context_ids(Query(text, query.at_start, lead, "", query.k))
+        engine, state = self._engine, self._state
+        return engine.root(state, context), engine.evaluator(state, context), lead
+
+
+def _depth(raw_prefix: bytes) -> int:
+    # Room for the prefix (a token spells two bytes or more, but for odd text) and the rest.
+    return min(MAX_DEPTH, MAX_WORD_TOKENS + (len(raw_prefix) + 1) // 2)
+
+
+def _search_decoded(
+    table: TokenTable,
+    root: Next,
+    evaluate: Evaluate,
+    lead: bytes,
+    prefix: str,
+    k: int,
+    real: RealWords | None,
+) -> dict[str, float]:
+    raw_prefix = prefix.encode("utf-8")
+    beam = max(BEAM_WIDTH, k)
+    raw = search_words(table, root, evaluate, lead, raw_prefix, k, _depth(raw_prefix), beam, real)
+    words: dict[str, float] = {}
+    for word_bytes, p in raw.items():
+        try:
+            word = word_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # a multi-byte character cut off by the depth limit
+        if p > 0 and WORD_RE.fullmatch(word) and word.startswith(prefix):
+            words[word] = words.get(word, 0.0) + p
+    return words
+
+
+def find_words(
+    table: TokenTable,
+    root: Next,
+    evaluate: Evaluate,
+    lead: bytes,
+    prefix: str,
+    k: int,
+    real: RealWords | None = None,
+    wanted: int = 0,
+) -> dict[str, float]:
+    """The most probable whole words starting with `prefix` (at least k, `wanted` if more),
+    with their probabilities. A capitalised prefix keeps its capitals."""
+    found = _search_decoded(table, root, evaluate, lead, prefix, max(k, wanted), real)
+    if len(found) < k and prefix != prefix.lower():
+        # A capitalised prefix the model rarely saw capitalised ("THAN", "Xylo"): complete
+        # its lower-case form and carry the typed capitals over.
+        lower = prefix.lower()
+        shout = len(prefix) > 1 and prefix.isupper()
+        for word, p in _search_decoded(table, root, evaluate, lead, lower, k, real).items():
+            tail = word[len(lower) :]
+            cased = prefix + (tail.upper() if shout else tail)
+            if WORD_RE.fullmatch(cased) and cased not in found:
+                found[cased] = p
+    return found
+
+
+def _prediction(query: Query, answer: Answer, version: str, started: float) -> Prediction:
+    return Prediction(
+        query.prefix, list(answer.candidates), version, _ms(started), list(answer.beside)
+    )
+
+
+def _same(a: Sequence[object], b: Sequence[object]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 def _ms(started: float) -> float:

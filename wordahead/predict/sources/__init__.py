@@ -1,1 +1,21 @@
-"""predict.sources: what besides the model decides a suggestion (the user's phrases, ...)."""
+"""predict.sources: what besides the model decides a suggestion (the user's phrases, ...).
+
+The seam is in `base` (how to add a source); `assemble` is where the served sources are made.
+"""
+
+from __future__ import annotations
+
+from wordahead.predict.lexicon import Lexicon
+from wordahead.predict.sources.base import SuggestionSource
+
+
+def assemble(
+    phrases: SuggestionSource | None, lexicon: Lexicon | None
+) -> tuple[SuggestionSource, ...]:
+    """The sources served with an adapter, in the order they see the drafts: the user's
+    `phrases` (a PhraseModel or LivePhrases; None: phrases are off). `lexicon` is the model's
+    (None: it ships none), for sources that need its words."""
+    sources: list[SuggestionSource] = []
+    if phrases is not None:
+        sources.append(phrases)
+    return tuple(sources)

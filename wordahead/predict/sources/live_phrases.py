@@ -21,9 +21,13 @@ import heapq
 import threading
 from collections.abc import Iterable, Iterator
 
+from wordahead.predict.lexicon import Lexicon
+from wordahead.predict.query import Query
+from wordahead.predict.sources.base import Draft, LanguageModel, WordSet
 from wordahead.predict.sources.phrases import (
     CANDIDATES,
     DEFAULT_WEIGHT,
+    LM_WORDS,
     PhraseModel,
     last_tokens,
     mix,
@@ -37,7 +41,10 @@ MAX_RECENT_NGRAMS = 200_000  # the same pruning as a stored model, at half its s
 
 
 class LivePhrases:
-    """The user phrases the daemon serves: the stored model plus what was typed since."""
+    """The user phrases the daemon serves: the stored model plus what was typed since.
+    A suggestion source (`wordahead.predict.sources.base`), as a PhraseModel is."""
+
+    lm_words = LM_WORDS
 
     def __init__(
         self,
@@ -120,6 +127,19 @@ class LivePhrases:
             if known:
                 user.update(zip(known, self._scores(known, context), strict=True))
         return mix(lm, user, self.weight)
+
+    def suggest(self, query: Query, draft: Draft, lm: LanguageModel) -> Draft:
+        """The draft's words blended with both models' (`blend`), at `weight`."""
+        words = self.blend(draft.words, query.window, query.at_start, query.prefix, query.k)
+        return draft.blended(words, self.weight)
+
+    def vocabulary(self) -> WordSet:
+        """The words of either model count as real: the stored ones' prefixes as made once,
+        the recent ones' as they are now (asked again after each message learned)."""
+        prefixes = [Lexicon(self.recent.unigrams)]
+        if self.stored is not None:
+            prefixes.insert(0, self.stored.prefixes())
+        return WordSet(self.unigrams, tuple(prefixes))
 
 
 class _Words:

@@ -33,6 +33,9 @@ from sys import intern
 
 import numpy as np
 
+from wordahead.predict.lexicon import Lexicon
+from wordahead.predict.query import Query
+from wordahead.predict.sources.base import Draft, LanguageModel, WordSet
 from wordahead.predict.words import WORD_RE
 from wordahead.types import KeyboardError
 
@@ -52,6 +55,7 @@ MAX_NGRAMS = 400_000  # stored 2- and 3-grams; beyond that the rarest 3-grams, t
 CONTEXT_CHARS = 200  # text before the word that is tokenized for the n-gram context
 _TAIL_CHARS = 64  # usually enough text for the last two tokens (CONTEXT_CHARS when not)
 CANDIDATES = 12  # user-model words considered per prediction
+LM_WORDS = 8  # the model's words the blend reweighs: one beyond the k-th may overtake
 _SCAN_LIMIT = 4000  # 1-gram candidates scanned for a prefix (sorted vocabulary range)
 _TOKEN_RE = re.compile(rf"{WORD_RE.pattern}|\n|[^\w\s]")
 _SEP = "\t"
@@ -272,7 +276,10 @@ class _Unigrams(Mapping[str, int]):
 
 class PhraseModel:
     """Word 1-, 2- and 3-gram counts of the user's text in flat arrays, and Witten-Bell
-    probabilities. Read-only once built (`from_texts`, `load`); `learn` rebuilds it."""
+    probabilities. Read-only once built (`from_texts`, `load`); `learn` rebuilds it.
+    A suggestion source (`wordahead.predict.sources.base`): it blends its words in."""
+
+    lm_words = LM_WORDS
 
     def __init__(
         self,
@@ -300,6 +307,7 @@ class PhraseModel:
         self._n = int(self.counts.sum())
         order = np.argsort(-self.counts[:n_words], kind="stable")[:CANDIDATES]
         self._top = order.astype(np.int64)  # the likeliest words, for an empty prefix
+        self._prefixes: Lexicon | None = None  # the words, for prefix checks (when asked)
 
     # --- learning --------------------------------------------------------------------------
     @classmethod
@@ -461,6 +469,22 @@ class PhraseModel:
             scores = self._scores(ids, self._contexts(context)).tolist()
             user.update(zip(known, scores, strict=True))
         return mix(lm, user, self.weight)
+
+    # --- as a suggestion source ------------------------------------------------------------
+    def suggest(self, query: Query, draft: Draft, lm: LanguageModel) -> Draft:
+        """The draft's words blended with the user model's (`blend`), at `weight`."""
+        words = self.blend(draft.words, query.window, query.at_start, query.prefix, query.k)
+        return draft.blended(words, self.weight)
+
+    def prefixes(self) -> Lexicon:
+        """The words as a Lexicon, for prefix checks (made once, on first use)."""
+        if self._prefixes is None:
+            self._prefixes = Lexicon(self.unigrams)
+        return self._prefixes
+
+    def vocabulary(self) -> WordSet:
+        """The words the user typed count as real."""
+        return WordSet(self.unigrams, (self.prefixes(),))
 
     # --- files -----------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
