@@ -23,18 +23,23 @@ from wordahead.daemon.protocol import RpcError
 SETTINGS = {"phrase_threshold": 1e-9, "phrase_max_words": 3}
 
 
-@pytest.fixture(scope="module")
-def served(tiny_llama: Path) -> Iterator[Served]:
+def serve_phrases(model: Path) -> Iterator[Served]:
+    """A daemon on `model` that shows its phrases however unsure (SETTINGS), for a fixture."""
     root = short_dir()
     home = root / "home"
     home.mkdir(mode=0o700)
     (home / "personalize.json").write_text(json.dumps(SETTINGS))
-    daemon = start_daemon(tiny_llama, home, root / "kb.sock")
+    daemon = start_daemon(model, home, root / "kb.sock")
     try:
         yield daemon
     finally:
         daemon.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama: Path) -> Iterator[Served]:
+    yield from serve_phrases(tiny_llama)
 
 
 def call(served: Served, method: str, **params: Any) -> Any:

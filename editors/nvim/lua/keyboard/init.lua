@@ -20,6 +20,10 @@ M.defaults = {
   omnifunc = true,
   -- Extra initializationOptions: debounce_ms, items, inline_words, context_chars.
   init_options = {},
+  -- Ghost text: the daemon's phrase after the cursor in insert mode (lua/keyboard/ghost.lua):
+  -- { enabled = true, delay_ms = 60, hl_group = "Comment",
+  --   keys = { accept = "<Tab>", accept_word = "<M-Right>", dismiss = "<C-]>" } }
+  ghost = {},
 }
 
 local config = nil
@@ -107,6 +111,7 @@ local function attach(bufnr)
   if config.omnifunc then
     vim.bo[bufnr].omnifunc = "v:lua.vim.lsp.omnifunc"
   end
+  require("keyboard.ghost").attach(bufnr, current_client, config.ghost)
   vim.api.nvim_clear_autocmds({ group = augroup, buffer = bufnr, event = "CompleteDone" })
   vim.api.nvim_create_autocmd("CompleteDone", {
     group = augroup,
