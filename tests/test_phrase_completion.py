@@ -161,3 +161,21 @@ def test_keyboard_eval_reports_phrases_next_to_the_word_only_typing(capsys, tmp_
         assert report["keystrokes_phrases"] <= report["keystrokes_words"]
     assert cli.main(argv) == 0
     assert "precision" in capsys.readouterr().out
+
+
+def test_the_phrase_source_offers_the_same_phrase_beside_the_words(tiny_llama):
+    from wordahead.predict.predictor import Predictor
+    from wordahead.predict.sources.phrase_completion import PhraseSource
+
+    unsure = PhraseSettings(max_words=3, threshold=1e-9)  # a tiny random model is never sure
+    served = Predictor(tiny_llama)
+    served.load_adapter(None, sources=[PhraseSource(unsure)])
+    alone = PhraseCompleter(Predictor(tiny_llama), unsure)
+    for context in ("I would like to ", "I would like to bo"):
+        prediction = served.predict(context, 3)
+        expected = alone.complete(context)
+        assert expected is not None
+        (beside,) = prediction.beside
+        assert beside.kind == "phrase" and beside.word == expected.text
+        assert beside.score == pytest.approx(expected.score, rel=1e-3)
+        assert prediction.words == alone.predictor.predict(context, 3).words  # words unchanged

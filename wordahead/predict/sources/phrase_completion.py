@@ -18,12 +18,14 @@ probability of the next word then drops, so the end of a clause stops it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from wordahead.predict.query import Query
+from wordahead.predict.sources.base import Draft, LanguageModel, Vocabulary
 from wordahead.predict.sources.phrases import CONTEXT_CHARS, last_tokens
 from wordahead.predict.words import split_prefix
-from wordahead.types import KeyboardError, Prediction
+from wordahead.types import Candidate, KeyboardError, Prediction
 
 PHRASE_K = 3  # words asked for each step: the word list's own size, so its answers are reused
 # Settings chosen on the users' dev lines (docs/results.md, "Phrase completion").
@@ -220,3 +222,46 @@ def user_probability(predictor: object) -> UserProbability | None:
         return float(phrases.probability(word, last_tokens(before, at_start)))
 
     return probability
+
+
+class PhraseSource:
+    """Phrase completion behind the predictor's source seam: the phrase for the query, offered
+    beside the k words (`Prediction.beside`, kind "phrase", its text what accepting inserts).
+    Its first word is the top word of the draft it is given (the sources before it blended);
+    each next word the model's top word after the phrase so far (`LanguageModel.words` on the
+    continued text: only the new tokens run). Every prediction it is served with computes a
+    phrase, so the daemon serves it apart (its `phrase` method, after the words are answered);
+    this is for callers that want both in one call."""
+
+    lm_words = 0
+
+    def __init__(self, settings: PhraseSettings | None = None) -> None:
+        self.settings = settings or PhraseSettings()
+
+    def vocabulary(self) -> Vocabulary | None:
+        return None
+
+    def suggest(self, query: Query, draft: Draft, lm: LanguageModel) -> Draft:
+        ranked = sorted(draft.words.items(), key=lambda item: -item[1])[:PHRASE_K]
+        if not ranked or ranked[0][1] <= 0:
+            return draft
+        first, p = ranked[0]
+        if query.prefix:
+            p /= sum(score for _, score in ranked)
+        words, probabilities = [first], [p]
+        before = query.before + first + " "
+        product, floor = p, self.settings.floor()
+        while len(words) < self.settings.max_words and product >= floor:
+            found = sorted(lm.words("", PHRASE_K, before).items(), key=lambda item: -item[1])
+            if not found or found[0][1] <= 0:
+                break
+            word, q = found[0]
+            words.append(word)
+            probabilities.append(q)
+            product *= q
+            before += word + " "
+        phrase = choose(Chain(query.prefix, tuple(words), tuple(probabilities)), self.settings)
+        if phrase is None:
+            return draft
+        shown = Candidate(phrase.text, phrase.score, "phrase")
+        return replace(draft, beside=(*draft.beside, shown))
