@@ -33,7 +33,8 @@ def rss_mb() -> float:
 
 def main(model: Path, phrases: Path) -> dict[str, object]:
     memory.limit_arenas()
-    from wordahead.predict.predictor import Engine, Predictor
+    from wordahead.predict.engine import Engine
+    from wordahead.predict.predictor import Predictor
     from wordahead.predict.sources.live_phrases import LivePhrases
     from wordahead.predict.sources.phrases import PhraseModel
 

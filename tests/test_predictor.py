@@ -176,7 +176,7 @@ def test_cached_and_uncached_results_are_identical_over_a_typing_session(tiny_ll
 def test_a_tree_of_hypotheses_scores_as_one_row_each(family: str, request: pytest.FixtureRequest):
     # One run over one copy of the context's key/values, the hypotheses' tokens as a tree
     # (shared beginnings once), gives each hypothesis the logits of a run of its own.
-    from wordahead.predict.predictor import _as_tree
+    from wordahead.predict.engine import as_tree
 
     predictor = Predictor(request.getfixturevalue(family))
     engine = predictor._engine
@@ -184,7 +184,7 @@ def test_a_tree_of_hypotheses_scores_as_one_row_each(family: str, request: pytes
     context = (predictor.eos_id, *predictor.tokenizer.encode("Thank you so much for").ids)
     _, kv = engine.run(np.array([context]), engine._empty_past(), 0, presents=True)
     rows = [(5, 9, 14), (5, 9, 20), (5, 11), (7,), (5, 9)]
-    ids, parents, outputs = _as_tree(rows)
+    ids, parents, outputs = as_tree(rows)
     assert ids.shape == (1, 6) and parents == [-1, 0, 1, 1, 0, -1]
     tree, _ = engine.run(ids, kv, len(context), False, None, parents, outputs)
     for row, logits in zip(rows, tree, strict=True):
