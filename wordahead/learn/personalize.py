@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +41,10 @@ log = logging.getLogger("wordahead.learn.personalize")
 # Exit codes of `keyboard train`: a job that reached a decision (promoted, rejected, skipped)
 # exits 0; EX_TEMPFAIL when another job holds the lock; 1 when it failed.
 EXIT_BUSY = 75
+FORGOTTEN = (
+    "text was forgotten while the job ran: nothing promoted (the next job trains on what is "
+    "left)"
+)
 
 
 @dataclass
@@ -151,6 +156,8 @@ def _locked_job(run: JobRun) -> JobResult:
     config = run.config
     with TypingLog(run.home.typing_log) as typing_log:
         jobs = JobLog(typing_log)
+        # Read before the text: a forget that deletes any of it from now on changes it.
+        forgets = typing_log.forgets
         text = jobs.training_text(
             replay_fraction=config.replay_fraction,
             holdout_fraction=config.holdout_fraction,
@@ -187,7 +194,9 @@ def _locked_job(run: JobRun) -> JobResult:
         phrase_texts = ([t for i, t in logged if i not in held], [t for _, t in logged])
         del logged
         try:
-            result = _train_and_gate(run, text, data, phrase_texts)
+            result = _train_and_gate(
+                run, text, data, phrase_texts, lambda: typing_log.no_forget_meanwhile(forgets)
+            )
         except KeyboardError as exc:
             jobs.finish(job_id, "failed", {"data": data}, reason=str(exc))
             return JobResult("failed", str(exc), job_id, metrics={"data": data})
@@ -234,9 +243,14 @@ class _Trained:
 
 
 def _train_and_gate(
-    run: JobRun, text: TrainingText, data: dict[str, Any], phrase_texts: tuple[list[str], list[str]]
+    run: JobRun,
+    text: TrainingText,
+    data: dict[str, Any],
+    phrase_texts: tuple[list[str], list[str]],
+    no_forget_meanwhile: Callable[[], AbstractContextManager[bool]],
 ) -> JobResult:
-    """Measure the active adapter, train a candidate, measure it, decide, promote."""
+    """Measure the active adapter, train a candidate, measure it, decide, promote (only if
+    `no_forget_meanwhile` says no text was forgotten since the job read its own)."""
     from wordahead.predict.sources.phrases import PhraseModel, blend_weight
 
     start = _starting_point(run)
@@ -330,8 +344,11 @@ def _train_and_gate(
         "adapter_trained": adapter_ok,  # False: the start adapter's tensors, with new phrases
     }
     meta["phrases_through"] = text.watermark  # the live phrases count the entries after it
-    result = _promote(run, start.store, candidate, meta, phrase_texts[1], weight)
-    result.reason = f"{result.version} replaces {start.version}: {why}"
+    result = _promote(
+        run, start.store, candidate, meta, phrase_texts[1], weight, no_forget_meanwhile
+    )
+    if result.status == "promoted":
+        result.reason = f"{result.version} replaces {start.version}: {why}"
     result.metrics = metrics
     return result
 
@@ -476,9 +493,15 @@ def _promote(
     meta: dict[str, Any],
     phrase_texts: list[str],
     weight: float,
+    no_forget_meanwhile: Callable[[], AbstractContextManager[bool]],
 ) -> JobResult:
     """Store `tensors` with the phrases of all the text (their share of the blend: `weight`)
-    as the new active version (the last, atomic step of the job) and prune old versions."""
+    as the new active version (the last, atomic step of the job) and prune old versions.
+
+    A forget wins over the job: the version is stored while the typing log's write lock is
+    held, so no forget runs meanwhile, and only if none deleted text since the job read it;
+    else nothing is promoted (the text left is trained on by the next job, the watermark
+    stays). A forget after the promotion deletes the new version's phrases, as any other's."""
     from wordahead.predict.sources.phrases import PhraseModel
 
     counted = b""
@@ -487,7 +510,11 @@ def _promote(
         meta["phrases"] = {"words": phrases.words, "ngrams": phrases.ngrams}
         counted = phrases.to_bytes()
         del phrases
-    version = store.promote(tensors, meta, counted)
+    with no_forget_meanwhile() as unchanged:
+        if not unchanged:
+            run.progress.event("forgotten", FORGOTTEN)
+            return JobResult("skipped", FORGOTTEN)
+        version = store.promote(tensors, meta, counted)
     with contextlib.suppress(KeyboardError, OSError):
         store.prune(run.config.keep_versions)
     return JobResult(

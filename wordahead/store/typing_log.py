@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import inspect
@@ -445,6 +446,30 @@ class TypingLog:
             raise KeyboardError(f"watermark must be an entry id >= 0, got {entry_id!r}")
         self._set("watermark", entry_id)
 
+    @property
+    def forgets(self) -> int:
+        """How many `forget` calls have deleted text: a job reads it with its text, and
+        promotes only if it is unchanged (`no_forget_meanwhile`)."""
+        return int(self._get("forgets", 0))
+
+    @contextlib.contextmanager
+    def no_forget_meanwhile(self, forgets: int) -> Iterator[bool]:
+        """Hold the log's write lock for a step that must not interleave with a forget (a job
+        promoting what it learned), and yield whether no forget deleted text since `forgets`
+        was read. A forget asked meanwhile waits for the step (up to the busy timeout), then
+        runs, and so still finds whatever the step stored."""
+        with self.lock:
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+                unchanged = self.forgets == forgets
+            except sqlite3.Error as exc:
+                raise TypingLogError(describe_database_error(exc, self.path)) from exc
+            try:
+                yield unchanged
+            finally:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")  # nothing was written under it
+
     # --- writing --------------------------------------------------------------------------
     @guarded
     def record(
@@ -538,6 +563,8 @@ class TypingLog:
         with self.lock:
             with self.db.atomic():
                 deleted = self.db.execute(sql, params).rowcount
+                if deleted:  # a job that read the deleted text must not promote it
+                    self._set("forgets", self.forgets + 1)
             self._scrub()
         return int(deleted)
 
