@@ -149,7 +149,7 @@ def test_the_adapter_watcher_survives_a_failure_and_picks_up_a_switch(
 ) -> None:
     """Failure 1: the adapter watcher died silently, so a later `keyboard adapters use
     v0001` was never picked up. Now a supervisor logs the failure and restarts it."""
-    from wordahead.daemon import methods as rpc_methods
+    from wordahead.daemon import served as served_model
     from wordahead.daemon import supervisor
 
     monkeypatch.setattr(supervisor, "ADAPTER_POLL_S", 0.05)
@@ -159,7 +159,7 @@ def test_the_adapter_watcher_survives_a_failure_and_picks_up_a_switch(
     served = InThread(tiny_llama, home, root / "s.sock")
     try:
         assert served.call("status")["adapter"]["version"] == newest
-        real = rpc_methods.RpcMethods.reload_adapter
+        real = served_model.ServedModel.load_active
         calls = []
 
         def broken_once(self: Any) -> Any:
@@ -168,8 +168,8 @@ def test_the_adapter_watcher_survives_a_failure_and_picks_up_a_switch(
                 raise NotImplementedError("what numpy raised for a damaged header")
             return real(self)
 
-        monkeypatch.setattr(rpc_methods.RpcMethods, "reload_adapter", broken_once)
-        monkeypatch.setattr(rpc_methods, "log", logging.getLogger("keyboard.test.quiet"))
+        monkeypatch.setattr(served_model.ServedModel, "load_active", broken_once)
+        monkeypatch.setattr(served_model, "log", logging.getLogger("keyboard.test.quiet"))
         with caplog.at_level(logging.ERROR, logger="wordahead.daemon.server"):
             store.use(good)  # first noticed by a watcher whose reload raises
             until(lambda: served.call("status")["adapter"]["version"] == good, "switch seen")
@@ -241,9 +241,9 @@ def test_a_daemon_on_a_full_disk_serves_names_it_and_recovers(
     """Failure 2: restarting on a full disk called the intact database "not a usable typing
     log ... move it away". Now the daemon starts, predicts, says the disk is full, and opens
     the log again by itself once there is room."""
-    from wordahead.daemon import methods as rpc_methods
+    from wordahead.daemon import typing_log_thread
 
-    monkeypatch.setattr(rpc_methods, "REOPEN_S", 0.1)
+    monkeypatch.setattr(typing_log_thread, "REOPEN_S", 0.1)
     home = Home.at(disk / "home")
     _observe_words(home, 20)
     filler = fill(disk)

@@ -84,6 +84,10 @@ class Connections:
         """Request lines being answered now."""
         return len(self._in_flight)
 
+    def status(self) -> dict[str, int]:
+        """What `status` reports of the clients."""
+        return {"connections": self.count, "in_flight": self.in_flight, "served": self.served}
+
     async def on_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:

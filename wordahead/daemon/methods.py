@@ -1,4 +1,4 @@
-"""The daemon's JSON-RPC methods over the predictor, the typing log and the adapter store."""
+"""The daemon's JSON-RPC methods over the predictor, the typing log, what is served and the job."""
 
 from __future__ import annotations
 
@@ -6,32 +6,27 @@ import asyncio
 import contextlib
 import logging
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from wordahead import __version__, memory
 from wordahead.daemon import protocol as rpc
+from wordahead.daemon.connections import Connections
 from wordahead.daemon.ghost_text import GhostText
 from wordahead.daemon.protocol import RpcError
-from wordahead.learn.adapter_store import AdapterStore, forget_phrases
+from wordahead.daemon.served import ServedModel
+from wordahead.daemon.supervisor import JobSupervisor
+from wordahead.daemon.typing_log_thread import TypingLogThread
 from wordahead.learn.job_log import JobLog
-from wordahead.learn.policy import JobConfig
-from wordahead.paths import Home
 from wordahead.predict.predictor import Predictor
-from wordahead.predict.sources.live_phrases import LivePhrases
-from wordahead.predict.sources.phrases import PhraseError, PhraseModel
-from wordahead.store.typing_log import InvalidText, TypingLog, parse_time
+from wordahead.store.typing_log import TypingLog, parse_time
 from wordahead.types import KeyboardError
 
 log = logging.getLogger("wordahead.daemon.server")
 
-T = TypeVar("T")
-REOPEN_S = 10.0  # how often an unavailable typing log is tried again
 AHEAD_SHARE = 0.1  # of one core, at most, for computing ahead (averaged over AHEAD_BURST_S)
 AHEAD_BURST_S = 1.0
 IDLE_TRIM_S = 0.5  # without a prediction for this long, freed memory goes back to the system
@@ -65,118 +60,56 @@ class AheadBudget:
         self.left -= seconds
 
 
-class TypingLogThread:
-    """The typing log behind its one writer thread, with its failures as RPC errors.
-
-    A log that cannot be opened (a full disk, a damaged file) does not stop the daemon: it
-    serves predictions, answers typing-log calls with the reason, and tries to open the log
-    again every REOPEN_S (`keep_open`), so freeing the disk is enough.
-    """
-
-    def __init__(self, path: Path, pool: ThreadPoolExecutor) -> None:
-        self.path = path
-        self.pool = pool
-        self._typing_log: TypingLog | None = None
-        self.problem: str | None = None
-
-    def open(self) -> bool:
-        """Open the log (on its thread); False, with `problem` set and logged, if it fails."""
-        try:
-            self._typing_log = TypingLog(self.path)
-        except KeyboardError as exc:
-            if str(exc) != self.problem:
-                log.error("the typing log is unavailable, nothing is stored: %s", exc)
-            self.problem = str(exc)
-            return False
-        if self.problem is not None:
-            log.info("the typing log %s is open again", self.path)
-        self.problem = None
-        return True
-
-    @property
-    def typing_log(self) -> TypingLog:
-        if self._typing_log is None:
-            raise RpcError(rpc.TYPING_LOG_ERROR, f"the typing log is unavailable: {self.problem}")
-        return self._typing_log
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` on the typing log's thread."""
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
-        except RpcError:
-            raise
-        except InvalidText as exc:
-            raise RpcError(rpc.INVALID_PARAMS, str(exc)) from exc
-        except (KeyboardError, sqlite3.Error, OSError) as exc:
-            log.error("typing log: %s", exc)
-            raise RpcError(rpc.TYPING_LOG_ERROR, f"the typing log failed: {exc}") from exc
-
-    async def keep_open(self) -> None:
-        """While the log is unavailable, try to open it again every REOPEN_S."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(REOPEN_S)
-            if self._typing_log is None:
-                await loop.run_in_executor(self.pool, self.open)
-
-    def close(self) -> None:
-        if self._typing_log is not None:
-            self._typing_log.close()
-
-
 class RpcMethods:
     """One method per entry of `protocol.METHODS`, each with the parameters it names there.
 
     Predictions run on the inference pool, typing-log calls on the log's one thread, adapter
-    loads on their own thread, so none of them waits behind another kind. Computing ahead
-    (the next keystroke's answer, guessed) has a thread of its own, runs only while no
+    loads on their own thread (`served`), so none of them waits behind another kind. Computing
+    ahead (the next keystroke's answer, guessed) has a thread of its own, runs only while no
     prediction is asked, gives up as soon as one is, and spends at most its `AheadBudget`.
+
+    `connections` tells whether the request being answered is the only one and what
+    `status` reports of the clients; `about` is what the daemon says of itself there (its
+    socket, uptime, ...).
     """
 
     def __init__(
         self,
-        home: Home,
         predictor: Predictor,
         typing_log: TypingLogThread,
-        adapter_store: AdapterStore,
+        served: ServedModel,
+        supervisor: JobSupervisor,
+        connections: Connections,
         infer_pool: ThreadPoolExecutor,
-        adapter_pool: ThreadPoolExecutor,
         ahead_pool: ThreadPoolExecutor | None = None,
+        inference_workers: int = 1,
+        about: Callable[[], dict[str, Any]] = dict,
     ) -> None:
-        self.home = home
         self.predictor = predictor
         self.log = typing_log
-        self.adapter_store = adapter_store
-        self.adapter_metadata: dict[str, Any] = {}
+        self.served = served
+        self.supervisor = supervisor
+        self.connections = connections
+        self.inference_workers = inference_workers
+        self.about = about
         self._infer_pool = infer_pool
-        self._adapter_pool = adapter_pool
         self._ahead_pool = ahead_pool or infer_pool
         self.ahead_budget = AheadBudget()
-        self._pointer_seen: tuple[int, int] | None = None
         self._predicting = 0  # predict requests in flight
         self._last_asked = 0.0  # when the last prediction was asked (loop time)
         self._asks = 0  # predictions asked so far
         self._idle_trim: asyncio.TimerHandle | None = None
         self._prefetching: asyncio.Future[float] | None = None  # the next keystroke, ahead
-        # (version, adapter file, phrase file) served and what was wrong with them then
-        self._served: tuple[Any, list[str]] = (None, [])
-        # The user phrases served, learning as the user types (None: phrases are off).
-        self.live: LivePhrases | None = None
-        self.ghost = GhostText(home, predictor, infer_pool, lambda: self._asks)
-        # Set by the daemon once the other parts exist: what `train` and `status` report on,
-        # and whether the request being answered is the only one (else False: never known).
-        self.train: Callable[[bool, bool], Awaitable[dict[str, Any]]] | None = None
-        self.extra_status: Callable[[], dict[str, Any]] = dict
-        self.alone: Callable[[], bool] = bool
+        self.ghost = GhostText(served, infer_pool, lambda: self._asks)
         self.table: dict[str, Callable[..., Awaitable[Any]]] = {
             "predict": self.predict,
             "phrase": self.ghost.phrase,
             "observe": self.observe,
             "feedback": self.feedback,
             "status": self.status,
-            "train": self._train,
+            "train": self.supervisor.train,
             "forget": self.forget,
-            "reload": self.reload,
+            "reload": self.served.reload,
             "pause": self.pause,
             "resume": self.resume,
         }
@@ -206,7 +139,7 @@ class RpcMethods:
         if result is None:
             self._predicting += 1
             try:
-                if self._predicting == 1 and self.alone():
+                if self._predicting == 1 and self.connections.requests <= 1:
                     # Nothing else to answer: computed here too; the pool's two thread
                     # switches would only add to this answer's wait.
                     result = self._predict(context, k)
@@ -286,10 +219,9 @@ class RpcMethods:
         # sees this entry either in the log or through `learn`, never neither or both.
         with typing_log.lock:
             recorded = typing_log.record(text, source=source, private=private)
-            live = self.live
-            if recorded.stored and live is not None:
-                live.learn(recorded.text)  # as stored: redacted; private text never gets here
-        if recorded.stored and live is not None:
+            # as stored: redacted; private text never gets here
+            learned = recorded.stored and self.served.learn(recorded.text)
+        if learned:
             self.predictor.user_phrases_changed()
         return recorded
 
@@ -317,13 +249,8 @@ class RpcMethods:
 
     def _forget(self, since: str | None, until: str | None, source: str | None, all: bool) -> int:
         deleted = self.typing_log.forget(since, until, source, everything=all)
-        # The user phrases are counts of logged text: none may outlive what was forgotten.
-        # The stored ones go (the next job counts them again from what the log still holds);
-        # the live ones are counted again now from what is left.
         if deleted:
-            forget_phrases(self.home)
-            self._served = (None, [])
-            self.reload_adapter()
+            self.served.forget_phrases()
         return deleted
 
     async def pause(self) -> dict[str, bool]:
@@ -335,111 +262,7 @@ class RpcMethods:
         await self.log.run(self.typing_log.resume)
         return {"paused": False}
 
-    # --- adapters ---------------------------------------------------------------------------
-    async def reload(self) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._adapter_pool, self.reload_adapter)
-        except RpcError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a reload must never take a caller down
-            log.exception("reload failed")
-            raise RpcError(rpc.MODEL_UNAVAILABLE, f"reload failed: {exc}") from exc
-
-    def reload_adapter(self) -> dict[str, Any]:
-        """Serve the store's active adapter (the base model when there is none) and say
-        exactly what is served: `adapter`, `loaded` (the active version with all its parts),
-        and a `message` naming what was damaged and what serves instead."""
-        self._pointer_seen = _pointer_key(self._pointer_path())  # before reading: no lost change
-        wanted = self.adapter_store.active_version
-        skipped: list[str] = []
-        problems: list[str] = []
-        try:
-            active = self.adapter_store.active(skipped)
-        except Exception as exc:  # noqa: BLE001 - the store itself unreadable: serve the base
-            log.error("the adapter store %s failed: %s", self.adapter_store.root, exc)
-            problems.append(f"the adapter store failed ({exc}); serving the base model")
-            active = None
-        phrases: PhraseModel | None = None
-        use_phrases = JobConfig.load_or_defaults(self.home.job_config).phrases
-        self.ghost.settings_changed()
-        if active is None:
-            self.predictor.load_adapter(None, version="base", phrases=self._live(None, {}))
-            self.adapter_metadata = {}
-            self._served = (None, [])
-        else:
-            version, path, metadata = active
-            if metadata.get("fallback"):
-                problems.append(metadata["fallback"])
-            phrases_path = self.adapter_store.phrases_path(version)
-            phrases_key = phrases_path and _pointer_key(phrases_path)
-            files = (version, _pointer_key(path), phrases_key, use_phrases)
-            if files == self._served[0] and self.predictor.adapter_version == version:
-                problems += self._served[1]  # already served, as it is on disk: no rebuild
-            else:
-                part: list[str] = []
-                if phrases_path is not None and use_phrases:
-                    try:
-                        phrases = PhraseModel.load(phrases_path)
-                    except PhraseError as exc:
-                        log.warning("user phrases left out: %s", exc)
-                        part.append(f"its phrases are damaged ({exc}); served without them")
-                live = self._live(phrases, metadata) if use_phrases else None
-                if not self.predictor.load_adapter(path, version=version, phrases=live):
-                    part.append(f"adapter {version} could not be loaded; serving the base model")
-                problems += part
-                served_ok = self.predictor.adapter_version == version
-                self._served = (files if served_ok else None, part)
-            self.adapter_metadata = metadata if self.predictor.adapter_version == version else {}
-        if active is None and skipped:
-            problems.append(f"{'; '.join(skipped)}; serving the base model")
-        served = self.predictor.adapter_version
-        log.info("serving adapter %s%s", served, f" ({'; '.join(problems)})" if problems else "")
-        out: dict[str, Any] = {"adapter": served, "loaded": served == wanted and not problems}
-        if problems:
-            out["message"] = "; ".join(problems)
-        return out
-
-    def _live(self, stored: PhraseModel | None, metadata: dict[str, Any]) -> LivePhrases | None:
-        """The phrases to serve: `stored` (the active version's) with the log's text after
-        what they counted learned on top; None when phrases are off. Set as `self.live`."""
-        if not JobConfig.load_or_defaults(self.home.job_config).phrases:
-            self.live = None
-            return None
-        # The stored phrases counted the log up to `phrases_through`; without them (the base
-        # model, an imported adapter, phrases forgotten) the whole log is recent text.
-        through = 0
-        if stored is not None:  # versions from before `phrases_through`: their data range
-            entries = (metadata.get("data") or {}).get("entries") or [0]
-            through = int(metadata.get("phrases_through") or entries[-1] or 0)
-        try:
-            typing_log = self.typing_log
-        except RpcError:  # the log is unavailable: serve what is stored, learn nothing now
-            self.live = LivePhrases(stored)
-            return self.live
-        with typing_log.lock:  # no observed entry slips between the read and the swap
-            try:
-                texts = [t for _, t, _ in typing_log.iter_text(after=through)]
-            except KeyboardError as exc:
-                log.warning("typed text since the last job is left out of the phrases: %s", exc)
-                texts = []
-            self.live = LivePhrases(stored, texts=texts)
-        return self.live
-
-    def adapter_changed(self) -> bool:
-        """True when the store's active pointer moved since the last reload."""
-        return _pointer_key(self._pointer_path()) != self._pointer_seen
-
-    def _pointer_path(self) -> Path:
-        from wordahead.learn.adapter_store import ACTIVE_FILE
-
-        return self.adapter_store.root / ACTIVE_FILE
-
-    # --- the job and the daemon -------------------------------------------------------------
-    async def _train(self, wait: bool, force: bool) -> dict[str, Any]:
-        assert self.train is not None, "the daemon sets train once the supervisor exists"
-        return await self.train(wait, force)
-
+    # --- the daemon ---------------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
         try:
             stats, last_job = await self.log.run(self._log_status)
@@ -447,11 +270,11 @@ class RpcMethods:
             stats, last_job = {"path": str(self.log.path), "error": exc.message}, None
         predictor = self.predictor
         manifest = predictor.artifacts.manifest
-        extra = self.extra_status()
+        metadata = self.served.metadata
         return {
             "version": __version__,
             "pid": os.getpid(),
-            **extra.get("daemon", {}),
+            **self.about(),
             "model": {
                 "name": predictor.artifacts.name,
                 "base_model": (manifest.get("base_model") or {}).get("id"),
@@ -460,15 +283,16 @@ class RpcMethods:
             },
             "adapter": {
                 "version": predictor.adapter_version,
-                "metrics": self.adapter_metadata.get("metrics"),
-                "created": self.adapter_metadata.get("created"),
+                "metrics": metadata.get("metrics"),
+                "created": metadata.get("created"),
                 # the user's phrases served with it: words and n-grams counted (None: none)
-                "phrases": self.adapter_metadata.get("phrases") if predictor.phrases else None,
+                "phrases": metadata.get("phrases") if predictor.phrases else None,
             },
             "typing_log": stats,
-            "personalization": {"last_job": last_job, **extra.get("personalization", {})},
+            "personalization": {"last_job": last_job, **self.supervisor.status()},
             "server": {
-                **extra.get("server", {}),
+                **self.connections.status(),
+                "inference_workers": self.inference_workers,
                 "rss_mb": _rss_mb(),
                 "torch_loaded": "torch" in sys.modules,
             },
@@ -476,14 +300,6 @@ class RpcMethods:
 
     def _log_status(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
         return self.typing_log.stats(), JobLog(self.typing_log).last()
-
-
-def _pointer_key(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns
 
 
 def _rss_mb() -> float | None:

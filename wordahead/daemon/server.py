@@ -1,5 +1,6 @@
 """The daemon: one instance per home and socket; it starts, serves (connections.py answers
-clients with rpc_methods.py, supervisor.py runs personalization) and shuts down cleanly."""
+clients with methods.py, served.py says which adapter and phrases are served, supervisor.py
+runs personalization) and shuts down cleanly."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from wordahead.types import KeyboardError
 if TYPE_CHECKING:  # imported when the daemon loads: `serve` in the background stays light
     from wordahead.daemon.methods import RpcMethods
     from wordahead.daemon.supervisor import JobSupervisor
+    from wordahead.daemon.typing_log_thread import TypingLogThread
 
 log = logging.getLogger("wordahead.daemon.server")
 
@@ -192,8 +194,10 @@ class Daemon:
     """The serving process: binds the socket, loads the model, the active adapter and the
     typing log, serves until asked to stop, then shuts down in order. Never imports torch.
 
-    Its parts: `connections` (clients, back-pressure), `methods` (what each request does),
-    `supervisor` (the personalization job, its schedule, the adapter watcher).
+    Its parts, made in `_load` once the model is open, each given what it needs: the typing
+    log on its thread, `served` (which adapter and phrases the predictor serves),
+    `supervisor` (the personalization job, its schedule, the adapter watcher), `methods`
+    (what each request does); `connections` (clients, back-pressure) exists from the start.
     """
 
     def __init__(self, config: ServeConfig) -> None:
@@ -203,6 +207,7 @@ class Daemon:
         self.connections = Connections(self._dispatch, unqueued=frozenset({"train"}))
         memory.limit_arenas()  # before its threads allocate: a few heaps, trimmed on swaps
         # Set once loaded (before the first client is served).
+        self.typing_log: TypingLogThread | None = None
         self.methods: RpcMethods | None = None
         self.supervisor: JobSupervisor | None = None
         self._infer_pool = ThreadPoolExecutor(
@@ -235,8 +240,10 @@ class Daemon:
     # --- lifecycle ------------------------------------------------------------------------
     def _load(self) -> None:
         """Open the model, the active adapter and the typing log (before serving starts)."""
-        from wordahead.daemon.methods import RpcMethods, TypingLogThread
+        from wordahead.daemon.methods import RpcMethods
+        from wordahead.daemon.served import ServedModel
         from wordahead.daemon.supervisor import JobSupervisor
+        from wordahead.daemon.typing_log_thread import TypingLogThread
         from wordahead.learn.adapter_store import AdapterStore
         from wordahead.learn.policy import reserve_failure_record
         from wordahead.predict.predictor import Predictor
@@ -256,33 +263,21 @@ class Daemon:
             store = AdapterStore.in_home(home, predictor.artifacts)
         finally:
             opened.result()  # a log that will not open is reported; predictions are served
+        served = ServedModel(home, predictor, store, typing_log, self._adapter_pool)
+        served.load_active()
+        supervisor = JobSupervisor(home, model_dir, typing_log, served)
         methods = RpcMethods(
-            home, predictor, typing_log, store, self._infer_pool, self._adapter_pool,
-            self._ahead_pool,
+            predictor, typing_log, served, supervisor, self.connections, self._infer_pool,
+            self._ahead_pool, self.config.inference_workers(), about=self._about,
         )  # fmt: skip
-        methods.reload_adapter()
-        supervisor = JobSupervisor(methods, model_dir)
-        methods.train = supervisor.train
-        methods.extra_status = self._status
-        methods.alone = lambda: self.connections.requests <= 1
-        self.methods, self.supervisor = methods, supervisor
+        self.typing_log, self.methods, self.supervisor = typing_log, methods, supervisor
 
-    def _status(self) -> dict[str, Any]:
-        """What `status` reports beyond the model, the adapter and the typing log."""
-        assert self.supervisor is not None
+    def _about(self) -> dict[str, Any]:
+        """What `status` says of the daemon itself."""
         return {
-            "daemon": {
-                "socket": str(self.config.socket_path),
-                "uptime_s": round(time.monotonic() - self.started, 3),
-                "ready_s": None if self.ready_seconds is None else round(self.ready_seconds, 3),
-            },
-            "personalization": self.supervisor.status(),
-            "server": {
-                "connections": self.connections.count,
-                "in_flight": self.connections.in_flight,
-                "served": self.connections.served,
-                "inference_workers": self.config.inference_workers(),
-            },
+            "socket": str(self.config.socket_path),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "ready_s": None if self.ready_seconds is None else round(self.ready_seconds, 3),
         }
 
     async def run(
@@ -330,11 +325,11 @@ class Daemon:
             )
             if on_ready is not None:
                 on_ready(self)
-            assert self.methods is not None
+            assert self.typing_log is not None
             background = [
                 asyncio.create_task(supervise("schedule", self.supervisor.run_schedule)),
                 asyncio.create_task(supervise("adapter watcher", self.supervisor.watch_adapters)),
-                asyncio.create_task(supervise("typing log reopener", self.methods.log.keep_open)),
+                asyncio.create_task(supervise("typing log reopener", self.typing_log.keep_open)),
             ]
             await self._stop.wait()
             for task in background:
@@ -369,9 +364,9 @@ class Daemon:
         await self.connections.drain()
 
     def _close_resources(self) -> None:
-        if self.methods is not None:
+        if self.typing_log is not None:
             try:
-                self._log_pool.submit(self.methods.log.close).result(timeout=30)
+                self._log_pool.submit(self.typing_log.close).result(timeout=30)
             except Exception as exc:  # noqa: BLE001 - shutting down: report, keep going
                 log.error("closing the typing log failed: %s", exc)
         for pool in (self._ahead_pool, self._infer_pool, self._log_pool, self._adapter_pool):

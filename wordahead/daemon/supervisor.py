@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from wordahead.daemon import protocol as rpc
-from wordahead.daemon.methods import RpcMethods
 from wordahead.daemon.protocol import RpcError
+from wordahead.daemon.served import ServedModel
+from wordahead.daemon.typing_log_thread import TypingLogThread
 from wordahead.learn import schedule
 from wordahead.learn.job_log import JobLog
 from wordahead.learn.policy import job_holder, last_failure, record_failure
-from wordahead.paths import keyboard_command
+from wordahead.paths import Home, keyboard_command
 
 log = logging.getLogger("wordahead.daemon.server")
 
@@ -51,10 +52,13 @@ class JobSupervisor:
     on request or when the schedule says, and serves a newly activated adapter however it
     got there."""
 
-    def __init__(self, methods: RpcMethods, model_dir: Path) -> None:
-        self.methods = methods
-        self.home = methods.home
+    def __init__(
+        self, home: Home, model_dir: Path, typing_log: TypingLogThread, served: ServedModel
+    ) -> None:
+        self.home = home
         self.model_dir = model_dir
+        self.log = typing_log
+        self.served = served
         self.job: Job | None = None
         self.next_scheduled: datetime | None = None
         self.stopping = False
@@ -133,7 +137,7 @@ class JobSupervisor:
         deadline = time.monotonic() + JOB_ID_WAIT_S
         while time.monotonic() < deadline:
             try:
-                rows = await self.methods.log.run(JobLog(self.methods.typing_log).recent, 5)
+                rows = await self.log.run(JobLog(self.log.typing_log).recent, 5)
             except RpcError:
                 return None
             for row in rows:
@@ -185,10 +189,10 @@ class JobSupervisor:
             # with the old adapter still in place.
             if code == 0 and not self.stopping:
                 try:
-                    out["reload"] = await self.methods.reload()
+                    out["reload"] = await self.served.reload()
                 except RpcError as exc:
                     out["reload"] = {"error": exc.message}
-            out["adapter"] = self.methods.predictor.adapter_version
+            out["adapter"] = self.served.version
             return out
         finally:
             self.job = None
@@ -212,7 +216,7 @@ class JobSupervisor:
     async def reload(self) -> None:
         """Serve the active adapter again, logging (not raising) a failure."""
         try:
-            await self.methods.reload()
+            await self.served.reload()
         except RpcError as exc:
             log.error("reload failed: %s", exc.message)
 
@@ -221,7 +225,7 @@ class JobSupervisor:
         (`keyboard train`, a systemd timer) or switching versions from the command line."""
         while True:
             await asyncio.sleep(ADAPTER_POLL_S)
-            if self.methods.adapter_changed():
+            if self.served.changed():
                 log.info("the active adapter changed; reloading")
                 await self.reload()
 
@@ -239,9 +243,7 @@ class JobSupervisor:
             if datetime.now(timezone.utc) < self.next_scheduled or self.job is not None:
                 continue
             try:
-                due = await self.methods.log.run(
-                    schedule.should_run, self.methods.typing_log, self.home
-                )
+                due = await self.log.run(schedule.should_run, self.log.typing_log, self.home)
                 if due:
                     await self.start(reason="scheduled")
                 else:
