@@ -16,7 +16,8 @@ from tests.damage import mutate
 from wordahead.learn.adapter_store import ACTIVE_FILE, META_FILE, PHRASES_FILE, AdapterStore
 from wordahead.model.artifacts import ArtifactError, ArtifactSet, load_adapter
 from wordahead.paths import Home
-from wordahead.predict.sources.phrases import PhraseError, PhraseModel
+from wordahead.predict.sources.phrase_file import PhraseError
+from wordahead.predict.sources.phrases import PhraseModel
 
 MUTATIONS = 600
 

@@ -11,7 +11,8 @@ import pytest
 from wordahead.learn.adapter_store import AdapterStore, forget_phrases
 from wordahead.model.artifacts import ArtifactSet
 from wordahead.paths import Home
-from wordahead.predict.sources.phrases import START, PhraseError, PhraseModel, tokens
+from wordahead.predict.sources.phrase_file import PhraseError
+from wordahead.predict.sources.phrases import START, PhraseModel, tokens
 
 TEXTS = [
     "See you at the lake.",
@@ -150,7 +151,7 @@ def test_compact_file_round_trip_reads_version_1_and_refuses_bad_arrays() -> Non
 
     import numpy as np
 
-    from wordahead.predict.sources.phrases import _MAGIC
+    from wordahead.predict.sources.phrase_file import MAGIC
 
     model = PhraseModel.from_texts(TEXTS, weight=0.3)
     again = PhraseModel.from_bytes(model.to_bytes())
@@ -168,7 +169,7 @@ def test_compact_file_round_trip_reads_version_1_and_refuses_bad_arrays() -> Non
     )
     # Intact compression around damaged arrays: a continuation id out of range is refused.
     text = zlib.decompress(model.to_bytes())
-    assert text.startswith(_MAGIC)
+    assert text.startswith(MAGIC)
     ids = model.next_ids.astype("<i4").tobytes()
     at = text.index(ids)
     bad = text[:at] + np.array([10**6], dtype="<i4").tobytes() + text[at + 4 :]

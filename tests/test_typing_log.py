@@ -21,10 +21,10 @@ import pytest
 from wordahead import cli
 from wordahead.learn.job_log import JobLog
 from wordahead.paths import Home
+from wordahead.store.database import SCHEMA_VERSION
 from wordahead.store.redaction import REDACTED
 from wordahead.store.typing_log import (
     MAX_TEXT_BYTES,
-    SCHEMA_VERSION,
     InvalidText,
     TextTooLarge,
     TypingLog,
@@ -486,7 +486,7 @@ def test_a_full_disk_is_named_and_nothing_advises_moving_the_log(monkeypatch) ->
     """Failure 2: on a full disk, an intact database was called "not a usable typing log ...
     move it away to start afresh". A real tmpfs where the runner may mount one (root)."""
     from tests.full_disk import fill, small_disk
-    from wordahead.store.typing_log import TypingLogError
+    from wordahead.store.database import TypingLogError
 
     with small_disk() as disk:
         if disk is None:  # simulated ENOSPC: SQLite's report of a full disk, and statvfs's
@@ -516,8 +516,8 @@ def test_a_full_disk_is_named_and_nothing_advises_moving_the_log(monkeypatch) ->
 def test_full_disk_simulated(tmp_path: Path, monkeypatch) -> None:
     """The same without a mount: SQLite reports a full disk as SQLITE_FULL, or as a disk I/O
     error when its shared-memory file cannot grow; statvfs says no space is left."""
-    from wordahead.store import typing_log
-    from wordahead.store.typing_log import TypingLogError
+    from wordahead.store import database
+    from wordahead.store.database import TypingLogError
 
     path = tmp_path / "typing_log.db"
     with TypingLog(path) as log:
@@ -532,8 +532,8 @@ def test_full_disk_simulated(tmp_path: Path, monkeypatch) -> None:
         error.sqlite_errorname = "SQLITE_IOERR_SHMSIZE"  # what a real full tmpfs gives
         raise error
 
-    monkeypatch.setattr(typing_log.os, "statvfs", lambda _: Full)
-    monkeypatch.setattr(typing_log, "_configure", no_room)
+    monkeypatch.setattr(database.os, "statvfs", lambda _: Full)
+    monkeypatch.setattr(database, "_configure", no_room)
     with pytest.raises(TypingLogError, match="is full .*is intact") as err:
         TypingLog(path)
     assert "move it away" not in str(err.value)

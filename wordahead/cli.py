@@ -591,7 +591,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         import traceback
 
         from wordahead.learn import personalize, policy
-        from wordahead.store.typing_log import full_disk_message
+        from wordahead.store.database import full_disk_message
 
         if args.via_daemon:
             return _train_via_daemon(args)

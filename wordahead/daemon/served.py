@@ -20,7 +20,8 @@ from wordahead.paths import Home
 from wordahead.predict.predictor import Predictor
 from wordahead.predict.sources.live_phrases import LivePhrases
 from wordahead.predict.sources.phrase_completion import PhraseCompleter, PhraseSettings
-from wordahead.predict.sources.phrases import PhraseError, PhraseModel
+from wordahead.predict.sources.phrase_file import PhraseError
+from wordahead.predict.sources.phrases import PhraseModel
 from wordahead.types import KeyboardError
 
 log = logging.getLogger("wordahead.daemon.server")

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from wordahead.store.typing_log import INTERRUPTED, TS_FORMAT, TypingLog, guarded, utc_iso
+from wordahead.store.database import guarded
+from wordahead.store.typing_log import INTERRUPTED, TS_FORMAT, TypingLog, utc_iso
 from wordahead.types import KeyboardError
 
 

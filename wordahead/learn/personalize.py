@@ -42,8 +42,7 @@ log = logging.getLogger("wordahead.learn.personalize")
 # exits 0; EX_TEMPFAIL when another job holds the lock; 1 when it failed.
 EXIT_BUSY = 75
 FORGOTTEN = (
-    "text was forgotten while the job ran: nothing promoted (the next job trains on what is "
-    "left)"
+    "text was forgotten while the job ran: nothing promoted (the next job trains on what is left)"
 )
 
 
@@ -357,7 +356,8 @@ def _starting_point(run: JobRun) -> _Start:
     """The active adapter (and its phrases) the job measures and trains from."""
     from wordahead.learn.adapter_store import AdapterStore
     from wordahead.model.artifacts import ArtifactSet
-    from wordahead.predict.sources.phrases import PhraseError, PhraseModel
+    from wordahead.predict.sources.phrase_file import PhraseError
+    from wordahead.predict.sources.phrases import PhraseModel
 
     artifacts = ArtifactSet.open(run.model_dir)
     store = AdapterStore.in_home(run.home, artifacts)

@@ -40,7 +40,8 @@ from wordahead.predict.search import MAX_DEPTH, find_words
 from wordahead.predict.slots import SLOTS, Slot
 from wordahead.predict.sources import assemble
 from wordahead.predict.sources.base import Draft, SuggestionSource
-from wordahead.predict.sources.phrases import PhraseError, PhraseModel
+from wordahead.predict.sources.phrase_file import PhraseError
+from wordahead.predict.sources.phrases import PhraseModel
 from wordahead.predict.tokens import TokenTable
 from wordahead.predict.words import WORD_RE
 from wordahead.types import MAX_PUNCT, Candidate, Prediction

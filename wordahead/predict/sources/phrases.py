@@ -22,9 +22,7 @@ dicts; the blend scores a context's continuations with a few vectorised operatio
 from __future__ import annotations
 
 import bisect
-import json
 import re
-import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -36,11 +34,9 @@ import numpy as np
 from wordahead.predict.lexicon import Lexicon
 from wordahead.predict.query import Query
 from wordahead.predict.sources.base import Draft, LanguageModel, WordSet
+from wordahead.predict.sources.phrase_file import ARRAYS, PhraseError, StoredCounts, decode, encode
 from wordahead.predict.words import WORD_RE
-from wordahead.types import KeyboardError
 
-FORMAT = "keyboard-phrases"
-FORMAT_VERSION = 2  # 1: JSON of dicts (still read)
 START = "<s>"  # the start of a message: the context of its first word
 # The user model's share of the blend, set on the users' held-out history: with the base model
 # (docs/evaluation.md), and with an adapter trained on the same text, which already moved the
@@ -58,21 +54,6 @@ CANDIDATES = 12  # user-model words considered per prediction
 LM_WORDS = 8  # the model's words the blend reweighs: one beyond the k-th may overtake
 _SCAN_LIMIT = 4000  # 1-gram candidates scanned for a prefix (sorted vocabulary range)
 _TOKEN_RE = re.compile(rf"{WORD_RE.pattern}|\n|[^\w\s]")
-_SEP = "\t"
-_MAGIC = b"KBPHRASES\x02\n"  # an inflated version-2 file starts with it
-MAX_FILE_BYTES = 256 * 2**20  # inflated; MAX_NGRAMS of them take about 5 MB
-_ARRAYS = {  # version-2 arrays, in file order, and their types
-    "counts": "<i8",  # per token id: times typed (0 for punctuation and START)
-    "keys": "<i8",  # sorted context keys
-    "starts": "<i8",  # per context: where its continuations start (one more entry at the end)
-    "totals": "<i8",  # per context: the sum of its continuations' counts
-    "next_ids": "<i4",  # continuation token ids, sorted by id within each context
-    "next_counts": "<i4",
-}
-
-
-class PhraseError(KeyboardError):
-    """A phrase file that cannot be read (damaged, or of another format)."""
 
 
 def blend_weight(adapted: bool) -> float:
@@ -488,99 +469,23 @@ class PhraseModel:
 
     # --- files -----------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        vocab = "\n".join(self.vocab).encode("utf-8")
-        blobs = [vocab]
-        lengths: dict[str, int] = {}
-        for name, dtype in _ARRAYS.items():
-            array = np.ascontiguousarray(getattr(self, name), dtype=dtype)
-            lengths[name] = len(array)
-            blobs.append(array.tobytes())
-        header = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "weight": self.weight,
-            "n_words": self.n_words,
-            "vocab_bytes": len(vocab),
-            "lengths": lengths,
-        }
-        head = json.dumps(header).encode("utf-8") + b"\n"
-        return zlib.compress(_MAGIC + head + b"".join(blobs), 6)
+        arrays = {name: getattr(self, name) for name in ARRAYS}
+        return encode(self.vocab, self.n_words, arrays, self.weight)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> PhraseModel:
         """The model stored in `raw`; PhraseError for anything damaged, whatever the damage."""
         try:
-            return cls._decode(raw)
+            stored = decode(raw)
+            if isinstance(stored, StoredCounts):  # a version-1 file
+                counts = PhraseCounts()
+                counts.unigrams, counts.follow = stored.unigrams, stored.follow
+                return counts.freeze(stored.weight)
+            return cls(stored.vocab, stored.n_words, weight=stored.weight, **stored.arrays)
         except PhraseError:
             raise
         except Exception as exc:  # noqa: BLE001 - deep nesting, huge numbers, odd types
             raise PhraseError(f"damaged phrase file ({type(exc).__name__}: {exc})") from None
-
-    @classmethod
-    def _decode(cls, raw: bytes) -> PhraseModel:
-        inflate = zlib.decompressobj()
-        try:
-            # Bounded: a damaged (or hostile) file never inflates past MAX_FILE_BYTES.
-            text = inflate.decompress(raw, MAX_FILE_BYTES)
-            if inflate.unconsumed_tail:
-                raise PhraseError(f"phrase file inflates past {MAX_FILE_BYTES:,} bytes")
-            if not inflate.eof:
-                raise PhraseError("phrase file is truncated")
-        except zlib.error as exc:
-            raise PhraseError(f"not a phrase file ({exc})") from None
-        if text.startswith(_MAGIC):
-            return cls._decode_arrays(text)
-        try:
-            data = json.loads(text.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise PhraseError(f"not a phrase file ({exc})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise PhraseError("not a phrase file (unknown format)")
-        if data.get("version") != 1:
-            raise PhraseError(f"phrase file version {data.get('version')} is not supported")
-        try:  # version 1: JSON of dicts
-            counts = PhraseCounts()
-            counts.unigrams = Counter({str(w): int(n) for w, n in data["unigrams"].items()})
-            counts.follow = {
-                tuple(map(intern, ctx.split(_SEP))): Counter(
-                    {str(w): int(n) for w, n in nxt.items()}
-                )
-                for ctx, nxt in data["follow"].items()
-            }
-            weight = float(data["weight"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise PhraseError(f"damaged phrase file ({exc})") from None
-        unknown = {w for nxt in counts.follow.values() for w in nxt} - set(counts.unigrams)
-        if unknown:
-            raise PhraseError(f"damaged phrase file (words without counts: {sorted(unknown)[:3]})")
-        _check_weight(weight)
-        return counts.freeze(weight)
-
-    @classmethod
-    def _decode_arrays(cls, text: bytes) -> PhraseModel:
-        end = text.index(b"\n", len(_MAGIC))
-        header = json.loads(text[len(_MAGIC) : end].decode("utf-8"))
-        if header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
-            raise PhraseError("not a phrase file (unknown format)")
-        weight = float(header["weight"])
-        _check_weight(weight)
-        at = end + 1
-        size = int(header["vocab_bytes"])
-        vocab = text[at : at + size].decode("utf-8").split("\n") if size else []
-        at += size
-        arrays: dict[str, np.ndarray] = {}
-        for name, dtype in _ARRAYS.items():
-            n = int(header["lengths"][name])
-            nbytes = n * np.dtype(dtype).itemsize
-            if n < 0 or at + nbytes > len(text):
-                raise PhraseError("damaged phrase file (truncated arrays)")
-            arrays[name] = np.frombuffer(text, dtype=dtype, count=n, offset=at).astype(dtype[1:])
-            at += nbytes
-        if at != len(text):
-            raise PhraseError("damaged phrase file (trailing bytes)")
-        n_words = int(header["n_words"])
-        _check_arrays(vocab, n_words, arrays)
-        return cls(vocab, n_words, weight=weight, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> PhraseModel:
@@ -592,42 +497,3 @@ class PhraseModel:
             return cls.from_bytes(raw)
         except PhraseError as exc:
             raise PhraseError(f"{path}: {exc}") from None
-
-
-def _check_weight(weight: float) -> None:
-    if not 0.0 <= weight < 1.0:
-        raise PhraseError(f"phrase weight {weight} is outside [0, 1)")
-
-
-def _check_arrays(vocab: list[str], n_words: int, a: dict[str, np.ndarray]) -> None:
-    """Every index in range and every table sorted, so no lookup can go wrong later."""
-    size = len(vocab)
-    n_ctx = len(a["keys"])
-
-    def bad(why: str) -> PhraseError:
-        return PhraseError(f"damaged phrase file ({why})")
-
-    if not 0 <= n_words <= size or len(set(vocab)) != size or len(a["counts"]) != size:
-        raise bad("vocabulary")
-    if vocab[:n_words] != sorted(vocab[:n_words]) or not all(map(_is_word, vocab[:n_words])):
-        raise bad("words")
-    if (a["counts"][:n_words] <= 0).any() or (a["counts"][n_words:] != 0).any():
-        raise bad("counts")
-    if len(a["starts"]) != n_ctx + 1 or len(a["totals"]) != n_ctx:
-        raise bad("context table")
-    if n_ctx and ((np.diff(a["keys"]) <= 0).any() or a["keys"][0] < 0
-                  or a["keys"][-1] >= (size + 1) * size):  # fmt: skip
-        raise bad("context keys")
-    starts, ids, counts = a["starts"], a["next_ids"], a["next_counts"]
-    if starts[0] != 0 or starts[-1] != len(ids) or (np.diff(starts) <= 0).any():
-        raise bad("context offsets")
-    if len(counts) != len(ids) or (counts <= 0).any() or ((ids < 0) | (ids >= n_words)).any():
-        raise bad("continuations")
-    if len(ids):
-        step = np.diff(ids.astype(np.int64))
-        inner = np.ones(len(step), dtype=bool)
-        inner[starts[1:-1] - 1] = False  # the first of each context may be smaller
-        if (step[inner] <= 0).any():
-            raise bad("continuations order")
-        if (np.add.reduceat(counts.astype(np.int64), starts[:-1]) != a["totals"]).any():
-            raise bad("context totals")
