@@ -282,7 +282,7 @@ def test_a_machine_that_did_not_opt_in_declines(tmp_path: Path):
 
 @pytest.mark.notorch
 def test_federate_is_off_until_joined_and_off_again(tmp_path: Path, capsys, monkeypatch):
-    from wordahead.cli import main
+    from wordahead.cli import federate, main
     from wordahead.federated import join
 
     home = tmp_path / "kbhome"
@@ -290,7 +290,7 @@ def test_federate_is_off_until_joined_and_off_again(tmp_path: Path, capsys, monk
     assert "federation  off" in capsys.readouterr().out
     assert not FederationSettings.load(home).enabled
     started: list[list[str]] = []
-    monkeypatch.setattr(join.os, "execve", lambda exe, cmd, env: started.append(cmd))
+    monkeypatch.setattr(federate.os, "execve", lambda exe, cmd, env: started.append(cmd))
     monkeypatch.setattr(join.shutil, "which", lambda name: "/usr/bin/" + name)
     assert main(["federate", "--superlink", "fl.example.org:9092", "--min-new-words", "500"]) == 1
     settings = FederationSettings.load(home)
