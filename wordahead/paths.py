@@ -227,9 +227,13 @@ def socket_path() -> Path:
     return home() / "keyboard.sock"
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+SHIPPED_STARTER = "starter_model"  # in an installed package: the starter model (setup.py)
+
+
 def repo_root() -> Path:
-    """The source checkout (or installed tree) that holds `models/`."""
-    return Path(__file__).resolve().parent.parent
+    """The source checkout that holds `models/` (for an installed package: where it lies)."""
+    return PACKAGE_DIR.parent
 
 
 def default_model_dir() -> Path:
@@ -242,5 +246,7 @@ def default_model_dir() -> Path:
 
 
 def starter_model_dir() -> Path:
-    """The starter model shipped in `models/starter`."""
-    return repo_root() / "models" / "starter"
+    """The starter model: the copy an installed package ships inside it, else `models/starter`
+    of the checkout (an editable install, or the tree itself)."""
+    shipped = PACKAGE_DIR / SHIPPED_STARTER
+    return shipped if shipped.is_dir() else repo_root() / "models" / "starter"
