@@ -162,18 +162,18 @@ def test_a_percent_in_paths_reaches_units_escaped(
 ) -> None:
     """Before: a `%` in the virtualenv path reached the units as is (systemd expands `%h`)
     and the crontab line (cron turns `%` into a newline)."""
-    from wordahead.learn import schedule
+    from wordahead.install import timer
 
     python = tmp_path / "venv%h" / "bin" / "python"
     monkeypatch.setattr(sys, "executable", str(python))
     monkeypatch.setenv("KEYBOARD_HOME", str(tmp_path / "50%home"))
-    for unit in (session.service_text(), schedule.service_text()):
+    for unit in (session.service_text(), timer.service_text()):
         lines = [line for line in unit.splitlines() if line.startswith(("ExecStart", "Env"))]
         assert any("venv%%h" in line for line in lines)
         assert any("50%%home" in line for line in lines)
         for line in lines:  # every `%` is doubled: no specifier left for systemd to expand
             assert "%" not in line.replace("%%", ""), line
-    cron = schedule.cron_line("03:00")
+    cron = timer.cron_line("03:00")
     assert "venv\\%h" in cron and "50\\%home" in cron and "%" not in cron.replace("\\%", "")
 
 

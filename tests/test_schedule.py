@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from wordahead.cli import main
+from wordahead.install import timer
 from wordahead.learn import policy, schedule
 from wordahead.paths import Home, keyboard_command
 from wordahead.store.typing_log import TypingLog
@@ -101,36 +102,36 @@ def test_systemd_install_remove_round_trip(
     # real systemd manager).
     assert main(["schedule", "install", "--mode", "systemd", "--no-enable", "--at", "05:15"]) == 0
     service = (units / "keyboard-train.service").read_text()
-    timer = (units / "keyboard-train.timer").read_text()
+    timer_unit = (units / "keyboard-train.timer").read_text()
     assert f"ExecStart={shlex.join(keyboard_command('train'))}" in service
     assert f"Environment=KEYBOARD_HOME={tmp_path / 'kbhome'}" in service
     assert "Type=oneshot" in service and "Nice=10" in service
     assert "ConditionACPower=true" in service  # train_on_battery is off by default
-    assert "OnCalendar=*-*-* 05:15:00" in timer and "Persistent=true" in timer
+    assert "OnCalendar=*-*-* 05:15:00" in timer_unit and "Persistent=true" in timer_unit
     assert policy.JobConfig.load(home.job_config).at == "05:15"  # the daemon follows the same time
     assert "05:15" in capsys.readouterr().out
     # Installing again replaces, never duplicates.
-    schedule.install(home, "06:00", mode="systemd", enable=False, train_on_battery=True)
+    timer.install(home, "06:00", mode="systemd", enable=False, train_on_battery=True)
     assert "OnCalendar=*-*-* 06:00:00" in (units / "keyboard-train.timer").read_text()
     assert "ConditionACPower" not in (units / "keyboard-train.service").read_text()
-    assert schedule.show(home)["systemd_units"] == [
+    assert timer.show(home)["systemd_units"] == [
         str(units / "keyboard-train.service"),
         str(units / "keyboard-train.timer"),
     ]
     assert main(["schedule", "remove", "--mode", "systemd"]) == 0
     assert not list(units.iterdir())
-    assert schedule.remove(mode="systemd", enable=False).messages == ["nothing was scheduled"]
+    assert timer.remove(mode="systemd", enable=False).messages == ["nothing was scheduled"]
 
 
 def test_cron_line_and_crontab_edit(home: Home) -> None:
-    line = schedule.cron_line("03:07")
+    line = timer.cron_line("03:07")
     assert line.startswith("7 3 * * * ")
     assert f"nice -n 10 {shlex.join(keyboard_command('train'))}" in line
-    assert line.endswith(schedule.CRON_MARK)
+    assert line.endswith(timer.CRON_MARK)
     mine = "0 1 * * * backup.sh\n"
-    added = schedule.crontab_with(mine, line)
+    added = timer.crontab_with(mine, line)
     assert added == mine + line + "\n"
-    assert schedule.crontab_with(added, schedule.cron_line("04:00")).count(schedule.CRON_MARK) == 1
-    assert schedule.crontab_with(added, None) == mine
-    result = schedule.install(home, "03:07", mode="cron", enable=False)
+    assert timer.crontab_with(added, timer.cron_line("04:00")).count(timer.CRON_MARK) == 1
+    assert timer.crontab_with(added, None) == mine
+    result = timer.install(home, "03:07", mode="cron", enable=False)
     assert result.cron_line == line and not result.enabled

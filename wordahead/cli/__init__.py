@@ -28,7 +28,7 @@ COMMANDS: list[Command] = [
     daemon.LSP,
     learn.TRAIN,
     learn.ADAPTERS,
-    learn.SCHEDULE,
+    install.SCHEDULE,
     federate.FEDERATE,
     install.LINK,
     install.SERVICE,

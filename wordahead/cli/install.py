@@ -1,15 +1,17 @@
-"""`keyboard link`, `service`, `uninstall`: keyboard in your session, and out of it again."""
+"""`keyboard link`, `service`, `schedule`, `uninstall`: keyboard in your session, and out of
+it again."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from wordahead.cli.command import MODEL_HELP, Command, print_changes
 from wordahead.daemon import client
-from wordahead.install import session
-from wordahead.learn import schedule
+from wordahead.install import session, timer
 from wordahead.paths import Home
 
 
@@ -65,6 +67,64 @@ SERVICE = Command(
 )
 
 
+def _schedule_arguments(p: argparse.ArgumentParser) -> None:
+    acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = acts.add_parser("install", help="a systemd user timer (or a crontab line) for the job")
+    q.add_argument("--at", default=None, metavar="HH:MM",
+                   help="local time (default: `at` in personalize.json, else 03:00)")  # fmt: skip
+    q.add_argument("--mode", choices=("auto", "systemd", "cron"), default="auto",
+                   help="auto: systemd when a user manager answers, else cron (default)")  # fmt: skip
+    q.add_argument("--no-enable", action="store_true",
+                   help="only write the unit files / print the line; do not activate")  # fmt: skip
+    q = acts.add_parser("remove", help="undo `schedule install`")
+    q.add_argument("--mode", choices=("auto", "systemd", "cron"), default="auto",
+                   help="what to remove (default: both)")  # fmt: skip
+    q = acts.add_parser("show", help="what is scheduled and when it runs next")
+    q.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run_schedule(args: argparse.Namespace) -> int:
+    if args.action == "show":
+        shown = timer.show(Home.from_env())
+        print(json.dumps(shown, indent=2) if args.json else _describe_schedule(shown))
+        return 0
+    if args.action == "install":
+        result = timer.install(Home.from_env(), args.at, mode=args.mode, enable=not args.no_enable)
+    else:
+        result = timer.remove(mode=args.mode)
+    for f in result.files:
+        print(f"{'wrote' if args.action == 'install' else 'removed'} {f}")
+    for m in result.messages:
+        print(m)
+    if result.cron_line and not result.enabled:
+        print(result.cron_line)
+    if result.at:
+        print(f"`keyboard train` runs daily at {result.at} local time")
+    return 0
+
+
+def _describe_schedule(shown: dict[str, Any]) -> str:
+    """`schedule show` for a person to read."""
+    units = shown.get("systemd_units") or []
+    lines = [
+        f"time         {shown['at']} local time (next run {shown['next_run']})",
+        "systemd      " + (", ".join(units) if units else "no timer installed"),
+        "cron         " + (shown.get("cron_line") or "no crontab line"),
+    ]
+    if not units and not shown.get("cron_line"):
+        lines.append("the daemon still runs the job at that time while it is serving;")
+        lines.append("without it, `keyboard schedule install` adds a timer")
+    return "\n".join(lines)
+
+
+SCHEDULE = Command(
+    "schedule",
+    help="run the personalization job nightly (systemd or cron)",
+    arguments=_schedule_arguments,
+    run=run_schedule,
+)
+
+
 def _uninstall_arguments(p: argparse.ArgumentParser) -> None:
     home_opt = p.add_mutually_exclusive_group()
     home_opt.add_argument("--delete-home", action="store_true",
@@ -82,7 +142,7 @@ def run_uninstall(args: argparse.Namespace) -> int:
         print(f"stopped the daemon (pid {client.stop_daemon()})")
     except client.DaemonNotRunning:
         pass
-    removed = schedule.remove(mode="auto")
+    removed = timer.remove(mode="auto")
     for f in removed.files:
         print(f"removed {f}")
     for m in removed.messages:

@@ -21,7 +21,7 @@ from wordahead.install.systemd import (
 from wordahead.paths import Home, keyboard_command
 from wordahead.types import KeyboardError
 
-SERVICE = "keyboard.service"  # the daemon; the nightly job is schedule.UNIT
+SERVICE = "keyboard.service"  # the daemon; the nightly job is timer.UNIT
 
 # Every path keyboard makes in a home, relative to it (regular expressions over the whole
 # path). A home holding anything else, at any depth, is not deleted wholesale.
