@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from wordahead.predict.lexicon import FILE as LEXICON_FILE
-from wordahead.predict.lexicon import Lexicon, LexiconError
 from wordahead.types import KeyboardError
 
 Adapter = dict[str, np.ndarray]  # LoRA tensor name -> values
@@ -91,18 +89,6 @@ class ArtifactSet:
             return Tokenizer.from_file(str(self.tokenizer_file))
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise ArtifactError(f"cannot load tokenizer {self.tokenizer_file}: {exc}") from exc
-
-    def lexicon(self) -> Lexicon | None:
-        """The real words this model may offer (None: the model ships none, or it is damaged:
-        then every spelling goes, which is worse advice but no reason to stop serving)."""
-        path = self.root / LEXICON_FILE
-        if not path.is_file():
-            return None
-        try:
-            return Lexicon.load(path)
-        except LexiconError as exc:
-            log.warning("%s; offering words without it", exc)
-            return None
 
     def initial_adapter(self) -> Adapter:
         return load_adapter(self.root / self.manifest["initial_adapter"], self)

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import bisect
 import gzip
+import logging
 from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from wordahead.types import KeyboardError
+
+log = logging.getLogger(__name__)
 
 FILE = "lexicon.txt.gz"
 # Answers remembered per lexicon: the search asks about the same few thousand spellings again
@@ -112,6 +115,20 @@ class Lexicon:
         with open(path, "wb") as raw, gzip.GzipFile("", "wb", fileobj=raw, mtime=0) as f:
             f.write(("\n".join(unique) + "\n").encode("utf-8"))
         return len(unique)
+
+    @classmethod
+    def of_model(cls, model_dir: Path) -> Lexicon | None:
+        """The real words the model in `model_dir` may offer (None: the model ships none, or it
+        is damaged: then every spelling goes, which is worse advice but no reason to stop
+        serving)."""
+        path = model_dir / FILE
+        if not path.is_file():
+            return None
+        try:
+            return cls.load(path)
+        except LexiconError as exc:
+            log.warning("%s; offering words without it", exc)
+            return None
 
     @classmethod
     def load(cls, path: str | Path) -> Lexicon:

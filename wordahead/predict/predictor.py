@@ -34,6 +34,7 @@ from wordahead.model.artifacts import (
 )
 from wordahead.predict.context_model import ContextModel
 from wordahead.predict.engine import Answer, Engine, Stopped, open_session
+from wordahead.predict.lexicon import Lexicon
 from wordahead.predict.query import Query, make_query
 from wordahead.predict.real_words import RealWords
 from wordahead.predict.search import MAX_DEPTH, find_words
@@ -77,7 +78,7 @@ class Predictor:
         vocab = int(manifest["base_model"]["vocab_size"])
         self.table = TokenTable(self.tokenizer, vocab)
         self.eos_id = self.artifacts.eos_id
-        self.lexicon = self.artifacts.lexicon()  # None: the model ships none, any spelling goes
+        self.lexicon = Lexicon.of_model(self.artifacts.root)  # None: any spelling goes
         if quantize is None:
             from wordahead.model.quantize import int8_by_default
 
