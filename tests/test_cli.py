@@ -130,7 +130,7 @@ def test_schedule_show_is_human_unless_json(
 def test_link_puts_the_command_on_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from wordahead.install import session as install
+    from wordahead.install import session
 
     monkeypatch.setenv("PATH", "/usr/bin")
     bin_dir = tmp_path / "bin"
@@ -138,9 +138,9 @@ def test_link_puts_the_command_on_path(
     out = capsys.readouterr().out
     assert (bin_dir / "keyboard").resolve() == (Path(sys.executable).parent / "keyboard").resolve()
     assert "not on your PATH" in out and "export PATH" in out
-    assert install.command_name() == str(install.installed_command())  # not on PATH yet
+    assert session.command_name() == str(session.installed_command())  # not on PATH yet
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin")
-    assert install.command_name() == "keyboard"
+    assert session.command_name() == "keyboard"
     assert main(["link", "--dir", str(bin_dir)]) == 0  # again: nothing changes
     assert "already points" in capsys.readouterr().out
 

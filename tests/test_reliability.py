@@ -149,8 +149,8 @@ def test_the_adapter_watcher_survives_a_failure_and_picks_up_a_switch(
 ) -> None:
     """Failure 1: the adapter watcher died silently, so a later `keyboard adapters use
     v0001` was never picked up. Now a supervisor logs the failure and restarts it."""
-    from wordahead.daemon import served as served_model
     from wordahead.daemon import supervisor
+    from wordahead.daemon.served import ServedModel
 
     monkeypatch.setattr(supervisor, "ADAPTER_POLL_S", 0.05)
     monkeypatch.setattr(server, "RESTART_DELAY_S", (0.05, 0.5))
@@ -159,7 +159,7 @@ def test_the_adapter_watcher_survives_a_failure_and_picks_up_a_switch(
     served = InThread(tiny_llama, home, root / "s.sock")
     try:
         assert served.call("status")["adapter"]["version"] == newest
-        real = served_model.ServedModel.load_active
+        real = ServedModel.load_active
         calls = []
 
         def broken_once(self: Any) -> Any:
@@ -168,8 +168,8 @@ def test_the_adapter_watcher_survives_a_failure_and_picks_up_a_switch(
                 raise NotImplementedError("what numpy raised for a damaged header")
             return real(self)
 
-        monkeypatch.setattr(served_model.ServedModel, "load_active", broken_once)
-        monkeypatch.setattr(served_model, "log", logging.getLogger("keyboard.test.quiet"))
+        monkeypatch.setattr(ServedModel, "load_active", broken_once)
+        monkeypatch.setattr("wordahead.daemon.served.log", logging.getLogger("keyboard.test.quiet"))
         with caplog.at_level(logging.ERROR, logger="wordahead.daemon.server"):
             store.use(good)  # first noticed by a watcher whose reload raises
             until(lambda: served.call("status")["adapter"]["version"] == good, "switch seen")

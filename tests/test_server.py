@@ -792,9 +792,9 @@ def test_a_lone_prediction_is_computed_without_the_pool(
 def test_work_ahead_waits_for_a_pause(in_thread: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # Keystrokes closer together than AHEAD_DELAY_S compute nothing ahead; a pause after
     # the last one computes the keystroke after it.
-    from wordahead.daemon import methods as rpc_methods
+    from wordahead.daemon import methods
 
-    monkeypatch.setattr(rpc_methods, "AHEAD_DELAY_S", 0.5)
+    monkeypatch.setattr(methods, "AHEAD_DELAY_S", 0.5)
     predictor = in_thread.methods.predictor
     ahead: list[str] = []
     monkeypatch.setattr(predictor, "prefetch", lambda context, k, stop: ahead.append(context))
