@@ -139,6 +139,30 @@ def join_accepted(context: str, accepted: str) -> str:
     return context + accepted
 
 
+def _forget_filter(
+    since: str | datetime | None, until: str | datetime | None, source: str | None, everything: bool
+) -> tuple[str, list[Any]]:
+    """The SQL condition (empty: every entry) and its parameters for what `forget` names."""
+    if everything:
+        return "", []
+    if since is None and until is None and not source:
+        raise KeyboardError(
+            "say what to forget: a time range (since/until), a source, or everything"
+        )
+    where: list[str] = []
+    params: list[Any] = []
+    if since is not None:
+        where.append("ts >= ?")
+        params.append(utc_iso(parse_time(since)))
+    if until is not None:
+        where.append("ts < ?")
+        params.append(utc_iso(parse_time(until)))
+    if source:
+        where.append("source GLOB ?" if any(c in source for c in "*?[") else "source = ?")
+        params.append(source)
+    return " AND ".join(where), params
+
+
 class TypingLog:
     """The user's typed text, redacted, in a private SQLite file (WAL; one writer, many readers).
 
@@ -321,23 +345,8 @@ class TypingLog:
         """Delete entries in [since, until) and/or from `source` (a glob when it has * ? [),
         or all of them; then VACUUM and truncate the WAL so the text is gone from the files.
         Returns the number of entries deleted."""
-        where: list[str] = []
-        params: list[Any] = []
-        if not everything:
-            if since is None and until is None and not source:
-                raise KeyboardError(
-                    "say what to forget: a time range (since/until), a source, or everything"
-                )
-            if since is not None:
-                where.append("ts >= ?")
-                params.append(utc_iso(parse_time(since)))
-            if until is not None:
-                where.append("ts < ?")
-                params.append(utc_iso(parse_time(until)))
-            if source:
-                where.append("source GLOB ?" if any(c in source for c in "*?[") else "source = ?")
-                params.append(source)
-        sql = "DELETE FROM entries" + (" WHERE " + " AND ".join(where) if where else "")
+        where, params = _forget_filter(since, until, source, everything)
+        sql = "DELETE FROM entries" + (" WHERE " + where if where else "")
         with self.lock:
             with self.db.atomic():
                 deleted = self.db.execute(sql, params).rowcount

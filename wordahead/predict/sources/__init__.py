@@ -1,7 +1,7 @@
-"""predict.sources: what besides the model decides a suggestion (the user's phrases, ...).
+"""predict.sources: what besides the model decides a suggestion, behind the seam in `base`."""
 
-The seam is in `base` (how to add a source); `assemble` is where the served sources are made.
-"""
+# `assemble` below is where the served sources are made: adding a source is its own module
+# (see `base`) and one line here.
 
 from __future__ import annotations
 
