@@ -16,7 +16,8 @@ class Candidate:
 
     word: str
     score: float
-    kind: str = "word"  # "word" or "punct"
+    kind: str = "word"  # "word", "punct" or "correction" (of the typed part of the word)
+    replaces: int | None = None  # a correction: how many characters before the cursor it replaces
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: value for f in fields(self) if (value := getattr(self, f.name)) is not None}

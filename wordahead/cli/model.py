@@ -118,6 +118,21 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
         help="also type with phrase completion (ghost text, the daemon's settings): KSR with "
         "phrases, trigger rate, precision",
     )
+    p.add_argument(
+        "--slips",
+        type=float,
+        default=None,
+        metavar="RATE",
+        help="type with slips of the finger at RATE per letter (e.g. 0.03), with typo "
+        "correction off and on: the word meant in the top 3 after one slip, false "
+        "corrections, KSR clean and with slips (wordahead/evaluate/noise.py)",
+    )
+    p.add_argument(
+        "--misspellings",
+        default=None,
+        metavar="FILE",
+        help="with --slips: real misspellings to type ('meant: typed, typed' lines)",
+    )
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -125,6 +140,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from wordahead.predict.sources.phrase_completion import PhraseSettings
 
     model = model_dir(args)
+    if args.slips is not None:
+        return _eval_slips(args, model)
 
     def progress(stage: str, done: int, total: int) -> None:
         if sys.stderr.isatty():
@@ -168,6 +185,31 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     if args.plot:
         print(f"plot: {args.plot}")
+    return 0
+
+
+def _eval_slips(args: argparse.Namespace, model: Path) -> int:
+    from wordahead.evaluate.harness import served_adapter
+    from wordahead.evaluate.noise import typo_comparison
+
+    if not 0.0 <= args.slips <= 1.0:
+        raise KeyboardError(f"--slips is a rate per letter from 0 to 1 (got {args.slips})")
+    if args.personalize:
+        raise KeyboardError("--slips types with a stored adapter (--adapter), not --personalize")
+    served = served_adapter(Home.from_env(), model, args.adapter or "active")
+    misspellings = Path(args.misspellings) if args.misspellings else None
+    result = typo_comparison(
+        Path(args.file), model, served, args.slips, k=args.k, max_lines=args.max_lines,
+        threads=args.threads, misspellings=misspellings,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps({"file": args.file, "adapter": served.version, **result}, indent=2))
+        return 0
+    metrics = ("slip_top3", "false_corrections", "ksr_clean", "ksr_noisy", "latency_p50_ms")
+    print(f"{args.file}: adapter {served.version}, slips at {args.slips:g} per letter")
+    print(f"{'':8}" + "".join(f"{m:>19}" for m in metrics))
+    for name, report in result.items():
+        print(f"{name:8}" + "".join(f"{report[m]:>19.4f}" for m in metrics))
     return 0
 
 

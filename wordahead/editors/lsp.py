@@ -19,6 +19,7 @@ from pygls.workspace import TextDocument
 from wordahead import __version__
 from wordahead.daemon.client import DaemonClient, DaemonNotRunning
 from wordahead.daemon.protocol import RpcError
+from wordahead.editors.corrections import correction_item, corrections
 from wordahead.editors.editor_text import (
     Piece,
     TypedRun,
@@ -57,6 +58,7 @@ class EditorConfig:
     items: int = 5  # completion items
     inline_words: int = 8  # ghost text: at most this many of the daemon's phrase (0: none)
     context_chars: int = 2000  # how much text before the cursor the daemon sees
+    corrections: bool = True  # offer the daemon's corrections of a mistyped word
 
     @classmethod
     def from_options(cls, options: Any) -> EditorConfig:
@@ -72,6 +74,7 @@ class EditorConfig:
             "items": int,
             "inline_words": int,
             "context_chars": int,
+            "corrections": bool,
         }
         values: dict[str, Any] = {}
         for key, value in options.items():
@@ -424,10 +427,19 @@ async def completion(ls: KeyboardServer, params: lsp.CompletionParams) -> lsp.Co
     prefix = prediction.get("prefix") or ""
     start = _prefix_start(ls.workspace.get_text_document(uri), position, context, prefix)
     replace = lsp.Range(start=start, end=position)
-    candidates = {c["word"]: c for c in _words(prediction)}
+    offered = _words(prediction) + (corrections(prediction) if ls.config.corrections else [])
+    offered.sort(key=lambda c: -c.get("score", 0.0))
+    candidates: dict[str, dict[str, Any]] = {}
+    for cand in offered:
+        candidates.setdefault(cand["word"], cand)  # in order of score; a word once
     items = []
+    text_doc = ls.workspace.get_text_document(uri)
     for rank, word in enumerate(shown.show(list(candidates), ls.config.items)):
         cand = candidates[word]
+        if cand.get("kind") == "correction":
+            command = ls.accept_command(doc, context, word)
+            items.append(correction_item(text_doc, position, context, cand, rank, command))
+            continue
         text = insertion(context, prefix if start != position else "", word)
         items.append(
             lsp.CompletionItem(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from wordahead.predict.engine import Engine
+from wordahead.predict.near_search import near_words_decoded
 from wordahead.predict.query import SURROGATES, Query
 from wordahead.predict.search import (
     BEAM_WIDTH,
@@ -51,6 +52,13 @@ class ContextModel:
             exact=True,
         )  # fmt: skip
         return found.get(raw, 0.0)
+
+    def near_words(
+        self, spellings: dict[str, float], k: int, floor: float = 0.0, before: str | None = None
+    ) -> dict[str, float]:
+        root, evaluate, lead = self._at(before)
+        real = self._engine.real
+        return near_words_decoded(self._table, root, evaluate, lead, spellings, k, real, floor)
 
     def is_real(self, word: str) -> bool:
         real = self._engine.real

@@ -77,6 +77,7 @@ class Lexicon:
         self._words = _Packed(_sorted_words(words))
         self._is_word: dict[str, bool] = {}
         self._starts: dict[str, bool] = {}
+        self._next: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self._words)
@@ -97,6 +98,37 @@ class Lexicon:
             known = _has_digit(part) or self._find(part) >= 0
             _remember(self._starts, part, known)
         return known
+
+    def next_letters(self, part: str) -> str:
+        """The characters that come after `part` (lower-cased) in the words that start with
+        it, in order, each once: the children of `part` in the words' trie (one bisection per
+        child), for the typo search (wordahead.predict.slips)."""
+        known = self._next.get(part)
+        if known is None:
+            known = self._children(part.lower().encode("utf-8"))
+            if len(self._next) >= MEMO_SIZE:
+                self._next.clear()
+            self._next[part] = known
+        return known
+
+    def _children(self, key: bytes) -> str:
+        words, n = self._words, len(key)
+        i = bisect.bisect_left(words, key)
+        found: list[str] = []
+        while i < len(words):
+            word = words[i]
+            if not word.startswith(key):
+                break
+            if len(word) == n:
+                i += 1
+                continue
+            lead = word[n]  # the next character's first byte says how many bytes it takes
+            size = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+            char = word[n : n + size]
+            found.append(char.decode("utf-8", errors="replace"))
+            # Past every word with this character next: its last byte + 1 sorts after them.
+            i = bisect.bisect_left(words, key + char[:-1] + bytes([char[-1] + 1]), i + 1)
+        return "".join(found)
 
     def _find(self, part: str) -> int:
         """0: `part` is a word; 1: a longer word starts with it; -1: no word does."""

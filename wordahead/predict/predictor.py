@@ -43,6 +43,7 @@ from wordahead.predict.sources import assemble
 from wordahead.predict.sources.base import Draft, SuggestionSource
 from wordahead.predict.sources.phrase_file import PhraseError
 from wordahead.predict.sources.phrases import PhraseModel
+from wordahead.predict.sources.typos import TypoCorrection, TypoSettings
 from wordahead.predict.tokens import TokenTable
 from wordahead.predict.words import WORD_RE
 from wordahead.types import MAX_PUNCT, Candidate, Prediction
@@ -66,6 +67,7 @@ class Predictor:
         cache: bool = True,
         context_tokens: int = 96,
         slots: int = SLOTS,
+        typos: TypoSettings | None = None,
     ) -> None:
         self.artifacts = ArtifactSet.open(model_dir)
         self.slots = slots  # key/value cache slots: clients typing at once (cache on)
@@ -96,7 +98,9 @@ class Predictor:
         self._swap = threading.Lock()  # one adapter load at a time
         self._tokenized: dict[tuple[str, bool], tuple[int, ...]] = {}  # oldest first
         self._tokenized_lock = threading.Lock()
-        self._engine = self._build(None, "base")
+        typos = typos or TypoSettings.from_env()  # corrections (wordahead.predict.sources.typos)
+        self.typos = TypoCorrection(self.lexicon, typos) if typos.enabled and self.lexicon else None
+        self._engine = self._build(None, "base", assemble(None, self.lexicon, self.typos))
 
     def _build(
         self,
@@ -172,7 +176,7 @@ class Predictor:
             except PhraseError as exc:
                 log.warning("user phrases left out: %s", exc)
                 phrases, ok = None, False
-        sources = tuple(given) if given is not None else assemble(phrases, self.lexicon)
+        sources = tuple(given) if given is not None else assemble(phrases, self.lexicon, self.typos)
         if adapter is None:
             if self._engine.version != "base" or not _same(self._engine.sources, sources):
                 self._engine = self._build(None, "base", sources, phrases)
@@ -187,8 +191,8 @@ class Predictor:
             log.warning(
                 "adapter %s could not be loaded, serving the base model instead: %s", name, exc
             )
-            if self._engine.version != "base" or self._engine.sources:
-                self._engine = self._build(None, "base")
+            if self._engine.version != "base" or self._engine.phrases is not None:
+                self._engine = self._build(None, "base", assemble(None, self.lexicon, self.typos))
             return False
         self._engine = engine
         log.info("serving adapter %s%s", version, " with user phrases" if phrases else "")

@@ -70,6 +70,15 @@ class LanguageModel(Protocol):
         the search finds it too unlikely to finish within its depth)."""
         ...
 
+    def near_words(
+        self, spellings: dict[str, float], k: int, floor: float = 0.0, before: str | None = None
+    ) -> dict[str, float]:
+        """The k most probable real words starting with any of `spellings` ({spelling:
+        weight}) after `before`, each scored weight * P(word | before) (its best spelling's),
+        those above `floor` only: one search for all the spellings (the typo source asks
+        about the real words a mistyped part may have been meant as)."""
+        ...
+
     def is_real(self, word: str) -> bool:
         """A word the model's lexicon or a source's vocabulary holds (any word without a
         lexicon)."""
