@@ -14,8 +14,8 @@ then scored from them:
              per user and the means, for the settings given (default: the daemon's)
     tune     (dev only) the grid of settings: for each, the mean precision, trigger rate and
              KSR gain over the users; the chosen one is the largest mean gain among those
-             whose mean precision reaches --target-precision (none does: the most precise
-             of those shown at --min-trigger of the word starts or more)
+             whose mean precision reaches --target-precision and that shows a phrase at
+             --min-trigger of the word starts or more (none does: the most precise of those)
 
 Prints JSON on stdout (a summary table on stderr).
 
@@ -219,7 +219,11 @@ def main() -> None:
         for s in settings_grid():
             grid.append({"settings": asdict(s), "means": means(score(traces, s))})
         out["grid"] = grid
-        ok = [g for g in grid if all(
+        # A precision is only measured where phrases are shown: at least --min-trigger of
+        # the word starts, for every model.
+        shows = [g for g in grid if all(
+            m["trigger_rate"] >= args.min_trigger for m in g["means"].values())]  # fmt: skip
+        ok = [g for g in shows if all(
             m["precision"] >= args.target_precision for m in g["means"].values())]  # fmt: skip
         best = max(ok, key=lambda g: sum(m["phrase_ksr"] for m in g["means"].values()),
                    default=None)  # fmt: skip
@@ -228,11 +232,13 @@ def main() -> None:
             # No setting is that precise on the dev lines: the most precise one that still
             # shows a phrase at --min-trigger of the word starts (a ghost that is rarely
             # there but mostly right beats one that is often there and mostly wrong).
-            shows = [g for g in grid if all(
-                m["trigger_rate"] >= args.min_trigger for m in g["means"].values())]  # fmt: skip
             best = max(shows, key=lambda g: min(m["precision"] for m in g["means"].values()),
                        default=None)  # fmt: skip
         out["chosen"] = best
+        # For the record: what the most keystrokes would cost in precision.
+        out["most_saved"] = max(
+            grid, key=lambda g: sum(m["phrase_ksr"] for m in g["means"].values())
+        )
         if best is not None:
             settings = PhraseSettings(**best["settings"])
     rows = score(traces, settings)
