@@ -62,11 +62,11 @@ class JobConfig:
     choose_share: bool = True
     groups: str = ""  # adapter groups trained, e.g. "attention,mlp" ("": the model's choice)
     # Phrase completion (ghost text) the daemon offers: at most phrase_max_words words, only
-    # above phrase_threshold (set on the users' dev lines for a target precision; see
-    # wordahead.predict.sources.phrase_completion); false: no phrases.
+    # above phrase_threshold (set on the users' dev lines, docs/results.md "Phrase
+    # completion"; see wordahead.predict.sources.phrase_completion); false: no phrases.
     phrase_completion: bool = True
-    phrase_max_words: int = 4
-    phrase_threshold: float = 0.35
+    phrase_max_words: int = 2
+    phrase_threshold: float = 0.1
 
     @classmethod
     def load(cls, path: Path) -> JobConfig:
