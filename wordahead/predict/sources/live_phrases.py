@@ -2,7 +2,8 @@
 over them, so a word typed an hour ago is suggested now and not only after the nightly job.
 
 The stored `PhraseModel` (the active adapter version's, counted by the last job) is read only
-through `candidates` and `evidence`; the recent text has a small `PhraseModel` of its own.
+through `candidates` and `evidence`; the recent text has counts of its own (`RecentCounts`),
+updated in place, so learning a message costs that message, however much was typed before.
 The user model the Predictor blends in counts both, the recent text `recent_boost` times: as if
 the job had just run, with the newest text weighing more (a cache model: what was typed an
 hour ago predicts the next message better than its share of the counts says):
@@ -21,9 +22,8 @@ import heapq
 import threading
 from collections.abc import Iterable, Iterator
 
-from wordahead.predict.lexicon import Lexicon
 from wordahead.predict.query import Query
-from wordahead.predict.sources.base import Draft, LanguageModel, WordSet
+from wordahead.predict.sources.base import Draft, LanguageModel
 from wordahead.predict.sources.phrases import (
     CANDIDATES,
     DEFAULT_WEIGHT,
@@ -33,6 +33,7 @@ from wordahead.predict.sources.phrases import (
     mix,
     witten_bell,
 )
+from wordahead.predict.sources.recent_counts import RecentCounts
 
 # How many times a recently typed n-gram counts, set on the users' history (docs/results.md,
 # "Learning as you type").
@@ -54,9 +55,12 @@ class LivePhrases:
     ) -> None:
         self.stored = stored
         self.recent_boost = recent_boost
-        self.recent = PhraseModel.from_texts(texts, max_ngrams=MAX_RECENT_NGRAMS)
-        self._lock = threading.Lock()  # swapping `recent` vs blend (prediction threads)
-        self._learning = threading.Lock()  # one learner at a time
+        self.recent = RecentCounts(MAX_RECENT_NGRAMS)
+        for text in texts:
+            self.recent.learn(text)
+        # Learning vs reading the recent counts (prediction threads; reentrant: blend reads
+        # through candidates and probability).
+        self._lock = threading.RLock()
 
     @property
     def weight(self) -> float:
@@ -73,16 +77,10 @@ class LivePhrases:
         return self.recent.words
 
     def learn(self, text: str) -> None:
-        """Count one message the user just typed (as the typing log stored it). The recent
-        model is rebuilt aside and swapped in, so predictions never wait for the rebuild."""
-        with self._learning:
-            counts = self.recent.thaw()
-            counts.learn(text)
-            if counts.ngrams > 2 * MAX_RECENT_NGRAMS:  # prune rarely: it is a full pass
-                counts.prune(MAX_RECENT_NGRAMS)
-            fresh = counts.freeze(self.recent.weight)
-            with self._lock:
-                self.recent = fresh
+        """Count one message the user just typed (as the typing log stored it): its n-grams
+        only, so a prediction waits at most that long."""
+        with self._lock:
+            self.recent.learn(text)
 
     def _scores(self, words: list[str], context: tuple[str, ...]) -> list[float]:
         """P_user of each of `words` after `context`, from both models' counts."""
@@ -90,18 +88,23 @@ class LivePhrases:
             evidence = self.recent.evidence(words, context)
         else:
             evidence = self.stored.evidence(words, context)
-            if self.recent.unigrams:
+            if self.recent.words:
                 evidence = evidence.plus(self.recent.evidence(words, context), self.recent_boost)
         return witten_bell(evidence).tolist()
 
     def probability(self, word: str, context: tuple[str, ...]) -> float:
-        return self._scores([word], context)[0]
+        with self._lock:
+            return self._scores([word], context)[0]
 
     def candidates(self, context: tuple[str, ...], prefix: str, limit: int) -> dict[str, float]:
+        with self._lock:
+            return self._candidates(context, prefix, limit)
+
+    def _candidates(self, context: tuple[str, ...], prefix: str, limit: int) -> dict[str, float]:
         pool: set[str] = set()
         if self.stored is not None:
             pool.update(self.stored.candidates(context, prefix, limit))
-        if self.recent.unigrams:
+        if self.recent.words:
             pool.update(self.recent.candidates(context, prefix, limit))
         words = sorted(pool)
         scored = dict(zip(words, self._scores(words, context), strict=True))
@@ -117,12 +120,12 @@ class LivePhrases:
     ) -> dict[str, float]:
         """As `PhraseModel.blend`, with the mixture of the stored and the recent model."""
         with self._lock:
-            if not self.recent.unigrams:  # nothing typed since the job: the stored model's own
+            if not self.recent.words:  # nothing typed since the job: the stored model's own
                 return lm if self.stored is None else self.stored.blend(
                     lm, before, at_start, prefix, k
                 )  # fmt: skip
             context = last_tokens(before, at_start)
-            user = self.candidates(context, prefix, max(CANDIDATES, k))
+            user = self._candidates(context, prefix, max(CANDIDATES, k))
             known = [w for w in lm if w not in user and self._knows(w)]
             if known:
                 user.update(zip(known, self._scores(known, context), strict=True))
@@ -133,13 +136,11 @@ class LivePhrases:
         words = self.blend(draft.words, query.window, query.at_start, query.prefix, query.k)
         return draft.blended(words, self.weight)
 
-    def vocabulary(self) -> WordSet:
+    def vocabulary(self) -> _Vocabulary:
         """The words of either model count as real: the stored ones' prefixes as made once,
-        the recent ones' as they are now (asked again after each message learned)."""
-        prefixes = [Lexicon(self.recent.unigrams)]
-        if self.stored is not None:
-            prefixes.insert(0, self.stored.prefixes())
-        return WordSet(self.unigrams, tuple(prefixes))
+        the recent ones' as they are (kept sorted as they come: nothing to make again after
+        each message)."""
+        return _Vocabulary(self)
 
 
 class _Words:
@@ -153,6 +154,24 @@ class _Words:
 
     def __iter__(self) -> Iterator[str]:
         live = self._live
-        yield from live.recent.unigrams
+        with live._lock:
+            recent = list(live.recent.unigrams)  # a copy: learning goes on meanwhile
+        yield from recent
         if live.stored is not None:
             yield from (w for w in live.stored.unigrams if w not in live.recent.unigrams)
+
+
+class _Vocabulary:
+    """The words of the stored and the recent model (a `Vocabulary`)."""
+
+    def __init__(self, live: LivePhrases) -> None:
+        self._live = live
+        self._stored = live.stored.prefixes() if live.stored is not None else None
+
+    def __contains__(self, word: object) -> bool:
+        return isinstance(word, str) and self._live._knows(word)
+
+    def has_prefix(self, part: str) -> bool:
+        if self._stored is not None and self._stored.has_prefix(part):
+            return True
+        return self._live.recent.has_prefix(part)
