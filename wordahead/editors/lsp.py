@@ -28,6 +28,7 @@ from wordahead.editors.editor_text import (
     insertion,
     language_kind,
 )
+from wordahead.editors.lsp_wire import FastPositionCodec, KeyboardProtocol
 from wordahead.predict.shown import ShownInWord, score_label
 from wordahead.predict.words import split_prefix
 from wordahead.store.redaction import excluded_by
@@ -173,7 +174,7 @@ class KeyboardServer(LanguageServer):
     """The LSP server: documents, settings, the daemon link and the queue of text to log."""
 
     def __init__(self, socket_path: str | Path | None = None) -> None:
-        super().__init__("keyboard", __version__)
+        super().__init__("keyboard", __version__, protocol_cls=KeyboardProtocol)
         self.config = EditorConfig()
         self.documents: dict[str, OpenDocument] = {}
         self.daemon = DaemonLink(socket_path)
@@ -314,13 +315,15 @@ def _lines_before(doc: TextDocument, position: lsp.Position, max_chars: int) -> 
     if not lines:
         return [""]
     at = doc.position_from_client_units(lsp.Position(position.line, position.character))
+    # Each line cut to what is left of the window first: a 20 MB line costs a slice.
     if at.line >= len(lines):
         out, size, row = [""], 0, len(lines) - 1
     else:
-        current = lines[at.line][: at.character].rstrip("\r\n")
+        current = lines[at.line][max(0, at.character - max_chars) : at.character]
+        current = current.rstrip("\r\n")
         out, size, row = [current], len(current), at.line - 1
     while row >= 0 and size < max_chars:
-        line = lines[row].rstrip("\r\n")
+        line = lines[row][-(max_chars - size) - 2 :].rstrip("\r\n")
         out.append(line)
         size += len(line) + 1
         row -= 1
@@ -348,6 +351,9 @@ def initialize(ls: KeyboardServer, params: lsp.InitializeParams) -> None:
         ls.config = EditorConfig.from_options(params.initialization_options)
     except KeyboardError as exc:
         raise JsonRpcInvalidParams(f"keyboard: {exc}") from exc
+    # The same positions as pygls's codec, without its Python loop over a line's characters
+    # (the documents opened from now on take the workspace's).
+    ls.workspace._position_codec = FastPositionCodec(ls.workspace.position_encoding)
 
 
 async def shutdown(ls: KeyboardServer, *args: Any) -> None:
@@ -378,7 +384,7 @@ def did_change(ls: KeyboardServer, params: lsp.DidChangeTextDocumentParams) -> N
         if line >= len(lines):
             return ""
         at = text_doc.position_from_client_units(lsp.Position(line, character))
-        return lines[line][: at.character]
+        return lines[line][max(0, at.character - ls.config.context_chars) : at.character]
 
     pieces = []
     for change in params.content_changes:
