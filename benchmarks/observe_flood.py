@@ -12,11 +12,13 @@ at each point, as LivePhrases does it now and as it did before (the recent phras
 rebuilt on every message: `PhraseModel.thaw` + `learn` + `freeze`).
 
     nice python benchmarks/observe_flood.py [--model models/starter] [--messages 20000]
+        [--learn-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -71,20 +73,22 @@ def learn_costs(
             live.learn(lines[learned % len(lines)])
             learned += 1
         now, before = [], []
+        gc.collect()  # timed apart: a collection of the rebuilt model's objects is its own
+        for i in range(samples):
+            started = time.perf_counter()
+            live.learn(probes[i % len(probes)])
+            now.append(time.perf_counter() - started)
+            learned += 1
         rebuilt = PhraseModel.from_texts(
             (lines[i % len(lines)] for i in range(point)), max_ngrams=MAX_RECENT_NGRAMS
         )
         for i in range(samples):
-            text = probes[i % len(probes)]
-            started = time.perf_counter()
-            live.learn(text)
-            now.append(time.perf_counter() - started)
-            learned += 1
             started = time.perf_counter()
             counts = rebuilt.thaw()
-            counts.learn(text)
+            counts.learn(probes[i % len(probes)])
             rebuilt = counts.freeze(rebuilt.weight)
             before.append(time.perf_counter() - started)
+        del rebuilt, counts
         out[str(point)] = {
             "now_ms": ms(statistics.median(now)),
             "rebuilt_ms": ms(statistics.median(before)),
@@ -101,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=200, help="observe calls per p50")
     parser.add_argument("--predict-every-ms", type=float, default=50.0)
     parser.add_argument("--learn-samples", type=int, default=5)
+    parser.add_argument("--learn-only", action="store_true", help="no daemon: learn costs only")
     args = parser.parse_args(argv)
 
     from wordahead.daemon.client import DaemonClient
@@ -110,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     # The same messages are timed at each point (message lengths vary a hundredfold).
     probes = [line for line in lines if 5 <= len(line.split()) <= 30][: args.window]
     learn = learn_costs(lines, probes, points, args.learn_samples)
+    if args.learn_only:
+        print(json.dumps({"messages": args.messages, "learn_one_message": learn}, indent=2))
+        return 0
 
     root = Path(tempfile.mkdtemp(prefix="kbflood", dir="/tmp"))
     socket = root / "s.sock"

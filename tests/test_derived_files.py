@@ -122,3 +122,14 @@ def test_an_empty_or_inflating_lexicon_is_refused_with_a_log_line(
     assert peak < 80 * 2**20, peak
     Lexicon.save(path, ["thank", "you"])
     assert len(Lexicon.load(path)) == 2
+
+
+def test_a_damaged_shipped_model_stops_with_what_to_do(model: Path) -> None:
+    """The one damage keyboard cannot repair: the message says how to restore the model."""
+    from wordahead.model.artifacts import ArtifactError
+
+    graph = model / "inference.onnx"
+    data = graph.read_bytes()
+    graph.write_bytes(data[: len(data) // 2])  # cut short, as by a full disk
+    with pytest.raises(ArtifactError, match="damaged: restore them.*KEYBOARD_MODEL"):
+        Predictor(model)

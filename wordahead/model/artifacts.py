@@ -213,6 +213,12 @@ def write_atomic(path: Path, write: Any) -> None:
         os.close(dir_fd)
 
 
+# A damaged shipped model is the one damage keyboard cannot repair by itself.
+DAMAGED_MODEL_ADVICE = (
+    "the model's files are damaged: restore them (the shipped starter: `git checkout "
+    "models/starter` in the checkout, or reinstall keyboard; another model: `keyboard "
+    "export` it again), or point KEYBOARD_MODEL at another model"
+)
 DAMAGED_SUFFIX = ".damaged"  # a derived file found damaged, kept beside it for a look
 
 
@@ -298,7 +304,7 @@ def adaptable_graph(model_path: str | Path, lora: Iterable[str]) -> tuple[bytes,
     try:
         model = onnx.load(str(model_path))
     except Exception as exc:  # protobuf's DecodeError, OSError: a damaged or missing graph
-        raise ArtifactError(f"cannot load {model_path}: {exc}") from exc
+        raise ArtifactError(f"cannot load {model_path}: {exc}; {DAMAGED_MODEL_ADVICE}") from exc
     graph = model.graph
     names = set(lora)
     inits = {i.name: i for i in graph.initializer if i.name in names}

@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 
 from wordahead.model import runtime
-from wordahead.model.artifacts import TREE_BIAS, TREE_OUTPUTS, ArtifactError, ArtifactSet
+from wordahead.model.artifacts import (
+    DAMAGED_MODEL_ADVICE,
+    TREE_BIAS,
+    TREE_OUTPUTS,
+    ArtifactError,
+    ArtifactSet,
+)
 from wordahead.predict.lexicon import Lexicon
 from wordahead.predict.real_words import RealWords
 from wordahead.predict.search import BEAM_WIDTH, Evaluate
@@ -93,7 +99,7 @@ def open_session(model: bytes, threads: int, source: Path) -> Any:
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types
-        raise ArtifactError(f"cannot load {source}: {exc}") from exc
+        raise ArtifactError(f"cannot load {source}: {exc}; {DAMAGED_MODEL_ADVICE}") from exc
 
 
 @dataclass(frozen=True)
