@@ -65,13 +65,15 @@ def _units(text: str, encoding: str | None) -> int:
 
 def _index(line: str, units: int, encoding: str | None) -> int:
     """The index in `line` where `units` client code units end (the end of a character cut
-    in two counts as after it, as pygls's codec counts)."""
+    in two counts as after it, as pygls's codec counts). Every character is at least one
+    unit, so only the first `units` characters are read."""
     if line.isascii() or encoding == lsp.PositionEncodingKind.Utf32:
         return min(units, len(line))
+    part = line[:units]
     codec, width = ("utf-8", 1) if encoding == lsp.PositionEncodingKind.Utf8 else ("utf-16-le", 2)
-    head = line.encode(codec, "surrogatepass")[: units * width]
+    head = part.encode(codec, "surrogatepass")[: units * width]
     index = len(head.decode(codec, "ignore"))
-    return index + 1 if index < len(line) and _units(line[:index], encoding) < units else index
+    return index + 1 if index < len(part) and _units(part[:index], encoding) < units else index
 
 
 class FastPositionCodec(PositionCodec):
@@ -88,11 +90,15 @@ class FastPositionCodec(PositionCodec):
             return ServerTextPosition(0, 0)
         if position.line >= len(lines):
             return ServerTextPosition(len(lines) - 1, _units(lines[-1], self.encoding))
-        line = lines[position.line].replace("\r\n", "\n")
-        total = _units(line, self.encoding)
-        if total == 0:
+        line = lines[position.line]
+        if line.endswith("\r\n"):  # only a line's end can hold one
+            line = line[:-2] + "\n"
+        character = position.character
+        if character > len(line):  # may be past the end: the line's length in units decides
+            total = _units(line, self.encoding)
+            character = character if character <= total else total - 1
+        if not line:
             return ServerTextPosition(position.line, 0)
-        character = position.character if position.character <= total else total - 1
         return ServerTextPosition(position.line, _index(line, character, self.encoding))
 
     def position_to_client_units(
