@@ -30,7 +30,6 @@ from wordahead.evaluate.simulate import (
     _bounded,
     _rank,
     _suggested,
-    percentile,
 )
 from wordahead.predict.shown import ShownInWord
 from wordahead.predict.sources.phrase_completion import (
@@ -174,20 +173,8 @@ def trace(
         prior = _bounded(lead + message, context_chars)
         if progress is not None:
             progress(index + 1, len(messages))
-    report = TypingReport(
-        k=k,
-        messages=len(messages),
-        chars=chars,
-        keystrokes=keystrokes,
-        ksr=1.0 - keystrokes / chars if chars else 0.0,
-        words=n_words,
-        top1=top1_hits / n_words if n_words else 0.0,
-        top3=top3_hits / n_words if n_words else 0.0,
-        predictions=len(latencies),
-        latency_p50_ms=percentile(latencies, 50),
-        latency_p95_ms=percentile(latencies, 95),
-        latency_p99_ms=percentile(latencies, 99),
-        seconds=time.perf_counter() - started,
+    report = TypingReport.of_counts(
+        k, len(messages), chars, keystrokes, n_words, top1_hits, top3_hits, latencies, started
     )
     return PhraseTrace(report, out)
 

@@ -49,6 +49,38 @@ class TypingReport:
     seconds: float  # wall time of the whole simulation
     nonwords: int = 0  # suggestions shown that are not real words (when a checker was given)
 
+    @classmethod
+    def of_counts(
+        cls,
+        k: int,
+        messages: int,
+        chars: int,
+        keystrokes: int,
+        words: int,
+        top1_hits: int,
+        top3_hits: int,
+        latencies: Sequence[float],
+        started: float,
+        nonwords: int = 0,
+    ) -> TypingReport:
+        """The report of a simulation that began at `started` (perf_counter) from its counts."""
+        return cls(
+            k=k,
+            messages=messages,
+            chars=chars,
+            keystrokes=keystrokes,
+            ksr=1.0 - keystrokes / chars if chars else 0.0,
+            words=words,
+            top1=top1_hits / words if words else 0.0,
+            top3=top3_hits / words if words else 0.0,
+            predictions=len(latencies),
+            latency_p50_ms=percentile(latencies, 50),
+            latency_p95_ms=percentile(latencies, 95),
+            latency_p99_ms=percentile(latencies, 99),
+            seconds=time.perf_counter() - started,
+            nonwords=nonwords,
+        )
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         for key, value in data.items():
@@ -154,22 +186,10 @@ def simulate(
             after_message(message)
         if progress is not None:
             progress(index + 1, len(messages))
-    return TypingReport(
-        k=k,
-        messages=len(messages),
-        chars=chars,
-        keystrokes=keystrokes,
-        ksr=1.0 - keystrokes / chars if chars else 0.0,
-        words=n_words,
-        top1=top1_hits / n_words if n_words else 0.0,
-        top3=top3_hits / n_words if n_words else 0.0,
-        predictions=len(latencies),
-        latency_p50_ms=percentile(latencies, 50),
-        latency_p95_ms=percentile(latencies, 95),
-        latency_p99_ms=percentile(latencies, 99),
-        seconds=time.perf_counter() - started,
-        nonwords=nonwords,
-    )
+    return TypingReport.of_counts(
+        k, len(messages), chars, keystrokes, n_words, top1_hits, top3_hits, latencies, started,
+        nonwords,
+    )  # fmt: skip
 
 
 def next_word_ranks(

@@ -182,6 +182,15 @@ def _read_npz(path: Path, shapes: dict[str, tuple[int, ...]] | None) -> Adapter:
     return tensors
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in blocks (graphs are tens of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def tensors_sha256(tensors: Mapping[str, np.ndarray]) -> str:
     """A content hash of LoRA tensors (names, shapes and float32 values, in name order)."""
     digest = hashlib.sha256()

@@ -17,7 +17,6 @@ MIN_WORDS words were measured and int8's loss is not significant (one-sided exac
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -28,7 +27,13 @@ from typing import Any
 
 from wordahead import paths
 from wordahead.model import runtime
-from wordahead.model.artifacts import ArtifactError, ArtifactSet, set_aside, write_atomic
+from wordahead.model.artifacts import (
+    ArtifactError,
+    ArtifactSet,
+    file_sha256,
+    set_aside,
+    write_atomic,
+)
 
 INT8_FILE = "inference.int8.onnx"  # 8-bit weights (a CPU with VNNI)
 INT8_7BIT_FILE = "inference.int8-7bit.onnx"  # 7-bit weights (any other CPU)
@@ -114,14 +119,6 @@ def quantize_model(
     return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _checksum_file(graph: Path) -> Path:
     """Beside a cached int8 graph: the digests of the graph and of the graph it was made from."""
     return graph.with_name(graph.name + ".sha256")
@@ -138,7 +135,7 @@ def _cached_graph_problem(graph: Path, source_sha256: str) -> str | None:
         return f"its checksum cannot be read: {exc}"
     if not isinstance(expected, dict) or expected.get("source_sha256") != source_sha256:
         return "made from another version of the model"
-    if expected.get("sha256") != _sha256(graph):
+    if expected.get("sha256") != file_sha256(graph):
         return "its bytes do not match the checksum recorded when it was made"
     return None
 
@@ -148,7 +145,7 @@ def int8_model(artifacts: ArtifactSet) -> Path:
     model (or under the keyboard home when the model directory is read-only). A cached graph
     is used only if its checksum matches; a damaged one is set aside and made again."""
     source = artifacts.inference_model
-    source_sha256 = _sha256(source)
+    source_sha256 = file_sha256(source)
     name = INT8_FILE if int8_variant() == "8-bit" else INT8_7BIT_FILE
     if os.access(artifacts.root, os.W_OK):
         target = artifacts.root / name
@@ -160,7 +157,7 @@ def int8_model(artifacts: ArtifactSet) -> Path:
             return target
         set_aside(target, problem)
     quantize_model(source, target, set(artifacts.lora_shapes))
-    record = {"source_sha256": source_sha256, "sha256": _sha256(target)}
+    record = {"source_sha256": source_sha256, "sha256": file_sha256(target)}
     write_atomic(_checksum_file(target), lambda f: f.write(json.dumps(record).encode()))
     return target
 
@@ -185,7 +182,7 @@ def int8_by_default(artifacts: ArtifactSet) -> bool:
     except ArtifactError as exc:  # a derived file: serving goes on in fp32
         set_aside(artifacts.root / RECORD_FILE, f"{exc}; serving the fp32 graph")
         return False
-    if not record or record.get("inference_sha256") != _sha256(artifacts.inference_model):
+    if not record or record.get("inference_sha256") != file_sha256(artifacts.inference_model):
         return False
     return record.get("variant") == int8_variant() and bool(record.get("int8_ok"))
 
@@ -221,7 +218,7 @@ def paired_top3_test(fp32_ranks: Sequence[int], int8_ranks: Sequence[int]) -> di
 def write_record(artifacts: ArtifactSet, test: dict[str, Any], **extra: Any) -> dict:
     """Store a paired measurement (`paired_top3_test`) and the decision it implies."""
     record = {
-        "inference_sha256": _sha256(artifacts.inference_model),
+        "inference_sha256": file_sha256(artifacts.inference_model),
         "variant": int8_variant(),
         "test": test,
         "min_words": MIN_WORDS,

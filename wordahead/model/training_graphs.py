@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wordahead.model.artifacts import set_aside, write_atomic
+from wordahead.model.artifacts import file_sha256, set_aside, write_atomic
 from wordahead.types import KeyboardError
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ def training_files(artifacts: ArtifactSet, groups: list[str], cache_dir: Path) -
         if done.returncode != 0:
             tail = (done.stderr or "").strip().splitlines()[-3:]
             raise GroupError(f"cannot make the training graphs for {'+'.join(groups)}: {tail}")
-        digests = {name: _sha256(staging / name) for name in GRAPH_FILES}
+        digests = {name: file_sha256(staging / name) for name in GRAPH_FILES}
         text = json.dumps(digests)
         write_atomic(staging / CHECKSUM_FILE, lambda f: f.write(text.encode()))
         if out.exists():  # another job made it meanwhile, or a damaged earlier attempt
@@ -161,14 +161,6 @@ def training_files(artifacts: ArtifactSet, groups: list[str], cache_dir: Path) -
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _cache_problem(out: Path) -> str | None:
@@ -184,7 +176,7 @@ def _cache_problem(out: Path) -> str | None:
         return "their checksum cannot be read"
     for name in GRAPH_FILES:
         try:
-            if _sha256(out / name) != expected.get(name):
+            if file_sha256(out / name) != expected.get(name):
                 return f"{name} does not match the checksum recorded when it was made"
         except OSError as exc:
             return f"{name} cannot be read: {exc.strerror}"
