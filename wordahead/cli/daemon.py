@@ -26,9 +26,14 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from wordahead.daemon import server
     from wordahead.install.session import command_name
+    from wordahead.predict.sources.typos import TypoSettings
 
     config = server.ServeConfig(
-        socket_path(args), model_dir(args), Home.from_env(), threads=args.threads
+        socket_path(args),
+        model_dir(args),
+        Home.from_env(),
+        threads=args.threads,
+        typos=TypoSettings.from_env(),
     )
     if args.foreground:
         return server.serve(config)

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from wordahead import memory, paths
 from wordahead.daemon import protocol as rpc
 from wordahead.daemon.connections import Connections
 from wordahead.paths import Home
+from wordahead.predict.sources.typos import TypoSettings
 from wordahead.types import KeyboardError
 
 if TYPE_CHECKING:  # imported when the daemon loads: `serve` in the background stays light
@@ -56,6 +57,7 @@ class ServeConfig:
     home: Home
     threads: int = 1  # ONNX Runtime intra-op threads per prediction
     workers: int = 0  # predictions run at once; 0: one per core (at most 4)
+    typos: TypoSettings = field(default_factory=TypoSettings)  # typo correction, layout
 
     def inference_workers(self) -> int:
         if self.workers > 0:
@@ -259,7 +261,7 @@ class Daemon:
         typing_log = TypingLogThread(home.typing_log, self._log_pool)
         opened = self._log_pool.submit(typing_log.open)  # meanwhile, on its thread
         try:
-            predictor = Predictor(model_dir, threads=self.config.threads)
+            predictor = Predictor(model_dir, threads=self.config.threads, typos=self.config.typos)
             store = AdapterStore.in_home(home, predictor.artifacts)
         finally:
             opened.result()  # a log that will not open is reported; predictions are served

@@ -98,7 +98,7 @@ class Predictor:
         self._swap = threading.Lock()  # one adapter load at a time
         self._tokenized: dict[tuple[str, bool], tuple[int, ...]] = {}  # oldest first
         self._tokenized_lock = threading.Lock()
-        typos = typos or TypoSettings.from_env()  # corrections (wordahead.predict.sources.typos)
+        typos = typos or TypoSettings()  # corrections; the daemon passes the user's settings
         self.typos = TypoCorrection(self.lexicon, typos) if typos.enabled and self.lexicon else None
         self._engine = self._build(None, "base", assemble(None, self.lexicon, self.typos))
 
