@@ -95,6 +95,23 @@ def test_predict_shows_no_meaningless_scores(
     assert lines == ["time\t42%", "timely", "timer"]
 
 
+def test_predict_says_what_a_correction_replaces(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    candidates = [
+        {"word": "receive", "score": 0.31, "kind": "correction", "replaces": 7},
+        {"word": "recieve", "score": 0.0, "kind": "word"},
+    ]
+    _FakeDaemon.answers = {
+        "predict": {"prefix": "recieve", "candidates": candidates, "adapter": "base",
+                    "latency_ms": 2}
+    }  # fmt: skip
+    monkeypatch.setattr(client, "DaemonClient", _FakeDaemon)
+    assert main(["predict", "I will recieve"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["receive\t31%  (correcting 'recieve')", "recieve"]
+
+
 def test_status_reads_as_sentences_not_json() -> None:
     status = {
         "pid": 7,

@@ -92,6 +92,9 @@ def run_predict(args: argparse.Namespace) -> int:
         return 0
     for c in result["candidates"]:
         label = score_label(c["score"])
+        if c.get("kind") == "correction":  # say what it replaces: the typed text is not its prefix
+            typed = args.text[len(args.text) - c["replaces"] :]
+            label = f"{label}  (correcting {typed!r})".strip()
         print(f"{c['word']}\t{label}" if label else c["word"])
     print(f"({result['adapter']} adapter, {result['latency_ms']:.1f} ms)", file=sys.stderr)
     return 0
