@@ -4,7 +4,7 @@ For each user file, the phrase-aware simulated user (`wordahead.evaluate.phrase_
 the first --max-lines lines after the user's history (`--split test`: the test lines, the
 last 20%; `--split dev`: the last fifth of the history, for tuning) with the base model and
 with the user's personalized model (the nightly job's adapter and phrases, read from
-`--homes DIR/USER/job.json`, as prepared by running the job on the history: `dev` homes on the
+`--homes DIR/USER/job.json`, as benchmarks/trained_homes.py prepares them by running the job: `dev` homes on the
 history without its last fifth, `test` homes on the whole history). One typing pass per user
 and model records the phrase search's chains (cached in --traces); every phrase setting is
 then scored from them:
