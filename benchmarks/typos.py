@@ -45,7 +45,7 @@ from wordahead.predict.sources.phrases import PhraseModel  # noqa: E402
 from wordahead.predict.sources.typos import TypoSettings  # noqa: E402
 
 USERS = REPO.parent / "shared" / "corpus" / "users"
-MODEL = REPO.parent / "snap" / "models" / "starter"
+MODEL = REPO / "models" / "starter"
 SEED = 26
 
 
