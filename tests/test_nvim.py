@@ -112,22 +112,18 @@ def served(tiny_llama: Path) -> Iterator[Served]:
     yield from serve(tiny_llama)
 
 
-def entries(served: Served) -> list[tuple[str, str, str]]:
-    with sqlite3.connect(served.home / "typing_log.db") as db:
-        return list(db.execute("SELECT source, kind, text FROM entries ORDER BY id"))
-
-
-def test_neovim_types_and_completes(served: Served, tmp_path: Path) -> None:
-    driver = tmp_path / "driver.lua"
-    driver.write_text(DRIVER)
-    note = tmp_path / "note.txt"
+def run_driver(driver: str, served: Served, tmp_path: Path, file: Path) -> dict[str, Any]:
+    """Run the Lua `driver` in a headless Neovim on `file`, against the daemon `served`, with
+    the plugin on its runtime path; the result it wrote, checked for its own error."""
+    script = tmp_path / "driver.lua"
+    script.write_text(driver)
     out = tmp_path / "result.json"
     env = dict(
         os.environ,
         KB_OUT=str(out),
         KB_PLUGIN=str(PLUGIN),
         KB_PYTHON=sys.executable,
-        KB_FILE=str(note),
+        KB_FILE=str(file),
         KEYBOARD_SOCKET=str(served.socket),
         KEYBOARD_HOME=str(served.home),
         XDG_STATE_HOME=str(tmp_path / "state"),  # Neovim's lsp.log and shada stay here
@@ -135,12 +131,8 @@ def test_neovim_types_and_completes(served: Served, tmp_path: Path) -> None:
         XDG_CONFIG_HOME=str(tmp_path / "config"),
     )
     assert NVIM is not None
-    # What the menu will show, asked now: once Neovim sends the typed line, the daemon learns
-    # it (wordahead.predict.sources.live_phrases) and its next words after "I would like to " may change.
-    with DaemonClient(served.socket) as client:
-        expected = client.call("predict", context="I would like to ", k=5)
     proc = subprocess.run(
-        [NVIM, "--headless", "-u", "NONE", "-i", "NONE", "-n", "-c", f"luafile {driver}"],
+        [NVIM, "--headless", "-u", "NONE", "-i", "NONE", "-n", "-c", f"luafile {script}"],
         env=env,
         capture_output=True,
         timeout=60,
@@ -149,6 +141,21 @@ def test_neovim_types_and_completes(served: Served, tmp_path: Path) -> None:
     assert out.exists(), f"Neovim wrote no result:\n{proc.stdout!r}\n{proc.stderr!r}"
     result: dict[str, Any] = json.loads(out.read_text())
     assert result.get("error") is None, (result, proc.stderr)
+    return result
+
+
+def entries(served: Served) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(served.home / "typing_log.db") as db:
+        return list(db.execute("SELECT source, kind, text FROM entries ORDER BY id"))
+
+
+def test_neovim_types_and_completes(served: Served, tmp_path: Path) -> None:
+    note = tmp_path / "note.txt"
+    # What the menu will show, asked now: once Neovim sends the typed line, the daemon learns
+    # it (wordahead.predict.sources.live_phrases) and its next words after "I would like to " may change.
+    with DaemonClient(served.socket) as client:
+        expected = client.call("predict", context="I would like to ", k=5)
+    result = run_driver(DRIVER, served, tmp_path, note)
     assert result["filetype"] == "text"
     assert result["omnifunc"] == "v:lua.vim.lsp.omnifunc"
     assert result["commands"] == [2, 2, 2]  # :KeyboardPause, :KeyboardResume, :KeyboardStatus

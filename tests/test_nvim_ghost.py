@@ -3,20 +3,15 @@ the cursor, a key takes its next word, another the rest, and the taking is repor
 
 from __future__ import annotations
 
-import json
-import os
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.daemon_process import Served
 from tests.test_ghost_text import serve_phrases
-from tests.test_nvim import NVIM, PLUGIN
+from tests.test_nvim import NVIM, run_driver
 from wordahead.daemon.client import DaemonClient
 
 pytestmark = pytest.mark.skipif(NVIM is None, reason="nvim is not installed")
@@ -96,35 +91,10 @@ def served(tiny_llama: Path) -> Iterator[Served]:
 
 
 def test_neovim_shows_the_phrase_and_keys_take_it(served: Served, tmp_path: Path) -> None:
-    driver = tmp_path / "driver.lua"
-    driver.write_text(DRIVER)
-    out = tmp_path / "result.json"
-    env = dict(
-        os.environ,
-        KB_OUT=str(out),
-        KB_PLUGIN=str(PLUGIN),
-        KB_PYTHON=sys.executable,
-        KB_FILE=str(tmp_path / "note.txt"),
-        KEYBOARD_SOCKET=str(served.socket),
-        KEYBOARD_HOME=str(served.home),
-        XDG_STATE_HOME=str(tmp_path / "state"),
-        XDG_DATA_HOME=str(tmp_path / "data"),
-        XDG_CONFIG_HOME=str(tmp_path / "config"),
-    )
     with DaemonClient(served.socket) as client:
         phrase = client.call("phrase", context="I would like to bo")["phrase"]
     assert phrase is not None
-    assert NVIM is not None
-    proc = subprocess.run(
-        [NVIM, "--headless", "-u", "NONE", "-i", "NONE", "-n", "-c", f"luafile {driver}"],
-        env=env,
-        capture_output=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
-    assert out.exists(), f"Neovim wrote no result:\n{proc.stdout!r}\n{proc.stderr!r}"
-    result: dict[str, Any] = json.loads(out.read_text())
-    assert result.get("error") is None, (result, proc.stderr)
+    result = run_driver(DRIVER, served, tmp_path, tmp_path / "note.txt")
     # The ghost is the rest of the phrase after what was typed, drawn at the cursor.
     assert result["shown"] == phrase["text"] == result["virt_text"]
     assert result["mark_col"] == len("I would like to bo")
