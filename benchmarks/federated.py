@@ -43,9 +43,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-DEFAULT_USERS = REPO.parent / "shared" / "corpus" / "users"
+DEFAULT_USERS = REPO.parent / "shared" / "corpus" / "committers"
 DEFAULT_MODEL = REPO / "models" / "starter"
-DEFAULT_HELDOUT = "blogger_739687,president_ronald_reagan"
+HELDOUT_EVERY = 9  # without --heldout or --heldout-dir: every 9th writer, from the 5th (25 of 230)
 
 
 def log(message: str) -> None:
@@ -56,6 +56,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def population(
+    users_dir: Path, heldout: str = "", heldout_dir: Path | None = None
+) -> tuple[list[Path], list[Path]]:
+    """(clients, held-out writers). Held-out writers are never clients: the files of
+    `heldout_dir` (writers outside `users_dir`), else the stems listed in `heldout`, else every
+    HELDOUT_EVERY-th file of `users_dir` from the 5th (a fixed rule, set before any run)."""
+    files = sorted(users_dir.glob("*.jsonl"))
+    if heldout_dir is not None:
+        held = sorted(heldout_dir.glob("*.jsonl"))
+        names = {p.stem for p in held}
+        clients = [p for p in files if p.stem not in names]
+    elif heldout:
+        names = set(heldout.split(","))
+        held = [p for p in files if p.stem in names]
+        if len(held) != len(names):
+            raise SystemExit(f"held-out writers {sorted(names)} not all in {users_dir}")
+        clients = [p for p in files if p.stem not in names]
+    else:
+        held = files[4::HELDOUT_EVERY]
+        clients = [p for p in files if p not in held]
+    if not held or len(clients) < 3:
+        raise SystemExit(f"need held-out writers and at least 3 clients ({users_dir})")
+    return clients, held
 
 
 def make_homes(users: list[Path], root: Path) -> int:
