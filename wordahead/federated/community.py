@@ -34,7 +34,7 @@ def resolve_model(value: str = "") -> Path:
     from importlib import metadata
 
     try:
-        direct = json.loads(metadata.distribution("keyboard").read_text("direct_url.json") or "{}")
+        direct = json.loads(metadata.distribution("wordahead").read_text("direct_url.json") or "{}")
     except (metadata.PackageNotFoundError, ValueError):
         direct = {}
     url = str(direct.get("url", ""))
@@ -107,6 +107,28 @@ class CommunityStore:
         """The newest community adapter (the model's initial one before the first round)."""
         active = self.store.active()
         return self.store.load("base" if active is None else active[0])
+
+    def rounds(self) -> list[dict[str, Any]]:
+        """The records of the rounds kept so far, oldest first (a torn last line is skipped:
+        the round it describes did not finish)."""
+        try:
+            lines = (self.out / ROUNDS_FILE).read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records
+
+    def publish(self, server_round: int) -> Path:
+        """Make round `server_round`'s adapter the one `community.npz` holds (the best round on
+        the dev text, when later rounds were worse)."""
+        data = (self.out / f"community-r{server_round:04d}.npz").read_bytes()
+        write_atomic(self.out / LATEST_FILE, lambda f: f.write(data))
+        return self.out / LATEST_FILE
 
     def save_round(self, server_round: int, tensors: Adapter, record: dict[str, Any]) -> Path:
         """Keep round `server_round`'s adapter; returns the importable file."""

@@ -5,12 +5,18 @@ FedAdam); every round's adapter saved as an importable artifact.
 Run config (pyproject.toml, `[tool.flwr.app.config]`; `flwr run --run-config` overrides):
 num-server-rounds, min-clients, local-steps, lr, batch-size, groups, clipping-norm,
 noise-multiplier, server-optimizer, server-lr, server-momentum, server-beta2, server-tau,
-secure-aggregation, round-timeout, out-dir, model.
+secure-aggregation, round-timeout, out-dir, model, clients-per-round, dev-text, patience.
+
+A run continues the one kept in out-dir: its rounds are numbered on from the last kept one, the
+privacy spent there counts, and num-server-rounds is the total.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import random
+import resource
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,7 +45,8 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid, ServerApp
 
 from wordahead.federated.community import CommunityStore, UpdateRules, resolve_model
-from wordahead.federated.privacy import DELTA, gaussian_epsilon
+from wordahead.federated.dev_text import DevLoss
+from wordahead.federated.privacy import DELTA, epsilon
 from wordahead.federated.server_optimizer import ServerOptimizer
 from wordahead.model.artifacts import ArtifactSet
 from wordahead.model.training_graphs import groups_of, parse_groups
@@ -71,6 +78,11 @@ class ServerSettings:
     round_timeout: float = 600.0  # a machine that has not answered by then is left out
     out_dir: str = "community"
     model: str = ""
+    # Each round asks each available machine with probability clients-per-round / available
+    # (Poisson sampling: the privacy accounting credits it); 0 asks every machine every round.
+    clients_per_round: int = 0
+    dev_text: str = ""  # the operator's dev text (a UTF-8 file, a message a line)
+    patience: int = 0  # stop after this many rounds without a better dev loss (0: never)
 
     @classmethod
     def from_run_config(cls, config: dict[str, Any]) -> ServerSettings:
@@ -92,12 +104,17 @@ class ServerSettings:
             "round-timeout": ("round_timeout", float),
             "out-dir": ("out_dir", str),
             "model": ("model", str),
+            "clients-per-round": ("clients_per_round", int),
+            "dev-text": ("dev_text", str),
+            "patience": ("patience", int),
         }
         values = {attr: kind(config[key]) for key, (attr, kind) in keys.items() if key in config}
         settings = cls(**values)
         if settings.min_clients < 2 or (settings.secure_aggregation and settings.min_clients < 3):
             raise ValueError("min-clients must be at least 2 (3 with secure aggregation)")
         settings.optimizer()  # fails here on a bad server-* value, before any round
+        if settings.patience > 0 and not settings.dev_text:
+            raise ValueError("patience needs dev-text: the loss that says when to stop")
         return settings
 
     def optimizer(self) -> ServerOptimizer:
@@ -262,8 +279,44 @@ class CommunityStrategy(DifferentialPrivacyClientSideFixedClipping):
         trained = {n for g in groups for n in members[g]}
         self.frozen = [n not in trained for n in self.names]
         self.optimizer = settings.optimizer()
-        self.releases = 0
         self.round_started = time.monotonic()
+        self.floor = 3 if settings.secure_aggregation else 2  # SecAgg+ needs three
+        self.sampler = random.SystemRandom()  # which machines a round asks is kept secret
+        self.sample_rate = 1.0
+        self.stopped = False
+        # A run continues the rounds kept in out-dir: numbering, privacy spent, best dev loss.
+        kept = community.rounds()
+        self.offset = int(kept[-1]["round"]) if kept else 0
+        self.releases = [
+            (float(r["noise_multiplier"]), float(r.get("sample_rate", 1.0)))
+            for r in kept
+            if not r.get("kept")
+        ]
+        self.dev = None
+        if settings.dev_text:
+            self.dev = DevLoss(community.artifacts, Path(settings.dev_text), settings.patience)
+            for r in kept:
+                if "dev_loss" in r and self.dev.observe(int(r["round"]), float(r["dev_loss"])):
+                    self.stopped = True
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: Any
+    ) -> list[tuple[ClientProxy, Any]]:
+        """Every available machine (clients-per-round 0), or each with probability
+        clients-per-round / available; nothing once the dev loss has stopped improving."""
+        if self.stopped:
+            return []
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        wanted = self.settings.clients_per_round
+        if wanted <= 0 or wanted >= len(instructions):
+            self.sample_rate = 1.0
+            return instructions
+        self.sample_rate = wanted / len(instructions)
+        chosen = [i for i in instructions if self.sampler.random() < self.sample_rate]
+        if len(chosen) < self.floor:  # nothing is released, so nothing is spent
+            log.warning("round %s: %d machines sampled; round skipped", server_round, len(chosen))
+            return []
+        return chosen
 
     def _fit_config(self, server_round: int) -> dict[str, Scalar]:
         self.round_started = time.monotonic()
@@ -284,8 +337,10 @@ class CommunityStrategy(DifferentialPrivacyClientSideFixedClipping):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         traffic, self.grid.traffic = self.grid.traffic, Traffic()
         results = [(p, r) for p, r in results if r.status.code == Code.OK]
+        number = self.offset + server_round
         record: dict[str, Any] = {
             "clients": len(results),
+            "sample_rate": round(self.sample_rate, 6),
             "failures": len(failures),
             "seconds": round(time.monotonic() - self.round_started, 3),
             "noise_multiplier": self.noise_multiplier,
@@ -295,7 +350,7 @@ class CommunityStrategy(DifferentialPrivacyClientSideFixedClipping):
         }
         if len(results) < 2:
             log.warning("round %s: %d usable updates; adapter kept", server_round, len(results))
-            self.community.save_round(server_round, self._current(), {**record, "kept": True})
+            self.community.save_round(number, self._current(), {**record, "kept": True})
             return None, {}
         self.num_sampled_clients = len(results)  # noise for the mean of those averaged
         parameters, metrics = super().aggregate_fit(server_round, results, [])
@@ -305,24 +360,43 @@ class CommunityStrategy(DifferentialPrivacyClientSideFixedClipping):
         problem = UpdateRules.for_model(self.community.artifacts).problem(released)
         if problem is not None:  # e.g. overflow in the secure sum: never publish it
             log.warning("round %s: aggregate rejected (%s); adapter kept", server_round, problem)
-            self.community.save_round(server_round, self._current(), {**record, "kept": True})
+            self.community.save_round(number, self._current(), {**record, "kept": True})
             return None, {}
         previous = self.community.current()
         # float32, as the machines train it
         arrays = self.optimizer.step([previous[n] for n in self.names], released, self.frozen)
         parameters = ndarrays_to_parameters(arrays)
-        epsilon = None  # without noise there is no DP guarantee at all
-        if self.noise_multiplier > 0:
-            self.releases += 1
-            epsilon = gaussian_epsilon(self.noise_multiplier, self.releases, DELTA)
-        record.update(epsilon=epsilon, delta=DELTA, server_optimizer=self.optimizer.kind)
+        self.releases.append((self.noise_multiplier, self.sample_rate))
+        spent: float | None = epsilon(self.releases, DELTA)
+        if spent is not None and math.isinf(spent):
+            spent = None  # a round without noise: no DP guarantee at all
+        record.update(epsilon=spent, delta=DELTA, server_optimizer=self.optimizer.kind)
         tensors = dict(zip(self.names, arrays))
         change = sum(float(np.sum((tensors[n] - previous[n]) ** 2)) for n in self.names)
         record["update_norm"] = round(change**0.5, 6)  # the round's step, noise included
-        path = self.community.save_round(server_round, tensors, record)
-        privacy = "no DP noise" if epsilon is None else f"epsilon {epsilon:.3f} at delta {DELTA:g}"
-        log.info("round %s: %d machines, %s, %s", server_round, len(results), path.name, privacy)
-        return parameters, metrics if epsilon is None else {**metrics, "epsilon": epsilon}
+        dev = ""
+        if self.dev is not None:
+            record["dev_loss"] = round(self.dev.loss(tensors), 5)
+            self.stopped = self.dev.observe(number, record["dev_loss"])
+            dev = f", dev loss {record['dev_loss']:.4f} (best {self.dev.best:.4f})"
+        record["server_peak_rss_mb"] = round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        )
+        path = self.community.save_round(number, tensors, record)
+        privacy = "no DP noise" if spent is None else f"epsilon {spent:.3f} at delta {DELTA:g}"
+        log.info(
+            "round %s: %d machines, %s, %s%s, %.0f s",
+            number, len(results), path.name, privacy, dev, record["seconds"],
+        )  # fmt: skip
+        if self.stopped and self.dev is not None:
+            log.info("dev loss has not improved for %d rounds: stopping", self.dev.stale)
+        return parameters, metrics if spent is None else {**metrics, "epsilon": spent}
+
+    def finish(self) -> None:
+        """Publish the round with the best dev loss as community.npz (the newest otherwise)."""
+        if self.dev is not None and self.dev.best_round:
+            self.community.publish(self.dev.best_round)
+            log.info("community.npz: round %d (dev loss %.4f)", self.dev.best_round, self.dev.best)
 
     def _current(self) -> dict[str, np.ndarray]:
         return self.community.current()
@@ -341,9 +415,17 @@ def main(grid: Grid, context: Context) -> None:
     checked = CheckedGrid(grid, UpdateRules.for_model(artifacts), settings.round_timeout)
     initial = [start[n] for n in artifacts.lora_shapes]
     strategy = CommunityStrategy(settings, community, checked, initial)
+    remaining = settings.rounds - strategy.offset
+    if strategy.offset:
+        log.info(
+            "continuing from round %d of %d in %s", strategy.offset, settings.rounds, community.out
+        )
+    if remaining <= 0 or strategy.stopped:
+        strategy.finish()
+        return
     legacy = LegacyContext(
         context=context,
-        config=ServerConfig(num_rounds=settings.rounds, round_timeout=settings.round_timeout),
+        config=ServerConfig(num_rounds=remaining, round_timeout=settings.round_timeout),
         strategy=strategy,
     )
     fit_workflow = None
@@ -358,3 +440,4 @@ def main(grid: Grid, context: Context) -> None:
             timeout=settings.round_timeout,
         )
     DefaultWorkflow(fit_workflow=fit_workflow)(checked, legacy)  # type: ignore[arg-type]
+    strategy.finish()
