@@ -4,6 +4,7 @@ by RDP."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 
 DELTA = 1e-6  # what the README and the server report epsilon at
@@ -39,9 +40,10 @@ def epsilon(releases: Sequence[tuple[float, float]], delta: float = DELTA) -> fl
     if any(z <= 0 for z, _ in releases):
         return math.inf
     sampled = any(q < 1 for _, q in releases)
+    counts = Counter(releases)  # rounds alike cost alike: one bound each, times their number
     best = math.inf
     for alpha in INTEGER_ORDERS if sampled else ORDERS:
-        rdp = sum(_rdp(z, q, alpha) for z, q in releases)
+        rdp = sum(n * _rdp(z, q, alpha) for (z, q), n in counts.items())
         eps = (
             rdp + math.log((alpha - 1) / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1)
         )
