@@ -144,6 +144,19 @@ class PeakMemory(threading.Thread):
                     self.server = max(self.server, rss)
                 elif "ray::" in cmd or "default_worker" in cmd:
                     self.client = max(self.client, rss)
+                    own_priority(proc)
+
+
+def own_priority(proc: Any) -> None:
+    """Ray lowers its workers' priority by 15; the clients train at the benchmark's own (a
+    run beside other work measures the federation, not the scheduler)."""
+    import psutil
+
+    try:
+        if proc.nice() > os.nice(0):
+            proc.nice(os.nice(0))
+    except psutil.Error:  # raising a priority back needs the right to
+        pass
 
 
 def federate(
@@ -195,15 +208,31 @@ def federate(
         progress(rounds_file, seen, args.rounds)
     finally:
         memory.done.set()
-        if superlink.poll() is None:
-            os.killpg(superlink.pid, signal.SIGKILL)
-            superlink.wait()
+        stop(superlink)
     if run.returncode != 0 or not rounds_file.is_file():
         tail = (work / "run.log").read_text(errors="replace")[-3000:]
         raise SystemExit(f"federation failed ({run.returncode}): {tail}")
     rounds = [json.loads(line) for line in rounds_file.read_text().splitlines()]
     peak = {"server_mb": round(memory.server / 2**20), "client_mb": round(memory.client / 2**20)}
     return rounds, peak
+
+
+def stop(superlink: subprocess.Popen) -> None:
+    """The SuperLink and everything it started (Ray's processes leave its process group)."""
+    import psutil
+
+    try:
+        family = psutil.Process(superlink.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
+    if superlink.poll() is None:
+        os.killpg(superlink.pid, signal.SIGKILL)
+        superlink.wait()
+    for proc in family:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
 
 
 def progress(rounds_file: Path, seen: int, total: int) -> int:
@@ -358,6 +387,21 @@ def run_federation(
     return result
 
 
+def dp(args: argparse.Namespace, noise: float) -> argparse.Namespace:
+    """The settings of a run at noise multiplier `noise`: --dp-settings ("name=value ...",
+    e.g. "clients-per-round=0 rounds=5") override the others in the runs with noise."""
+    if noise <= 0 or not args.dp_settings:
+        return args
+    values = dict(vars(args))
+    for item in args.dp_settings.split():
+        name, _, value = item.partition("=")
+        key = name.replace("-", "_")
+        if key not in values or not value:
+            raise SystemExit(f"--dp-settings: unknown setting {item!r}")
+        values[key] = type(values[key])(value)
+    return argparse.Namespace(**values)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("users_dir", nargs="?", type=Path, default=DEFAULT_USERS)
@@ -372,12 +416,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--groups", default="", help="adapter groups trained (default: model's)")
-    parser.add_argument("--clipping-norm", type=float, default=1.0)
+    parser.add_argument("--clipping-norm", type=float, default=10.0)
     parser.add_argument("--server-optimizer", default="fedavg", help="fedavg, fedavgm, fedadam")
     parser.add_argument("--server-lr", type=float, default=1.0)
     parser.add_argument("--server-momentum", type=float, default=0.9)
     parser.add_argument("--server-tau", type=float, default=1e-3)
     parser.add_argument("--noise", default="", help="DP runs at these noise multipliers")
+    parser.add_argument(
+        "--dp-settings",
+        default="clients-per-round=0 rounds=5 local-steps=10 clipping-norm=3.0 patience=0",
+        help="settings of the DP runs that differ (every client every round: more clients "
+        "per round is what lowers the noise on their mean)",
+    )
     parser.add_argument("--max-test-lines", type=int, default=8)
     parser.add_argument(
         "--dev",
@@ -393,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="keep the run here (rerun to resume)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    # `kill` stops a run as Ctrl-C does: the simulation is torn down, the rounds kept resume.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from wordahead.federated.privacy import DELTA
 
@@ -434,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     plan += [(f"noise-{z}", clients, z) for z in map(float, filter(None, args.noise.split(",")))]
     result["runs"] = {
-        name: run_federation(name, group, z, heldout, base, work / name, model, args)
+        name: run_federation(name, group, z, heldout, base, work / name, model, dp(args, z))
         for name, group, z in plan
     }
     text = json.dumps(result, indent=2)
