@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout-dir", type=Path, help="held-out writers outside users_dir")
     parser.add_argument("--population", default="", help="also federate only the first N, ...")
     parser.add_argument("--clients-per-round", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=40, help="at most")
+    parser.add_argument("--rounds", type=int, default=30, help="at most")
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=0.003)
