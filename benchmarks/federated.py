@@ -481,10 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         result["pooled"] = {"steps": args.pooled_steps, "heldout": scores, **gains(scores, base)}
         log(f"  KSR@3 {100 * scores['ksr']:.2f} ({result['pooled']['ksr_gain']:+.2f})")
     plan = [("all", clients, 0.0)]
+    plan += [(f"noise-{z}", clients, z) for z in map(float, filter(None, args.noise.split(",")))]
     plan += [
         (f"first-{n}", clients[:n], 0.0) for n in map(int, filter(None, args.population.split(",")))
     ]
-    plan += [(f"noise-{z}", clients, z) for z in map(float, filter(None, args.noise.split(",")))]
     result["runs"] = {
         name: run_federation(name, group, z, heldout, base, work / name, model, dp(args, z))
         for name, group, z in plan
