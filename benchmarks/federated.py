@@ -359,7 +359,8 @@ def run_federation(
     shutil.rmtree(homes, ignore_errors=True)  # each run trains on its clients' whole history
     log(f"{name}: {len(clients)} clients, noise multiplier {noise}: making their homes ...")
     words = make_homes(clients, homes, model, args.groups)
-    log(f"{name}: federating ({args.clients_per_round} clients a round on average) ...")
+    asked = args.clients_per_round or "all the"
+    log(f"{name}: federating ({asked} clients a round on average) ...")
     t0 = time.perf_counter()
     rounds, peak = federate(homes, work / "community", model, len(clients), args, noise,
                             work.parent / "dev.txt")  # fmt: skip
@@ -475,10 +476,14 @@ def main(argv: list[str] | None = None) -> int:
         base_file.write_text(json.dumps(base))
         log(f"  KSR@3 {100 * base['ksr']:.2f} ({time.perf_counter() - t0:.0f} s)")
     result["base"] = base
-    if args.pooled_steps:
+    pooled_file = work / "pooled.json"
+    if pooled_file.is_file():
+        result["pooled"] = json.loads(pooled_file.read_text())
+    elif args.pooled_steps:
         log(f"pooled history, one trainer, {args.pooled_steps} steps ...")
         scores = evaluate(model, pooled_adapter(model, clients, args), heldout, args)
         result["pooled"] = {"steps": args.pooled_steps, "heldout": scores, **gains(scores, base)}
+        pooled_file.write_text(json.dumps(result["pooled"]))
         log(f"  KSR@3 {100 * scores['ksr']:.2f} ({result['pooled']['ksr_gain']:+.2f})")
     plan = [("all", clients, 0.0)]
     plan += [(f"noise-{z}", clients, z) for z in map(float, filter(None, args.noise.split(",")))]

@@ -153,3 +153,27 @@ def test_rounds_stop_when_the_dev_loss_stops_improving(tmp_path: Path, tiny_llam
     # a run started again sees that it is done
     again, _ = _strategy(tmp_path, tiny_llama, **{"dev-text": str(dev), "patience": 1})
     assert again.stopped and again.dev is not None and again.dev.best_round == 1
+
+
+@needs_flwr
+def test_secure_aggregation_shares_with_neighbours_in_a_large_round(tmp_path: Path, tiny_llama):
+    """Every machine shares its keys with every other in a small round; in a large one with
+    NEIGHBOURS others, so a machine's cost does not grow with the round."""
+    from flwr.common import ndarrays_to_parameters
+
+    from wordahead.federated.server_app import MODULUS, NEIGHBOURS, QUANTIZATION, SecAggPlus
+
+    workflow = SecAggPlus(
+        num_shares=1.0,
+        reconstruction_threshold=0.5,
+        quantization_range=QUANTIZATION,
+        modulus_range=MODULUS,
+    )
+    strategy, _ = _strategy(tmp_path, tiny_llama)
+    strategy.on_sampled = workflow.sampled
+    params = ndarrays_to_parameters([])
+    assert len(strategy.configure_fit(1, params, _Machines(NEIGHBOURS))) == NEIGHBOURS
+    assert workflow.num_shares == 1.0
+    assert len(strategy.configure_fit(2, params, _Machines(200))) == 200
+    assert workflow.num_shares == NEIGHBOURS and NEIGHBOURS % 2 == 1
+    assert strategy.configure_fit(3, params, _Machines(2)) == []  # SecAgg+ needs three

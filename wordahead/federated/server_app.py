@@ -18,7 +18,7 @@ import math
 import random
 import resource
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -55,6 +55,7 @@ log = logging.getLogger("wordahead.federated")
 
 MODULUS = 2**32  # SecAgg+ mask range (Flower's default)
 QUANTIZATION = 2**22
+NEIGHBOURS = 31  # SecAgg+ key shares per machine in a large round (odd, as the protocol wants)
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,17 @@ class CheckedGrid:
 class SecAggPlus(SecAggPlusWorkflow):
     """Flower's SecAgg+ workflow, with a machine that never answered the setup stage (it went
     away between rounds) left out of the round altogether: it holds no key shares, so
-    counting it as a dropout would make unmasking fail for want of its shares."""
+    counting it as a dropout would make unmasking fail for want of its shares.
+
+    In a round of at most NEIGHBOURS machines each holds a share of every other's keys; in a
+    larger one each shares with NEIGHBOURS others (SecAgg+'s neighbourhoods: Bell et al. 2020
+    show that O(log n) neighbours keep the sum secure), so a machine's cost grows with
+    NEIGHBOURS, not with the round (Shamir sharing to all 204 machines of a round took minutes
+    of pure-Python arithmetic per machine)."""
+
+    def sampled(self, machines: int) -> None:
+        """Size the neighbourhoods for a round of `machines` (called once they are sampled)."""
+        self.num_shares = 1.0 if machines <= NEIGHBOURS else NEIGHBOURS
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         ok = super().setup_stage(grid, context, state)
@@ -283,6 +294,7 @@ class CommunityStrategy(DifferentialPrivacyClientSideFixedClipping):
         self.floor = 3 if settings.secure_aggregation else 2  # SecAgg+ needs three
         self.sampler = random.SystemRandom()  # which machines a round asks is kept secret
         self.sample_rate = 1.0
+        self.on_sampled: Callable[[int], None] | None = None  # SecAgg+ sizes its shares
         self.stopped = False
         # A run continues the rounds kept in out-dir: numbering, privacy spent, best dev loss.
         kept = community.rounds()
@@ -308,14 +320,16 @@ class CommunityStrategy(DifferentialPrivacyClientSideFixedClipping):
             return []
         instructions = super().configure_fit(server_round, parameters, client_manager)
         wanted = self.settings.clients_per_round
-        if wanted <= 0 or wanted >= len(instructions):
-            self.sample_rate = 1.0
-            return instructions
-        self.sample_rate = wanted / len(instructions)
-        chosen = [i for i in instructions if self.sampler.random() < self.sample_rate]
+        chosen = instructions
+        self.sample_rate = 1.0
+        if 0 < wanted < len(instructions):
+            self.sample_rate = wanted / len(instructions)
+            chosen = [i for i in instructions if self.sampler.random() < self.sample_rate]
         if len(chosen) < self.floor:  # nothing is released, so nothing is spent
             log.warning("round %s: %d machines sampled; round skipped", server_round, len(chosen))
             return []
+        if self.on_sampled is not None:
+            self.on_sampled(len(chosen))
         return chosen
 
     def _fit_config(self, server_round: int) -> dict[str, Scalar]:
@@ -439,5 +453,6 @@ def main(grid: Grid, context: Context) -> None:
             modulus_range=MODULUS,
             timeout=settings.round_timeout,
         )
+        strategy.on_sampled = fit_workflow.sampled
     DefaultWorkflow(fit_workflow=fit_workflow)(checked, legacy)  # type: ignore[arg-type]
     strategy.finish()
