@@ -29,7 +29,7 @@ The test lines are only typed, never logged or trained on. JSON on stdout (per w
 and per-writer gains with min/median/max), progress on stderr.
 
     nice -n 10 python benchmarks/federated_newcomer.py --community /tmp/community/community.npz
-        [WRITERS_DIR] [--words 500,2000] [--max-test-lines 8] [--max-writers N] [--jobs 1]
+        [WRITERS_DIR] [--words 500,2000] [--max-test-lines 8] [--max-writers N] [--jobs 2]
         [--heldout STEMS | --heldout-dir DIR] [--model models/starter] [--out newcomer.json]
 """
 
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--words", default="500,2000", help="history sizes, in words")
     parser.add_argument("--max-test-lines", type=int, default=8)
     parser.add_argument("--max-writers", type=int, default=0, help="the first N held-out only")
-    parser.add_argument("--jobs", type=int, default=1, help="writers run in parallel")
+    parser.add_argument("--jobs", type=int, default=2, help="writers run in parallel (processes)")
     parser.add_argument("--verbose", action="store_true", help="the jobs' progress lines too")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
