@@ -31,6 +31,7 @@ and per-writer gains with min/median/max), progress on stderr.
     nice -n 10 python benchmarks/federated_newcomer.py --community /tmp/community/community.npz
         [WRITERS_DIR] [--words 500,2000] [--max-test-lines 8] [--max-writers N] [--jobs 2]
         [--heldout STEMS | --heldout-dir DIR] [--model models/starter] [--out newcomer.json]
+        [--markdown newcomer.md]
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from federated import DEFAULT_MODEL, DEFAULT_USERS, log, population
+from personalization import T95
 
 if TYPE_CHECKING:
     from wordahead.evaluate.simulate import TypingReport
@@ -201,9 +203,17 @@ def writer_run(
 
 
 def spread(values: list[float]) -> dict[str, Any]:
-    """Mean, min, median, max (points) and how many of the values are above zero."""
+    """Mean with a 95% t interval, min, median, max (points) and how many are above and below
+    zero."""
+    mean = statistics.fmean(values)
+    half = 0.0
+    if len(values) > 1:
+        df = len(values) - 1
+        t = T95[max(d for d in T95 if d <= df)] if df <= 30 else 1.96  # conservative between
+        half = t * statistics.stdev(values) / len(values) ** 0.5
     return {
-        "mean": round(statistics.fmean(values), 2),
+        "mean": round(mean, 2),
+        "ci95": [round(mean - half, 2), round(mean + half, 2)],
         "min": round(min(values), 2),
         "median": round(statistics.median(values), 2),
         "max": round(max(values), 2),
@@ -249,6 +259,34 @@ def summarise(writers: list[dict], sizes: list[int]) -> dict[str, Any]:
     return out
 
 
+def markdown(summary: dict[str, Any]) -> str:
+    """The summary as docs/results.md tables: the conditions' means, then the gains' spread."""
+    lines = [
+        "| history | writers | mean words | " + " | ".join(f"{c} KSR@3" for c in CONDITIONS)
+        + " | " + " | ".join(f"{c} top-3" for c in CONDITIONS) + " |",
+        "|---" * (3 + 2 * len(CONDITIONS)) + "|",
+    ]  # fmt: skip
+    for size, s in summary.items():
+        means = s["mean_points"]
+        cells = [f"{means[c]['ksr']:.2f}" for c in CONDITIONS]
+        cells += [f"{means[c]['top3']:.2f}" for c in CONDITIONS]
+        lines.append(f"| {size} | {s['writers']} | {s['mean_words']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| history | gain (KSR@3 points) | mean | 95% CI | min | median | max | writers up / down |",
+        "|---|---|---:|---|---:|---:|---:|---|",
+    ]
+    for size, s in summary.items():
+        for label, g in s["gain_points"].items():
+            g = g["ksr"]
+            lines.append(
+                f"| {size} | {label} | {g['mean']:+.2f} | {g['ci95'][0]:+.2f} to {g['ci95'][1]:+.2f} "
+                f"| {g['min']:+.2f} | {g['median']:+.2f} "
+                f"| {g['max']:+.2f} | {g['positive']} / {g['negative']} of {g['n']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("users_dir", nargs="?", type=Path, default=DEFAULT_USERS)
@@ -263,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="writers run in parallel (processes)")
     parser.add_argument("--verbose", action="store_true", help="the jobs' progress lines too")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--markdown", type=Path, help="also write the summary tables here")
     args = parser.parse_args(argv)
 
     model = args.model.resolve()
@@ -300,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             f"median {gain['median']:+.2f}, max {gain['max']:+.2f}, {gain['positive']}/{gain['n']}"
             " writers gain)"
         )
+    if args.markdown:
+        args.markdown.write_text(markdown(result["summary"]))
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
