@@ -31,20 +31,25 @@ and per-writer gains with min/median/max), progress on stderr.
     nice -n 10 python benchmarks/federated_newcomer.py --community /tmp/community/community.npz
         [WRITERS_DIR] [--words 500,2000] [--max-test-lines 8] [--max-writers N] [--jobs 2]
         [--heldout STEMS | --heldout-dir DIR] [--model models/starter] [--out newcomer.json]
-        [--markdown newcomer.md]
+        [--markdown newcomer.md] [--resume]
+
+With --out FILE each writer's row is also appended to FILE.writers.jsonl as it finishes;
+--resume keeps the rows there of the same community adapter (by content) and settings and
+runs only the writers left.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -259,6 +264,19 @@ def summarise(writers: list[dict], sizes: list[int]) -> dict[str, Any]:
     return out
 
 
+def previous_rows(partial: Path, key: dict[str, Any]) -> dict[str, dict]:
+    """The writers' rows an earlier run with the same `key` wrote to `partial`, by writer."""
+    if not partial.is_file():
+        return {}
+    rows = {}
+    for line in partial.read_text().splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut short
+            record = json.loads(line)
+            if record["key"] == key:
+                rows[record["row"]["writer"]] = record["row"]
+    return rows
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """The summary as docs/results.md tables: the conditions' means, then the gains' spread."""
     lines = [
@@ -301,8 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="writers run in parallel (processes)")
     parser.add_argument("--verbose", action="store_true", help="the jobs' progress lines too")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the writers an earlier run with --out FILE finished "
+                        "(FILE.writers.jsonl, same adapter and settings)")  # fmt: skip
     parser.add_argument("--markdown", type=Path, help="also write the summary tables here")
     args = parser.parse_args(argv)
+    if args.resume and not args.out:
+        parser.error("--resume needs --out")
 
     model = args.model.resolve()
     community = args.community.resolve()
@@ -314,12 +337,29 @@ def main(argv: list[str] | None = None) -> int:
         heldout = heldout[: args.max_writers]
     log(f"{len(heldout)} held-out writers, {sizes} words, community adapter {community}")
     started = time.perf_counter()
-    todo = (model, community, sizes, args.max_test_lines, args.verbose)
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            writers = list(pool.map(writer_run, heldout, *[[x] * len(heldout) for x in todo]))
-    else:
-        writers = [writer_run(path, *todo) for path in heldout]
+    key = {  # what a finished writer's row depends on: a rerun keeps rows of the same key
+        "community_sha256": hashlib.sha256(community.read_bytes()).hexdigest(),
+        "model": str(model),
+        "words": sizes,
+        "max_test_lines": args.max_test_lines,
+    }
+    partial = args.out.with_name(args.out.name + ".writers.jsonl") if args.out else None
+    done = previous_rows(partial, key) if partial and args.resume else {}
+    if done:
+        log(f"{len(done)} writers kept from {partial}")
+    if partial and not args.resume:
+        partial.unlink(missing_ok=True)
+    todo = [p for p in heldout if p.stem not in done]
+    args_of = (model, community, sizes, args.max_test_lines, args.verbose)
+    with ProcessPoolExecutor(max(1, args.jobs)) as pool:
+        futures = [pool.submit(writer_run, path, *args_of) for path in todo]
+        for future in as_completed(futures):
+            row = future.result()
+            done[row["writer"]] = row
+            if partial:  # each writer as it finishes: a run cut short keeps its rows
+                with partial.open("a") as f:
+                    f.write(json.dumps({"key": key, "row": row}) + "\n")
+    writers = [done[p.stem] for p in heldout]
     result = {
         "model": str(model),
         "community": str(community),
