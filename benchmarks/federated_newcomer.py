@@ -3,7 +3,8 @@ from the base model or from the community adapter, typed on their test lines.
 
 Each held-out writer (the rule of benchmarks/federated.py's `population`: never a client of
 the federation) gets, per history size N (--words), the first messages of their history (the
-first 80% of the file's lines) that make N words, as a newcomer would have typed them. Two
+first 80% of the file's lines) that make N words, as a newcomer would have typed them (a writer
+whose whole history is shorter is left out of that size). Two
 throwaway keyboard homes (`wordahead.paths.Home`) per writer and size:
 
     base home       the messages in its typing log, then the nightly job as `keyboard eval
@@ -169,6 +170,9 @@ def writer_run(
         "sizes": {},
     }
     for size in sizes:
+        if out["history_words"] < size:  # not a writer with `size` words of history
+            out["sizes"][str(size)] = {"skipped": f"{out['history_words']} words of history"}
+            continue
         messages = first_words(history, size)
         row: dict[str, Any] = {
             "messages": len(messages),
@@ -233,6 +237,8 @@ def summarise(writers: list[dict], sizes: list[int]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for size in sizes:
         rows = [w["sizes"][str(size)] for w in writers if "sizes" in w]
+        short = sum("skipped" in r for r in rows)
+        rows = [r for r in rows if "skipped" not in r]
         if not rows:
             continue
         means = {
@@ -250,7 +256,7 @@ def summarise(writers: list[dict], sizes: list[int]) -> dict[str, Any]:
         out[str(size)] = {
             "writers": len(rows),
             "mean_words": round(statistics.fmean(r["words"] for r in rows)),
-            "short_history": sum(r["words"] < size for r in rows),
+            "skipped_short_history": short,
             "mean_points": means,
             "gain_points": gains,
             "jobs_promoted": {
