@@ -89,6 +89,14 @@ def population(
     return clients, held
 
 
+def population_arguments(parser: argparse.ArgumentParser) -> None:
+    """The writers' folder, the model, and the held-out writers (see `population`)."""
+    parser.add_argument("users_dir", nargs="?", type=Path, default=DEFAULT_USERS)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--heldout", default="", help="comma-separated writers left out")
+    parser.add_argument("--heldout-dir", type=Path, help="held-out writers outside users_dir")
+
+
 def make_homes(users: list[Path], root: Path, model: Path, groups: str) -> int:
     """node-<i>/ per client: its history in a typing log, federation on, and the training
     graphs made once and linked into every home (a real machine makes its own). Returns the
@@ -405,10 +413,7 @@ def dp(args: argparse.Namespace, noise: float) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("users_dir", nargs="?", type=Path, default=DEFAULT_USERS)
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--heldout", default="", help="comma-separated writers left out")
-    parser.add_argument("--heldout-dir", type=Path, help="held-out writers outside users_dir")
+    population_arguments(parser)
     parser.add_argument("--population", default="", help="also federate only the first N, ...")
     parser.add_argument("--clients-per-round", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=30, help="at most")

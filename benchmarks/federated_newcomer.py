@@ -54,7 +54,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from federated import DEFAULT_MODEL, DEFAULT_USERS, log, population
+from federated import log, population, population_arguments
 from personalization import T95
 
 if TYPE_CHECKING:
@@ -313,12 +313,9 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("users_dir", nargs="?", type=Path, default=DEFAULT_USERS)
+    population_arguments(parser)
     parser.add_argument("--community", type=Path, required=True,
                         help="the community adapter (a federation's community.npz)")  # fmt: skip
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--heldout", default="", help="comma-separated writer stems")
-    parser.add_argument("--heldout-dir", type=Path, help="held-out writers' files (elsewhere)")
     parser.add_argument("--words", default="500,2000", help="history sizes, in words")
     parser.add_argument("--max-test-lines", type=int, default=8)
     parser.add_argument("--max-writers", type=int, default=0, help="the first N held-out only")
