@@ -103,13 +103,14 @@ def make_homes(users: list[Path], root: Path, model: Path, groups: str) -> int:
     words of history."""
     from wordahead.evaluate.harness import read_messages, split_history
     from wordahead.federated.local import FederationSettings
-    from wordahead.learn.trainer import LoraTrainer
     from wordahead.model.artifacts import ArtifactSet
+    from wordahead.model.training_graphs import parse_groups, training_files
     from wordahead.paths import Home
     from wordahead.store.typing_log import TypingLog
 
     graphs = root / "training-graphs"
-    LoraTrainer(ArtifactSet.open(model), groups=groups or None, cache_dir=graphs)
+    artifacts = ArtifactSet.open(model)
+    training_files(artifacts, parse_groups(artifacts, groups or None), graphs)
     words = 0
     for i, path in enumerate(users):
         home = Home.at(root / f"node-{i}")
@@ -264,15 +265,15 @@ def progress(rounds_file: Path, seen: int, total: int) -> int:
     return seen
 
 
-def typed_lines(path: Path, max_lines: int, dev: bool) -> tuple[list[str], list[str], list[str]]:
-    """A held-out writer's (history, lines typed, dev text): the test lines typed after the
-    history, or with `dev` the history's last lines (left out of the dev text)."""
+def typed_lines(path: Path, max_lines: int, dev: bool) -> tuple[list[str], list[str]]:
+    """A held-out writer's (history, lines typed): the test lines typed after the history, or
+    with `dev` the history's last lines (left out of the history, which is the dev text)."""
     from wordahead.evaluate.harness import read_messages, split_history
 
     history, test = split_history(read_messages(path))
     if dev:
         history, test = history[:-max_lines], history[-max_lines:]
-    return history, test[:max_lines], history
+    return history, test[:max_lines]
 
 
 def evaluate(
@@ -287,7 +288,7 @@ def evaluate(
         raise SystemExit("the predictor could not load the community adapter")
     out: dict[str, Any] = {"writers": {}}
     for path in heldout:
-        history, typed, _ = typed_lines(path, args.max_test_lines, args.dev)
+        history, typed = typed_lines(path, args.max_test_lines, args.dev)
         report = simulate(predictor, typed, history=history, k=3)
         out["writers"][path.stem] = {"ksr": report.ksr, "top3": report.top3, "words": report.words}
     for m in ("ksr", "top3"):
@@ -469,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         args.work = Path(scratch.name)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    dev_text = [line for p in heldout for line in typed_lines(p, args.max_test_lines, args.dev)[2]]
+    dev_text = [line for p in heldout for line in typed_lines(p, args.max_test_lines, args.dev)[0]]
     (work / "dev.txt").write_text("\n".join(line.replace("\n", " ") for line in dev_text))
     base_file = work / "base.json"
     if base_file.is_file():

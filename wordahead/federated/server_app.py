@@ -307,9 +307,9 @@ class CommunityStrategy(DifferentialPrivacyClientSideFixedClipping):
         self.dev = None
         if settings.dev_text:
             self.dev = DevLoss(community.artifacts, Path(settings.dev_text), settings.patience)
-            for r in kept:
-                if "dev_loss" in r and self.dev.observe(int(r["round"]), float(r["dev_loss"])):
-                    self.stopped = True
+            for r in kept:  # the last observation says whether the run had stopped
+                if "dev_loss" in r:
+                    self.stopped = self.dev.observe(int(r["round"]), float(r["dev_loss"]))
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: Any
@@ -382,7 +382,7 @@ class CommunityStrategy(DifferentialPrivacyClientSideFixedClipping):
         parameters = ndarrays_to_parameters(arrays)
         self.releases.append((self.noise_multiplier, self.sample_rate))
         spent: float | None = epsilon(self.releases, DELTA)
-        if spent is not None and math.isinf(spent):
+        if spent == math.inf:
             spent = None  # a round without noise: no DP guarantee at all
         record.update(epsilon=spent, delta=DELTA, server_optimizer=self.optimizer.kind)
         tensors = dict(zip(self.names, arrays))
